@@ -1,0 +1,63 @@
+"""NumPy reference kernels. Every op writes into `out` (preallocated by the caller) and returns it.
+
+Shapes: T tokens, H hidden, nh/nkv query/key-value heads, d head_dim, S cache length. Weights are stored
+as checkpoints store them, [out_features, in_features], so y = x @ w.T.
+"""
+import numpy as np
+
+
+def matmul(out, x, w):
+    # out[T, N] = x[T, K] @ w[N, K].T ; NumPy's BLAS streams a C-contiguous [N, K] weight fastest this way
+    np.matmul(x, w.T, out=out)
+    return out
+
+
+def rmsnorm(out, x, w, eps):
+    # out[..., n] = x / rms(x) * w, computed in fp32 whatever x holds
+    xf = x.astype(np.float32, copy=False)
+    r = 1.0 / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + np.float32(eps))
+    np.multiply(xf * r, w, out=out)
+    return out
+
+
+def rope(x, cos, sin):
+    # in place: x[T, n_heads, d] rotated NeoX style (i pairs with i + d/2); cos/sin[T, d/2]
+    half = x.shape[-1] // 2
+    a = x[..., :half].copy()
+    b = x[..., half:]
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    x[..., :half] = a * c - b * s
+    x[..., half:] = b * c + a * s
+    return x
+
+
+def attention(out, q, k_cache, v_cache, pos):
+    # out[T, nh, d] = causal GQA softmax(q k^T / sqrt(d)) v for queries at positions pos..pos+T-1;
+    # k_cache/v_cache[nkv, S, d] already hold keys/values for positions 0..pos+T-1
+    T, nh, d = q.shape
+    nkv = k_cache.shape[0]
+    group = nh // nkv
+    n = pos + T
+    scale = np.float32(1.0 / np.sqrt(d))
+    causal = np.arange(n)[None, :] > (pos + np.arange(T))[:, None]      # [T, n] True where masked
+    for h in range(nkv):
+        qh = q[:, h * group:(h + 1) * group, :].transpose(1, 0, 2)       # [group, T, d]
+        s = (qh @ k_cache[h, :n].T) * scale                               # [group, T, n]
+        s[:, causal] = -np.inf
+        s -= s.max(axis=-1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=-1, keepdims=True)
+        out[:, h * group:(h + 1) * group, :] = (p @ v_cache[h, :n]).transpose(1, 0, 2)
+    return out
+
+
+def silu_mul(out, gate, up):
+    # out = silu(gate) * up, elementwise
+    np.multiply(gate / (1.0 + np.exp(-gate)), up, out=out)
+    return out
+
+
+def add(out, a, b):
+    np.add(a, b, out=out)
+    return out

@@ -1,0 +1,110 @@
+"""The one place where checkpoint tensors become the engine's layout.
+
+Checkpoint names and shapes come from the config; every tensor is checked, converted to float32 once and the
+projections that read the same input are stacked (q/k/v, gate/up) so the forward pass makes one matmul of each.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import open_folder, to_float32
+from .errors import TinyhunError
+
+# present in some exports, never used by the forward pass
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray        # [H]
+    wqkv: np.ndarray             # [(nh + 2 nkv) d, H]: q rows, then k rows, then v rows
+    q_norm: np.ndarray | None    # [d], Hunyuan's per-head QK-norm (None for Llama)
+    k_norm: np.ndarray | None    # [d]
+    wo: np.ndarray               # [H, nh d]
+    mlp_norm: np.ndarray         # [H]
+    w_gate_up: np.ndarray        # [2 I, H]: gate rows, then up rows
+    w_down: np.ndarray           # [H, I]
+
+
+@dataclass
+class Weights:
+    embed: np.ndarray            # [V, H]
+    layers: list
+    norm: np.ndarray             # [H]
+    lm_head: np.ndarray          # [V, H]; the embedding itself when tied
+
+    @property
+    def nbytes(self):
+        arrays = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            arrays += [a for a in vars(layer).values() if a is not None]
+        return sum(a.nbytes for a in arrays)
+
+
+def expected_shapes(cfg):
+    """Checkpoint tensor name -> shape, in transformers' naming."""
+    H, I, V, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (cfg.q_dim, H),
+            p + "self_attn.k_proj.weight": (cfg.kv_dim, H),
+            p + "self_attn.v_proj.weight": (cfg.kv_dim, H),
+            p + "self_attn.o_proj.weight": (H, cfg.q_dim),
+            p + "post_attention_layernorm.weight": (H,),
+            p + "mlp.gate_proj.weight": (I, H),
+            p + "mlp.up_proj.weight": (I, H),
+            p + "mlp.down_proj.weight": (H, I),
+        })
+        if cfg.qk_norm:
+            shapes[p + "self_attn.query_layernorm.weight"] = (d,)
+            shapes[p + "self_attn.key_layernorm.weight"] = (d,)
+    return shapes
+
+
+def load_weights(folder, cfg, progress=True):
+    files = open_folder(folder)
+    shapes = expected_shapes(cfg)
+    for name in files:
+        harmless = name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings)
+        if name not in shapes and not harmless:
+            raise TinyhunError(f"{files[name].path}: unexpected tensor '{name}' for this config")
+    for name, shape in shapes.items():
+        if name not in files:
+            raise TinyhunError(f"{folder}: missing tensor '{name}'")
+        got = files[name].shape(name)
+        if got != shape:
+            raise TinyhunError(f"{files[name].path}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+
+    def get(name):
+        f = files[name]
+        dtype = f.dtype(name)
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            raise TinyhunError(f"{f.path}: tensor '{name}' has dtype {dtype}, expected a float type")
+        return to_float32(f.get(name), dtype)
+
+    def stack(*names):
+        return np.concatenate([get(n) for n in names], axis=0)
+
+    layers = []
+    for i in tqdm(range(cfg.num_layers), desc="loading", unit="layer", disable=not progress, leave=False):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        layers.append(LayerWeights(
+            attn_norm=get(p + "input_layernorm.weight"),
+            wqkv=stack(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+            q_norm=get(a + "query_layernorm.weight") if cfg.qk_norm else None,
+            k_norm=get(a + "key_layernorm.weight") if cfg.qk_norm else None,
+            wo=np.ascontiguousarray(get(a + "o_proj.weight")),
+            mlp_norm=get(p + "post_attention_layernorm.weight"),
+            w_gate_up=stack(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            w_down=np.ascontiguousarray(get(p + "mlp.down_proj.weight")),
+        ))
+    embed = get("model.embed_tokens.weight")
+    lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
+    return Weights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
