@@ -34,12 +34,19 @@ class Weights:
     norm: np.ndarray             # [H]
     lm_head: np.ndarray          # [V, H]; the embedding itself when tied
 
+    def _layer_arrays(self):
+        return [a for layer in self.layers for a in vars(layer).values() if a is not None]
+
     @property
     def nbytes(self):
-        arrays = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        for layer in self.layers:
-            arrays += [a for a in vars(layer).values() if a is not None]
-        return sum(a.nbytes for a in arrays)
+        """Bytes of all weights held (a tied lm_head counted once)."""
+        head = [] if self.lm_head is self.embed else [self.lm_head]
+        return sum(a.nbytes for a in self._layer_arrays() + [self.embed, self.norm] + head)
+
+    @property
+    def decode_bytes(self):
+        """Bytes read per decoded token: every layer weight and the lm_head (only one embedding row)."""
+        return sum(a.nbytes for a in self._layer_arrays() + [self.norm, self.lm_head])
 
 
 def expected_shapes(cfg):

@@ -1,0 +1,51 @@
+"""`tinyhun bench`: prefill and decode speed of a model, llama-bench style (mean ± sd after a warm-up)."""
+import resource
+import statistics
+import time
+
+import numpy as np
+
+
+def timed_run(model, prompt, gen_tokens):
+    """One prefill of `prompt` then `gen_tokens` greedy decode steps; returns (prefill_s, ttft_s, decode_s)."""
+    from .generation import prefill
+    state = model.new_state(len(prompt) + gen_tokens + 1)
+    t0 = time.perf_counter()
+    logits = prefill(model, state, prompt)
+    t1 = time.perf_counter()
+    token = np.array([int(np.argmax(logits))])
+    ttft = time.perf_counter() - t0
+    t2 = time.perf_counter()
+    for _ in range(gen_tokens):
+        token[0] = int(np.argmax(model.forward(state, token)[0]))
+    return t1 - t0, ttft, time.perf_counter() - t2
+
+
+def bench(model, prompt_tokens=128, gen_tokens=32, repetitions=3, warmup=1, seed=0):
+    prompt = np.random.default_rng(seed).integers(0, model.config.vocab_size, size=prompt_tokens)
+    runs = [timed_run(model, prompt, gen_tokens) for _ in range(warmup + repetitions)][warmup:]
+    prefill_s, ttft_s, decode_s = (np.array(col) for col in zip(*runs))
+    prefill_tps = prompt_tokens / prefill_s
+    decode_tps = gen_tokens / decode_s
+    bytes_per_token = model.weights.decode_bytes
+
+    def sd(a):
+        return statistics.stdev(a) if len(a) > 1 else 0.0
+
+    return {
+        "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repetitions": repetitions,
+        "prefill_tok_s": float(prefill_tps.mean()), "prefill_tok_s_sd": sd(prefill_tps),
+        "decode_tok_s": float(decode_tps.mean()), "decode_tok_s_sd": sd(decode_tps),
+        "ttft_s": float(ttft_s.mean()),
+        "decode_gb_s": float(decode_tps.mean() * bytes_per_token / 1e9),
+        "bytes_per_token": int(bytes_per_token),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def format_report(r):
+    return (f"prefill {r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_sd']:.1f} tok/s ({r['prompt_tokens']} tokens)\n"
+            f"decode  {r['decode_tok_s']:.2f} ± {r['decode_tok_s_sd']:.2f} tok/s ({r['gen_tokens']} tokens), "
+            f"{r['decode_gb_s']:.2f} GB/s of weights\n"
+            f"ttft    {r['ttft_s'] * 1000:.1f} ms\n"
+            f"peak RSS {r['peak_rss_mb']:.0f} MB")
