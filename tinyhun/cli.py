@@ -1,0 +1,117 @@
+"""The `tinyhun` command: a thin consumer of the library. User errors print one line and exit 2."""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import TinyhunError
+
+
+def resolve_model(path):
+    """--model > $MODEL_PATH > the default model."""
+    from .hub import resolve_model as resolve
+    return resolve(path)
+
+
+def load_model(args):
+    import tinyhun
+    return tinyhun.load(resolve_model(args.model), progress=not args.quiet)
+
+
+def cmd_generate(args):
+    import tinyhun
+    model = load_model(args)
+    chat = None if args.chat is None else args.chat
+    pieces = tinyhun.generate(model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed, chat=chat,
+                              stop=args.stop or (), system=args.system)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_info(args):
+    from .config import Config
+    from .weights import load_weights
+    path = resolve_model(args.model)
+    cfg = Config.from_file(Path(path) / "config.json")
+    w = load_weights(path, cfg, progress=False)
+    params = w.nbytes // 4
+    print(json.dumps({"path": str(path), **vars(cfg), "parameters": params, "bytes": w.nbytes}, indent=2))
+
+
+def cmd_models(args):
+    from .hub import DEFAULT_NAME, list_models
+    print(f"default: {DEFAULT_NAME}")
+    for name, path, size in list_models():
+        print(f"{name}\t{size / 1e6:.1f} MB\t{path}")
+
+
+def cmd_convert(args):
+    from .gguf_import import convert_gguf
+    convert_gguf(args.src, args.dst, progress=not args.quiet)
+    print(f"wrote {args.dst}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_model(sp):
+        sp.add_argument("--model", help="model folder (default: $MODEL_PATH, else the default model)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        return sp
+
+    g = with_model(sub.add_parser("generate", help="stream a completion of PROMPT"))
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--system", help="system prompt (chat mode)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the prompt in the chat template (default when the model has one)")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="complete the prompt as plain text")
+    g.set_defaults(func=cmd_generate)
+
+    i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"))
+    i.add_argument("path", nargs="?", help="model folder")
+    i.set_defaults(func=lambda a: cmd_info(argparse.Namespace(**{**vars(a), "model": a.path or a.model})))
+
+    m = sub.add_parser("models", help="list the default and the cached models")
+    m.set_defaults(func=cmd_models)
+
+    c = sub.add_parser("convert", help="convert a GGUF file into a model folder")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TinyhunError as e:
+        print(f"tinyhun: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
