@@ -8,15 +8,15 @@ from pathlib import Path
 from .errors import TinyhunError
 
 
-def resolve_model(path):
+def resolve_model(path, progress=True):
     """--model > $MODEL_PATH > the default model."""
     from .hub import resolve_model as resolve
-    return resolve(path)
+    return resolve(path, progress=progress)
 
 
 def load_model(args):
     import tinyhun
-    return tinyhun.load(resolve_model(args.model), progress=not args.quiet)
+    return tinyhun.load(resolve_model(args.model, not args.quiet), progress=not args.quiet)
 
 
 def cmd_generate(args):
