@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from transformers import (HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM, LlamaConfig, LlamaForCausalLM)
 
+SPECIALS = {"bos_token_id": "<｜hy_begin▁of▁sentence｜>", "eos_token_id": "<｜hy_place▁holder▁no▁2｜>",
+            "eod_token_id": "<｜hy_end▁of▁sentence｜>", "pad_token_id": "<｜hy_pad｜>"}
 HERE = Path(__file__).resolve().parent
 TINY = HERE / "tiny-hunyuan"
 
@@ -56,9 +59,43 @@ def main(out_dir=TINY):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out_dir)
-    build_hunyuan(out_dir, seed=0, vocab_size=vocab, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-                  num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    ids = {key: tok.token_to_id(name) for key, name in SPECIALS.items()}
+    build_hunyuan(out_dir, seed=0, vocab_size=vocab, **ids, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                  initializer_range=0.25)   # larger weights than training init: varied, non-degenerate greedy runs
+    write_golden(out_dir)
     print(f"wrote {out_dir} (vocab {vocab})")
+
+
+GOLDEN_PROMPTS = [("Hello world", False), ("The quick brown fox", False), ("你好，世界", False),
+                  ("What is the capital of France?", True)]
+
+
+def write_golden(model_dir, steps=32):
+    """Greedy token ids of transformers (the oracle) for fixed prompts, with the oracle's versions."""
+    import json
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model.generation_config.eos_token_id = None   # full-length runs: a random model emits stop tokens by chance
+    cases = []
+    for prompt, chat in GOLDEN_PROMPTS:
+        if chat:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False).input_ids
+        else:
+            ids = tok(prompt).input_ids
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, pad_token_id=0)
+        cases.append({"prompt": prompt, "chat": chat, "prompt_ids": ids, "greedy_ids": out[0, len(ids):].tolist()})
+    golden = {"oracle": {"transformers": transformers.__version__, "torch": torch.__version__}, "cases": cases}
+    lines = ",\n  ".join(json.dumps(c, ensure_ascii=False) for c in cases)
+    text = f'{{"oracle": {json.dumps(golden["oracle"])},\n "cases": [\n  {lines}\n ]}}\n'
+    (Path(model_dir) / "golden.json").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

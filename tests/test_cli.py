@@ -1,0 +1,70 @@
+"""The `tinyhun` command as a user runs it: output, exit codes, one-line errors without tracebacks."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from oracle import ROOT
+
+TINY = ROOT / "weights" / "tiny-hunyuan"
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "tinyhun.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def assert_user_error(r, *needles):
+    assert r.returncode == 2, r
+    assert "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    for n in needles:
+        assert n in line, line
+
+
+def test_generate_streams_text():
+    import tinyhun
+    model = tinyhun.load(TINY)
+    want = "".join(tinyhun.generate(model, "Hello world", max_tokens=12, chat=False))
+    r = run("generate", "Hello world", "--model", str(TINY), "--max-tokens", "12", "--raw", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+
+
+def test_info_prints_config_and_counts():
+    r = run("info", str(TINY))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["model_type"] == "hunyuan_v1_dense" and info["num_layers"] == 3
+    assert info["bytes"] == info["parameters"] * 4 > 0
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--top-p", "2"], ["top_p=2.0", "(0, 1]"]),
+    (["--temperature", "-0.5"], ["temperature=-0.5"]),
+    (["--max-tokens", "100000"], ["exceeds the model's context"]),
+])
+def test_bad_parameters_exit_2_with_one_line(args, needles):
+    assert_user_error(run("generate", "hi", "--model", str(TINY), "--quiet", *args), *needles)
+
+
+def test_bad_model_folder(tmp_path):
+    assert_user_error(run("generate", "hi", "--model", str(tmp_path / "missing")), "no such model folder")
+    bad = tmp_path / "bad"
+    shutil.copytree(TINY, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 4)
+    assert_user_error(run("generate", "hi", "--model", str(bad), "--quiet"), "model.safetensors", "truncated")
+
+
+@pytest.mark.slow
+def test_default_model_answers(smollm2_dir):
+    home = smollm2_dir.parent.parent      # <home>/models/<name>
+    r = run("generate", "What is the capital of France?", "--max-tokens", "20", "--quiet",
+            env={"TINYHUN_HOME": str(home), "MODEL_PATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    listing = run("models", env={"TINYHUN_HOME": str(home)})
+    assert "SmolLM2-135M-Instruct" in listing.stdout

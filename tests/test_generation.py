@@ -1,0 +1,84 @@
+"""Text generation on the tiny checkpoint: stop tokens and strings, limits, streaming, parameter errors."""
+import numpy as np
+import pytest
+
+import tinyhun
+from oracle import ROOT
+from tinyhun.errors import TinyhunError
+from tinyhun.generation import generate_step, held_back
+from tinyhun.sampling import make_sampler
+
+TINY = ROOT / "weights" / "tiny-hunyuan"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tinyhun.load(TINY)
+
+
+def full_text(model, **kw):
+    return "".join(tinyhun.generate(model, "The quick brown fox", chat=False, **kw))
+
+
+def test_text_is_the_decoded_greedy_ids(model):
+    ids = model.tokenizer.encode("The quick brown fox")
+    tokens = list(generate_step(model, ids, make_sampler(), 24))
+    stop = next((i for i, t in enumerate(tokens) if t in model.tokenizer.stop_ids), len(tokens))
+    assert full_text(model, max_tokens=24) == model.tokenizer.decode(tokens[:stop])
+
+
+def test_stop_string_is_cut_and_not_emitted(model):
+    text = full_text(model, max_tokens=32)
+    assert len(text) > 6
+    stop = text[4:7]
+    cut = full_text(model, max_tokens=32, stop=[stop])
+    assert cut == text[:text.find(stop)]
+    assert held_back("abc", ["cde", "bcx"]) == 2 and held_back("abc", ["x"]) == 0
+
+
+def test_stops_at_stop_token(model, monkeypatch):
+    eot = min(model.tokenizer.stop_ids)
+    letter = model.tokenizer.encode("a", add_special_tokens=False)[0]
+
+    class Forced:      # says "a" twice, then the end-of-turn token, then "a" again
+        n = 0
+
+        def __call__(self, logits, history):
+            self.n += 1
+            return eot if self.n == 3 else letter
+
+    monkeypatch.setattr("tinyhun.generation.make_sampler", lambda **kw: Forced())
+    assert full_text(model, max_tokens=6) == "aa"
+
+
+def test_seeded_sampling_is_reproducible(model):
+    a = full_text(model, max_tokens=16, temperature=0.9, top_k=50, seed=7)
+    b = full_text(model, max_tokens=16, temperature=0.9, top_k=50, seed=7)
+    assert a == b
+
+
+def test_chinese_streams_as_valid_utf8(model):
+    for piece in tinyhun.generate(model, "你好，世界", chat=False, max_tokens=32, temperature=1.0, seed=3):
+        piece.encode("utf-8")       # strict: raises on a lone surrogate
+
+
+def test_context_overflow_is_a_clear_error(model):
+    with pytest.raises(TinyhunError, match="exceeds the model's context of 4096"):
+        list(tinyhun.generate(model, "Hello", max_tokens=5000))
+    state = model.new_state(4)
+    with pytest.raises(TinyhunError, match="context full"):
+        model.forward(state, np.arange(5))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_tokens=0), "max_tokens=0"), (dict(top_p=0.0), "top_p=0.0"), (dict(temperature=-1), "temperature=-1"),
+    (dict(top_k=-2), "top_k=-2"), (dict(min_p=1.5), "min_p=1.5"), (dict(repetition_penalty=0), "repetition_penalty=0"),
+])
+def test_bad_parameters_name_the_parameter(model, kw, match):
+    with pytest.raises(TinyhunError, match=match):
+        list(tinyhun.generate(model, "Hello", **kw))
+
+
+def test_token_ids_out_of_range(model):
+    with pytest.raises(TinyhunError, match="token id out of range"):
+        model.logits([1, 2, 10_000])
