@@ -40,11 +40,12 @@ def make_model(folder, layers=24, seed=0):
 
 
 def bench_torch(folder, prompt_tokens, gen_tokens, repetitions):
+    """transformers fp32 on the same folder, prompt and greedy loop as tinyhun.bench (first run is a warm-up)."""
     import torch
     from transformers import AutoModelForCausalLM
-    torch.set_num_threads(torch.get_num_threads())
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompt = torch.as_tensor(np.random.default_rng(0).integers(0, 120818, size=prompt_tokens))[None]
+    vocab = model.config.vocab_size
+    prompt = torch.as_tensor(np.random.default_rng(0).integers(0, vocab, size=prompt_tokens))[None]
     pre, dec = [], []
     with torch.no_grad():
         for rep in range(repetitions + 1):
@@ -88,9 +89,13 @@ def main():
             del model
         if not args.no_torch:
             rows["transformers fp32"] = bench_torch(folder, args.prompt_tokens, args.gen_tokens, args.repetitions)
-    peer = rows.get("transformers fp32")
     print(f"Hunyuan-0.5B-shaped random model ({args.layers} layers), prompt {args.prompt_tokens}, "
           f"gen {args.gen_tokens}, mean of {args.repetitions} after a warm-up")
+    print_table(rows)
+
+
+def print_table(rows):
+    peer = rows.get("transformers fp32")
     print(f"{'engine':<24}{'prefill tok/s':>14}{'decode tok/s':>14}{'GB/s':>8}{'vs torch decode':>17}")
     for name, r in rows.items():
         gbs = f"{r['decode_gb_s']:.1f}" if "decode_gb_s" in r else "-"

@@ -61,3 +61,38 @@ def silu_mul(out, gate, up):
 def add(out, a, b):
     np.add(a, b, out=out)
     return out
+
+
+def decoder_layer(x, bufs, lw, k_cache, v_cache, pos, cos, sin, heads, eps):
+    """One pre-norm decoder layer over T tokens at positions pos..pos+T-1, updating x[T, H] in place and
+    appending their keys/values to k_cache/v_cache [nkv, S, d].
+
+    bufs = (xn, q, k, v, attn, proj, gate, up), each [T, width]; lw = (attn_norm, wq, wk, wv, q_norm, k_norm, wo,
+    mlp_norm, w_gate, w_up, w_down) with empty q_norm/k_norm when the model has no QK-norm; heads = (nh, nkv, d).
+    """
+    xn, q, k, v, attn, proj, gate, up = bufs
+    attn_norm, wq, wk, wv, q_norm, k_norm, wo, mlp_norm, w_gate, w_up, w_down = lw
+    nh, nkv, d = heads
+    T = x.shape[0]
+    rmsnorm(xn, x, attn_norm, eps)
+    matmul(q, xn, wq)
+    matmul(k, xn, wk)
+    matmul(v, xn, wv)
+    q3, k3 = q.reshape(T, nh, d), k.reshape(T, nkv, d)
+    rope(q3, cos, sin)
+    rope(k3, cos, sin)
+    if q_norm.size:   # Hunyuan normalises q and k per head after RoPE (the reverse of Qwen3)
+        rmsnorm(q3, q3, q_norm, eps)
+        rmsnorm(k3, k3, k_norm, eps)
+    k_cache[:, pos:pos + T] = k3.transpose(1, 0, 2)
+    v_cache[:, pos:pos + T] = v.reshape(T, nkv, d).transpose(1, 0, 2)
+    attention(attn.reshape(T, nh, d), q3, k_cache, v_cache, pos)
+    matmul(proj, attn, wo)
+    add(x, x, proj)
+    rmsnorm(xn, x, mlp_norm, eps)
+    matmul(gate, xn, w_gate)
+    matmul(up, xn, w_up)
+    silu_mul(gate, gate, up)
+    matmul(proj, gate, w_down)
+    add(x, x, proj)
+    return x

@@ -16,6 +16,13 @@ def rope_tables(cfg, n):
     return np.cos(angles), np.sin(angles)
 
 
+def layer_tuple(lw):
+    """A layer's weights as the flat tuple kernels.decoder_layer takes (Numba cannot take a dataclass)."""
+    none = np.zeros(0, np.float32)    # Llama has no QK-norm
+    return (lw.attn_norm, lw.wq, lw.wk, lw.wv, none if lw.q_norm is None else lw.q_norm,
+            none if lw.k_norm is None else lw.k_norm, lw.wo, lw.mlp_norm, lw.w_gate, lw.w_up, lw.w_down)
+
+
 class State:
     """One sequence's KV cache and activation buffers, allocated once (the per-token path allocates nothing large)."""
 
@@ -29,15 +36,22 @@ class State:
         self.v_cache = np.zeros((L, cfg.num_kv_heads, S, d), f32)
         self.x = np.zeros((chunk, H), f32)                            # residual stream
         self.xn = np.zeros((chunk, H), f32)                           # normed input of a sublayer
-        self.qkv = np.zeros((chunk, cfg.q_dim + 2 * cfg.kv_dim), f32)
+        self.q = np.zeros((chunk, cfg.q_dim), f32)
+        self.k = np.zeros((chunk, cfg.kv_dim), f32)
+        self.v = np.zeros((chunk, cfg.kv_dim), f32)
         self.attn = np.zeros((chunk, cfg.q_dim), f32)
         self.proj = np.zeros((chunk, H), f32)                         # a sublayer's output before the residual add
-        self.gate_up = np.zeros((chunk, 2 * cfg.intermediate_size), f32)
+        self.gate = np.zeros((chunk, cfg.intermediate_size), f32)
+        self.up = np.zeros((chunk, cfg.intermediate_size), f32)
         self.act = np.zeros((chunk, cfg.intermediate_size), f32)
         self.logits = np.zeros((1, cfg.vocab_size), f32)
 
     def reset(self):
         self.pos = 0
+
+    def buffers(self, T):
+        """The scratch a decoder layer uses for T tokens, in kernels.ref.decoder_layer's order."""
+        return tuple(b[:T] for b in (self.xn, self.q, self.k, self.v, self.attn, self.proj, self.gate, self.up))
 
 
 class Model:
@@ -49,6 +63,7 @@ class Model:
         self.k = kernels or default_kernels.select()
         self.max_context = max_context or min(config.max_position_embeddings, 4096)
         self.cos, self.sin = rope_tables(config, self.max_context)
+        self.layer_args = [layer_tuple(lw) for lw in weights.layers]
 
     def new_state(self, max_context=None, chunk=128):
         max_context = max_context or self.max_context
@@ -79,45 +94,21 @@ class Model:
             raise TinyhunError(f"context full: {pos} + {T} tokens exceed max_context {state.max_context}")
         if int(np.min(ids)) < 0 or int(np.max(ids)) >= cfg.vocab_size:
             raise TinyhunError(f"token id out of range [0, {cfg.vocab_size})")
-        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        x, xn = state.x[:T], state.xn[:T]
-        qkv, attn, proj = state.qkv[:T], state.attn[:T], state.proj[:T]
-        gate_up, act = state.gate_up[:T], state.act[:T]
-        q = qkv[:, :cfg.q_dim].reshape(T, nh, d)
-        kk = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(T, nkv, d)
-        v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(T, nkv, d)
+        x = state.x[:T]
+        bufs = state.buffers(T)
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
-        I = cfg.intermediate_size
-        eps = cfg.rms_norm_eps
-
+        heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         x[:] = w.embed[ids]
-        for li, lw in enumerate(w.layers):
-            k.rmsnorm(xn, x, lw.attn_norm, eps)
-            k.matmul(qkv, xn, lw.wqkv)
-            k.rope(q, cos, sin)
-            k.rope(kk, cos, sin)
-            if cfg.qk_norm:   # Hunyuan normalises after RoPE (the reverse of Qwen3)
-                k.rmsnorm(q, q, lw.q_norm, eps)
-                k.rmsnorm(kk, kk, lw.k_norm, eps)
-            kc, vc = state.k_cache[li], state.v_cache[li]
-            kc[:, pos:pos + T] = kk.transpose(1, 0, 2)
-            vc[:, pos:pos + T] = v.transpose(1, 0, 2)
-            k.attention(attn.reshape(T, nh, d), q, kc, vc, pos)
-            k.matmul(proj, attn, lw.wo)
-            k.add(x, x, proj)
-
-            k.rmsnorm(xn, x, lw.mlp_norm, eps)
-            k.matmul(gate_up, xn, lw.w_gate_up)
-            k.silu_mul(act, gate_up[:, :I], gate_up[:, I:])
-            k.matmul(proj, act, lw.w_down)
-            k.add(x, x, proj)
+        for li, lw in enumerate(self.layer_args):
+            k.decoder_layer(x, bufs, lw, state.k_cache[li], state.v_cache[li], pos, cos, sin, heads, cfg.rms_norm_eps)
         state.pos = pos + T
 
+        xn = bufs[0]
         if out is not None:
-            k.rmsnorm(xn, x, w.norm, eps)
+            k.rmsnorm(xn, x, w.norm, cfg.rms_norm_eps)
             k.matmul(out, xn, w.lm_head)
             return out
         last = xn[T - 1:T]
-        k.rmsnorm(last, x[T - 1:T], w.norm, eps)
+        k.rmsnorm(last, x[T - 1:T], w.norm, cfg.rms_norm_eps)
         k.matmul(state.logits, last, w.lm_head)
         return state.logits

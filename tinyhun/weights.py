@@ -1,7 +1,7 @@
 """The one place where checkpoint tensors become the engine's layout.
 
-Checkpoint names and shapes come from the config; every tensor is checked, converted to float32 once and the
-projections that read the same input are stacked (q/k/v, gate/up) so the forward pass makes one matmul of each.
+Checkpoint names and shapes come from the config; every tensor is checked and converted to float32 once (float32
+tensors stay memory-mapped).
 """
 from dataclasses import dataclass
 
@@ -18,12 +18,15 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray        # [H]
-    wqkv: np.ndarray             # [(nh + 2 nkv) d, H]: q rows, then k rows, then v rows
+    wq: np.ndarray               # [nh d, H]
+    wk: np.ndarray               # [nkv d, H]
+    wv: np.ndarray               # [nkv d, H]
     q_norm: np.ndarray | None    # [d], Hunyuan's per-head QK-norm (None for Llama)
     k_norm: np.ndarray | None    # [d]
     wo: np.ndarray               # [H, nh d]
     mlp_norm: np.ndarray         # [H]
-    w_gate_up: np.ndarray        # [2 I, H]: gate rows, then up rows
+    w_gate: np.ndarray           # [I, H]
+    w_up: np.ndarray             # [I, H]
     w_down: np.ndarray           # [H, I]
 
 
@@ -95,22 +98,22 @@ def load_weights(folder, cfg, progress=True):
             raise TinyhunError(f"{f.path}: tensor '{name}' has dtype {dtype}, expected a float type")
         return to_float32(f.get(name), dtype)
 
-    def stack(*names):
-        return np.concatenate([get(n) for n in names], axis=0)
-
     layers = []
     for i in tqdm(range(cfg.num_layers), desc="loading", unit="layer", disable=not progress, leave=False):
         p = f"model.layers.{i}."
         a = p + "self_attn."
         layers.append(LayerWeights(
             attn_norm=get(p + "input_layernorm.weight"),
-            wqkv=stack(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+            wq=get(a + "q_proj.weight"),
+            wk=get(a + "k_proj.weight"),
+            wv=get(a + "v_proj.weight"),
             q_norm=get(a + "query_layernorm.weight") if cfg.qk_norm else None,
             k_norm=get(a + "key_layernorm.weight") if cfg.qk_norm else None,
-            wo=np.ascontiguousarray(get(a + "o_proj.weight")),
+            wo=get(a + "o_proj.weight"),
             mlp_norm=get(p + "post_attention_layernorm.weight"),
-            w_gate_up=stack(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-            w_down=np.ascontiguousarray(get(p + "mlp.down_proj.weight")),
+            w_gate=get(p + "mlp.gate_proj.weight"),
+            w_up=get(p + "mlp.up_proj.weight"),
+            w_down=get(p + "mlp.down_proj.weight"),
         ))
     embed = get("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")

