@@ -20,7 +20,15 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The HF-format folder converted from it (fp32 model.safetensors, tokenizer.json, ...)."""
+def smollm2_dir(smollm2_gguf) -> Path:
+    """The HF-format folder converted from it, fully dequantized (fp32 model.safetensors, tokenizer.json, ...)."""
+    from tinyhun import hub
+    return hub.model_from_gguf(smollm2_gguf, progress=False, root=_smollm2_root(),
+                               name="SmolLM2-135M-Instruct-f32", keep_q4=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_dir() -> Path:
+    """The default model folder: Q4_1 matrices kept 4-bit (bit-exact), the rest fp32."""
     from tinyhun import hub
     return hub.default_model_dir(progress=False, root=_smollm2_root())

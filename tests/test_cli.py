@@ -60,8 +60,8 @@ def test_bad_model_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_answers(smollm2_dir):
-    home = smollm2_dir.parent.parent      # <home>/models/<name>
+def test_default_model_answers(smollm2_q4_dir):
+    home = smollm2_q4_dir.parent.parent      # <home>/models/<name>
     r = run("generate", "What is the capital of France?", "--max-tokens", "20", "--quiet",
             env={"TINYHUN_HOME": str(home), "MODEL_PATH": ""})
     assert r.returncode == 0, r.stderr

@@ -143,7 +143,7 @@ def test_tiny_untied_mixed_types_equal_transformers_and_source(tmp_path):
     equal to the weights the file was written from (so the un-permutation is checked without an oracle)."""
     path = tmp_path / "tiny.gguf"
     exact = write_tiny_gguf(path, types={"attn_q": T.Q8_0, "attn_k": T.Q4_0, "ffn_up": T.Q4_1, "attn_v": T.F16})
-    out = convert_gguf(path, tmp_path / "tiny", progress=False)
+    out = convert_gguf(path, tmp_path / "tiny", progress=False, keep_q4=False)
     ours = load_file(out / "model.safetensors")
     assert_same_tensors(ours, transformers_state_dict(path), tied=False)
     assert "model.layers.1.self_attn.v_proj.weight" in exact and "lm_head.weight" in exact
@@ -157,6 +157,23 @@ def test_tiny_untied_mixed_types_equal_transformers_and_source(tmp_path):
     for text in ("he t", "<|im_start|>the<|im_end|>", "théâtre"):   # add_bos_token is set: BOS comes first
         assert Tokenizer.from_dir(out).encode(text) == theirs(text).input_ids
     assert Tokenizer.from_dir(out).encode("he t") == [258, 257, 256]
+
+
+def test_q4_blocks_kept_bit_exact(tmp_path):
+    """keep_q4: Q4_0/Q4_1 matrices become INT4 weights whose dequantization equals gguf's exactly; others fp32."""
+    import tinyhun
+    from tinyhun.kernels.q4 import Q4Weight, dequantize_q4
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, types={"attn_q": T.Q4_0, "attn_k": T.Q4_1, "ffn_up": T.Q4_1, "attn_v": T.F16})
+    f32 = load_file(convert_gguf(path, tmp_path / "f32", progress=False, keep_q4=False) / "model.safetensors")
+    q4_dir = convert_gguf(path, tmp_path / "q4", progress=False)
+    assert json.loads((q4_dir / "config.json").read_text())["quantization"]["source"] == "gguf Q4_0+Q4_1"
+    model = tinyhun.load(q4_dir)
+    layer = model.weights.layers[1]
+    for w, name in ((layer.wq, "self_attn.q_proj"), (layer.wk, "self_attn.k_proj"), (layer.w_up, "mlp.up_proj")):
+        assert isinstance(w, Q4Weight)
+        np.testing.assert_array_equal(dequantize_q4(w), f32[f"model.layers.1.{name}.weight"], err_msg=name)
+    assert isinstance(layer.wv, np.ndarray) and isinstance(layer.w_gate, np.ndarray)
 
 
 # --- un-permutation ----------------------------------------------------------------------------------------------

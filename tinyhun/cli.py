@@ -1,6 +1,7 @@
 """The `tinyhun` command: a thin consumer of the library. User errors print one line and exit 2."""
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,11 +36,11 @@ def cmd_generate(args):
 
 def cmd_info(args):
     from .config import Config
-    from .weights import load_weights
+    from .weights import expected_shapes, load_weights
     path = resolve_model(args.model)
     cfg = Config.from_file(Path(path) / "config.json")
     w = load_weights(path, cfg, progress=False)
-    params = w.nbytes // 4
+    params = sum(math.prod(shape) for shape in expected_shapes(cfg).values())
     print(json.dumps({"path": str(path), **vars(cfg), "parameters": params, "bytes": w.nbytes}, indent=2))
 
 
@@ -52,7 +53,13 @@ def cmd_models(args):
 
 def cmd_convert(args):
     from .gguf_import import convert_gguf
-    convert_gguf(args.src, args.dst, progress=not args.quiet)
+    convert_gguf(args.src, args.dst, progress=not args.quiet, keep_q4=not args.dequantize)
+    print(f"wrote {args.dst}")
+
+
+def cmd_quantize(args):
+    from .quantize import quantize_model
+    quantize_model(args.src, args.dst, group=args.group_size, sym=args.sym, head=args.head, progress=not args.quiet)
     print(f"wrote {args.dst}")
 
 
@@ -92,8 +99,21 @@ def build_parser():
     c = sub.add_parser("convert", help="convert a GGUF file into a model folder")
     c.add_argument("src")
     c.add_argument("dst")
+    c.add_argument("--dequantize", action="store_true",
+                   help="write every tensor as fp32 (default: Q4_0/Q4_1 matrices stay 4-bit, bit for bit)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("quantize", help="write an INT4 copy of a model folder")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--group-size", type=int, default=32, help="32 (default), 64 or 128")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="w = (q - 8) * scale (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="w = q * scale + min")
+    q.add_argument("--head", choices=("q4", "f16"), default="q4", help="embedding/lm_head precision (default q4)")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_quantize)
     return p
 
 

@@ -24,6 +24,7 @@ class Config:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qk_norm: bool
+    quantization: dict | None = None   # {"format", "version", "group", ...} of an INT4 checkpoint (tinyhun quantize)
 
     @property
     def q_dim(self):
@@ -106,6 +107,7 @@ class Config:
             # transformers' class default is False for Hunyuan and Llama alike
             tie_word_embeddings=get("tie_word_embeddings", bool, default=False),
             qk_norm=FAMILIES[model_type],
+            quantization=quantization_block(d.get("quantization"), source),
         )
 
 
@@ -133,3 +135,14 @@ def rope_base(d, head_dim, source):
         return float(theta) * float(alpha) ** (head_dim / (head_dim - 2))
     raise TinyhunError(f"{source}: rope type {kind!r} is not supported "
                        "(supported: default, dynamic with alpha)")
+
+
+def quantization_block(q, source):
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("format") != "q4_tiled16" or q.get("version") != 1:
+        raise TinyhunError(f"{source}: quantization {q!r} is not supported (expected format 'q4_tiled16' version 1, "
+                           "as written by `tinyhun quantize`)")
+    if q.get("group") not in (32, 64, 128):
+        raise TinyhunError(f"{source}: quantization group {q.get('group')!r}: expected 32, 64 or 128")
+    return dict(q)

@@ -16,6 +16,14 @@ def rope_tables(cfg, n):
     return np.cos(angles), np.sin(angles)
 
 
+def embed_rows(out, embed, ids):
+    if isinstance(embed, np.ndarray):
+        np.take(embed, ids, axis=0, out=out)
+    else:   # an INT4 (tied) embedding: dequantize just these rows
+        from .kernels.q4 import dequantize_rows
+        out[:] = dequantize_rows(embed, ids)
+
+
 def layer_tuple(lw):
     """A layer's weights as the flat tuple kernels.decoder_layer takes (Numba cannot take a dataclass)."""
     none = np.zeros(0, np.float32)    # Llama has no QK-norm
@@ -98,7 +106,7 @@ class Model:
         bufs = state.buffers(T)
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        x[:] = w.embed[ids]
+        embed_rows(x, w.embed, ids)
         for li, lw in enumerate(self.layer_args):
             k.decoder_layer(x, bufs, lw, state.k_cache[li], state.v_cache[li], pos, cos, sin, heads, cfg.rms_norm_eps)
         state.pos = pos + T

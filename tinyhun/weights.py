@@ -77,26 +77,52 @@ def expected_shapes(cfg):
     return shapes
 
 
-def load_weights(folder, cfg, progress=True):
-    files = open_folder(folder)
+Q4_PARTS = ("qweight", "scales", "mins")   # an INT4 matrix X.weight is stored as X.qweight, X.scales[, X.mins]
+
+
+def check_names(files, cfg):
+    """Reject tensors the config does not call for; a matrix may be stored as float or as INT4 parts."""
     shapes = expected_shapes(cfg)
+    allowed = set(shapes)
+    if cfg.quantization:
+        allowed |= {n[:-len("weight")] + part for n, shape in shapes.items() if len(shape) == 2 for part in Q4_PARTS}
     for name in files:
         harmless = name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings)
-        if name not in shapes and not harmless:
+        if name not in allowed and not harmless:
             raise TinyhunError(f"{files[name].path}: unexpected tensor '{name}' for this config")
-    for name, shape in shapes.items():
-        if name not in files:
-            raise TinyhunError(f"{folder}: missing tensor '{name}'")
-        got = files[name].shape(name)
-        if got != shape:
-            raise TinyhunError(f"{files[name].path}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+    return shapes
+
+
+def load_weights(folder, cfg, progress=True):
+    files = open_folder(folder)
+    shapes = check_names(files, cfg)
 
     def get(name):
+        """A float tensor, checked against the config and converted to float32."""
+        if name not in files:
+            raise TinyhunError(f"{folder}: missing tensor '{name}'")
         f = files[name]
+        got = f.shape(name)
+        if got != shapes[name]:
+            raise TinyhunError(f"{f.path}: tensor '{name}' has shape {list(got)}, expected {list(shapes[name])}")
         dtype = f.dtype(name)
         if dtype not in ("F32", "F16", "BF16", "F64"):
             raise TinyhunError(f"{f.path}: tensor '{name}' has dtype {dtype}, expected a float type")
         return to_float32(f.get(name), dtype)
+
+    def matrix(name):
+        """A weight matrix: float32 [N, K], or a Q4Weight when the checkpoint stores it in INT4."""
+        base = name[:-len("weight")]
+        if not cfg.quantization or base + "qweight" not in files:
+            return get(name)
+        from .kernels.q4 import Q4Weight
+        n, k = shapes[name]
+        parts = {p: files[base + p].get(base + p) for p in Q4_PARTS if base + p in files}
+        meta = {**cfg.quantization, "n": n, "k": k, "sym": "mins" not in parts}
+        try:
+            return Q4Weight.from_arrays(parts, meta)
+        except TinyhunError as e:
+            raise TinyhunError(f"{files[base + 'qweight'].path}: tensor '{base}*': {e}") from None
 
     layers = []
     for i in tqdm(range(cfg.num_layers), desc="loading", unit="layer", disable=not progress, leave=False):
@@ -104,17 +130,17 @@ def load_weights(folder, cfg, progress=True):
         a = p + "self_attn."
         layers.append(LayerWeights(
             attn_norm=get(p + "input_layernorm.weight"),
-            wq=get(a + "q_proj.weight"),
-            wk=get(a + "k_proj.weight"),
-            wv=get(a + "v_proj.weight"),
+            wq=matrix(a + "q_proj.weight"),
+            wk=matrix(a + "k_proj.weight"),
+            wv=matrix(a + "v_proj.weight"),
             q_norm=get(a + "query_layernorm.weight") if cfg.qk_norm else None,
             k_norm=get(a + "key_layernorm.weight") if cfg.qk_norm else None,
-            wo=get(a + "o_proj.weight"),
+            wo=matrix(a + "o_proj.weight"),
             mlp_norm=get(p + "post_attention_layernorm.weight"),
-            w_gate=get(p + "mlp.gate_proj.weight"),
-            w_up=get(p + "mlp.up_proj.weight"),
-            w_down=get(p + "mlp.down_proj.weight"),
+            w_gate=matrix(p + "mlp.gate_proj.weight"),
+            w_up=matrix(p + "mlp.up_proj.weight"),
+            w_down=matrix(p + "mlp.down_proj.weight"),
         ))
-    embed = get("model.embed_tokens.weight")
-    lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
+    embed = matrix("model.embed_tokens.weight")
+    lm_head = embed if cfg.tie_word_embeddings else matrix("lm_head.weight")
     return Weights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
