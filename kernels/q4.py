@@ -1,0 +1,293 @@
+"""INT4 weights: the one format every tinyhun INT4 kernel reads, its quantizer, GGUF import and NumPy reference.
+
+Format "q4_tiled16", layout version 1
+-------------------------------------
+A weight W[N, K] (rows = output features) is cut along K into groups of G = 32, 64 or 128 (K % G == 0).
+Each element has a code q in 0..15 and each (row, group) one fp16 scale, plus one fp16 min when asymmetric:
+    symmetric:   w = (q - 8) * scale
+    asymmetric:  w = q * scale + min
+Rows are padded to a multiple of 16 (padding: q = 0, scale = min = 0, so w = 0) and stored as row tiles of 16,
+because the kernels keep 16 rows in the 16 int32/fp32 lanes of one AVX-512 register:
+    packed  uint8  [N_pad / 16, K / 8, 64]   byte packed[t, c, 4*r + j], r in 0..15, j in 0..3, holds
+                                                 low nibble  q[16*t + r, 8*c + j]
+                                                 high nibble q[16*t + r, 8*c + 4 + j]
+    scales  float16[N_pad / 16, K / G, 16]   scales[t, g, r] of row 16*t + r, group g
+    mins    float16[N_pad / 16, K / G, 16]   asymmetric only (None when symmetric)
+So one 64-byte chunk is 16 rows x 8 consecutive k, and each nibble half gives every row four consecutive k in
+one 32-bit lane: the operand shape of VPDPBUSD (u8 x s8, four adjacent products summed into an int32 lane).
+One tile streams through memory front to back; its scales are a second, 16x smaller stream.
+
+Kernel semantics (int8 activations, as llama.cpp's Q4_0 x Q8_0)
+--------------------------------------------------------------
+matmul_q4(out, x, q) computes out[T, N] ~= x[T, K] @ dequantize_q4(q).T with x rounded per block of 32 along K
+to int8: d = max|x_block| / 127, xq = rint(x / d)  (`Q8Acts`). The integer dot products are exact; the only
+error beyond fp32 rounding is the activation rounding, |x - xq*d| <= d/2 per element, weighted by the weight
+((q - 8) * scale when symmetric, q * scale when asymmetric: the min term uses the exact block sum of x).
+This module holds the NumPy reference of `quantize_acts` and `matmul_q4`; tinyhun.kernels.q4_cpu has the Numba
+ones, whose activation rounding is bit-identical.
+"""
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from tinyhun.errors import TinyhunError
+
+FORMAT = "q4_tiled16"
+LAYOUT_VERSION = 1
+TILE = 16          # rows per tile = fp32 lanes of one AVX-512 register
+ACT_BLOCK = 32     # activation quantization block along K
+GROUPS = (32, 64, 128)
+_CHUNK_TILES = 256  # quantize/pack this many tiles at a time to bound temporary memory
+
+
+@dataclass
+class Q4Weight:
+    packed: np.ndarray        # uint8[N_pad/16, K/8, 64]
+    scales: np.ndarray        # float16[N_pad/16, K/G, 16]
+    mins: np.ndarray | None   # float16[N_pad/16, K/G, 16] or None (symmetric)
+    n: int
+    k: int
+    group: int
+
+    @property
+    def sym(self):
+        return self.mins is None
+
+    @property
+    def nbytes(self):
+        """Bytes a matmul streams: packed codes + scales (+ mins)."""
+        return self.packed.nbytes + self.scales.nbytes + (0 if self.sym else self.mins.nbytes)
+
+    def to_arrays(self):
+        """-> {"qweight", "scales"[, "mins"]}: store as <name>.qweight etc., with `metadata()` beside them."""
+        arrays = {"qweight": self.packed, "scales": self.scales}
+        if not self.sym:
+            arrays["mins"] = self.mins
+        return arrays
+
+    def metadata(self):
+        return {"format": FORMAT, "version": LAYOUT_VERSION, "n": self.n, "k": self.k,
+                "group": self.group, "sym": self.sym}
+
+    @classmethod
+    def from_arrays(cls, arrays, meta):
+        """Inverse of to_arrays()/metadata(); checks every shape and dtype."""
+        if meta.get("format") != FORMAT or meta.get("version") != LAYOUT_VERSION:
+            raise TinyhunError(f"INT4 weight metadata: expected format {FORMAT!r} version {LAYOUT_VERSION}, "
+                               f"got {meta.get('format')!r} version {meta.get('version')!r}")
+        n, k, group, sym = int(meta["n"]), int(meta["k"]), int(meta["group"]), bool(meta["sym"])
+        _check_shape(n, k, group)
+        tiles = -(-n // TILE)
+        want = {"qweight": (np.uint8, (tiles, k // 8, 64)), "scales": (np.float16, (tiles, k // group, TILE))}
+        if not sym:
+            want["mins"] = want["scales"]
+        for name, (dtype, shape) in want.items():
+            a = arrays.get(name)
+            if a is None or a.dtype != dtype or a.shape != shape:
+                got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+                raise TinyhunError(f"INT4 weight field {name!r}: expected {np.dtype(dtype)}{list(shape)}, got {got}")
+        c = np.ascontiguousarray
+        return cls(c(arrays["qweight"]), c(arrays["scales"]), None if sym else c(arrays["mins"]), n, k, group)
+
+
+def _check_shape(n, k, group):
+    if group not in GROUPS:
+        raise TinyhunError(f"INT4 group size {group}: expected one of {GROUPS}")
+    if n < 1 or k < 1 or k % group:
+        raise TinyhunError(f"INT4 weight [{n}, {k}]: K must be a positive multiple of the group size {group}")
+
+
+def _f16(v, up):
+    """Round fp32 to the fp16 at or above (up=True) / at or below v, so clipping never widens the error bound."""
+    h = v.astype(np.float16)
+    off = h.astype(np.float32) < v if up else h.astype(np.float32) > v
+    h[off] = np.nextafter(h[off], np.float16(np.inf if up else -np.inf))
+    return h
+
+
+def quantize_q4(w, group=32, sym=True):
+    """float[N, K] -> Q4Weight. Round to nearest with no clipping, so |w - dequant| <= scale/2 per element
+    (plus fp32 rounding): sym uses scale = max(max(w)/7, -min(w)/8), asym scale = (max - min)/15."""
+    w = np.asarray(w)
+    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        raise TinyhunError(f"quantize_q4: expected a 2-D float array, got {w.dtype}{list(w.shape)}")
+    n, k = w.shape
+    _check_shape(n, k, group)
+    if not np.isfinite(w).all():
+        raise TinyhunError("quantize_q4: weight holds inf or nan")
+    codes = np.empty((n, k), np.uint8)
+    scales = np.empty((n, k // group), np.float16)
+    mins = None if sym else np.empty_like(scales)
+    rows = _CHUNK_TILES * TILE
+    for r0 in range(0, n, rows):
+        wg = w[r0:r0 + rows].astype(np.float32).reshape(-1, k // group, group)
+        lo, hi = wg.min(-1), wg.max(-1)
+        if sym:
+            s = _f16(np.maximum(np.maximum(hi, 0) / 7, np.maximum(-lo, 0) / 8), up=True)
+            base = 8
+        else:
+            m = _f16(lo, up=False)
+            s = _f16((hi - m.astype(np.float32)) / 15, up=True)
+            wg = wg - m.astype(np.float32)[..., None]
+            mins[r0:r0 + rows] = m
+            base = 0
+        if not np.isfinite(s).all():
+            raise TinyhunError("quantize_q4: weights too large for fp16 scales")
+        sf = s.astype(np.float32)[..., None]
+        inv = np.divide(1, sf, out=np.zeros_like(sf), where=sf > 0)
+        codes[r0:r0 + rows] = np.clip(np.rint(wg * inv) + base, 0, 15).reshape(-1, k)
+        scales[r0:r0 + rows] = s
+    return _pack(codes, scales, mins, group)
+
+
+def _pack(codes, scales, mins, group):
+    """codes uint8[N, K] in 0..15, scales/mins float16[N, K/G] -> Q4Weight in the tiled layout."""
+    n, k = codes.shape
+    tiles = -(-n // TILE)
+    packed = np.empty((tiles, k // 8, 64), np.uint8)
+    for t0 in range(0, tiles, _CHUNK_TILES):
+        c = codes[t0 * TILE:(t0 + _CHUNK_TILES) * TILE]
+        c = np.pad(c, ((0, -len(c) % TILE), (0, 0)))
+        c = c.reshape(-1, TILE, k // 8, 2, 4).transpose(0, 2, 1, 4, 3)   # [t, c, r, j, nibble]
+        packed[t0:t0 + _CHUNK_TILES] = (c[..., 0] | (c[..., 1] << 4)).reshape(-1, k // 8, 64)
+
+    def tile(a):  # [N, K/G] -> [tiles, K/G, 16]
+        return np.ascontiguousarray(np.pad(a, ((0, tiles * TILE - n), (0, 0))).reshape(tiles, TILE, -1)
+                                    .transpose(0, 2, 1))
+    return Q4Weight(packed, tile(scales), None if mins is None else tile(mins), n, k, group)
+
+
+def unpack_q4(q):
+    """Q4Weight -> (codes uint8[N, K], scales float16[N, K/G], mins float16[N, K/G] or None)."""
+    tiles = q.packed.shape[0]
+    b = q.packed.reshape(tiles, q.k // 8, TILE, 4)
+    codes = np.stack([b & 15, b >> 4], axis=-2)                           # [t, c, r, nibble, j]
+    codes = codes.transpose(0, 2, 1, 3, 4).reshape(tiles * TILE, q.k)[:q.n]
+
+    def untile(a):
+        return None if a is None else a.transpose(0, 2, 1).reshape(tiles * TILE, -1)[:q.n]
+    return codes, untile(q.scales), untile(q.mins)
+
+
+def dequantize_q4(q):
+    """Q4Weight -> float32[N, K]; the same fp32 operations as gguf's Q4_0/Q4_1 dequantization."""
+    codes, s, m = unpack_q4(q)
+    c = codes.reshape(q.n, -1, q.group).astype(np.float32)
+    s = s.astype(np.float32)[..., None]
+    w = s * (c - 8) if q.sym else s * c + m.astype(np.float32)[..., None]
+    return w.reshape(q.n, q.k)
+
+
+def _gguf_blocks(raw, n, k, block_bytes, name):
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or k % 32 or n < 1 or raw.size != n * (k // 32) * block_bytes:
+        raise TinyhunError(f"{name} tensor: expected uint8 blocks of {block_bytes} bytes for [{n}, {k}] "
+                           f"(K a multiple of 32), got {raw.dtype} of {raw.size} bytes")
+    return raw.reshape(n * (k // 32), block_bytes)
+
+
+def _gguf_codes(qs, n, k):
+    # GGUF block: byte j holds element j (low nibble) and element j + 16 (high nibble)
+    return np.concatenate([qs & 15, qs >> 4], axis=1).reshape(n, k)
+
+
+def from_gguf_q4_0(raw, n, k):
+    """GGUF Q4_0 blocks (fp16 d, 16 bytes of nibbles; w = (q - 8) * d) -> symmetric group 32, no requantization."""
+    b = _gguf_blocks(raw, n, k, 18, "Q4_0")
+    d = b[:, :2].copy().view(np.float16).reshape(n, k // 32)
+    return _pack(_gguf_codes(b[:, 2:], n, k), d, None, 32)
+
+
+def from_gguf_q4_1(raw, n, k):
+    """GGUF Q4_1 blocks (fp16 d, fp16 m, 16 bytes; w = q * d + m) -> asymmetric group 32, no requantization."""
+    b = _gguf_blocks(raw, n, k, 20, "Q4_1")
+    d = b[:, :2].copy().view(np.float16).reshape(n, k // 32)
+    m = b[:, 2:4].copy().view(np.float16).reshape(n, k // 32)
+    return _pack(_gguf_codes(b[:, 4:], n, k), d, m, 32)
+
+
+class Q8Acts(NamedTuple):
+    """Activations rounded to int8 per block of 32 along K: x ~= q * d."""
+    q: np.ndarray      # int8[T, K]
+    d: np.ndarray      # float32[T, K/32]
+    qsum: np.ndarray   # int32[T, K/32]  sum of q per block: folds the -8 of symmetric codes into one term
+    xsum: np.ndarray   # float32[T, K/32] exact sum of x per block: multiplies asymmetric mins
+
+    @classmethod
+    def empty(cls, t, k):
+        """A buffer for up to t*k activations; `view` carves any smaller [T, K] out of it without copying."""
+        nb = -(-k // ACT_BLOCK)
+        return cls(np.empty((t, k), np.int8), np.empty((t, nb), np.float32),
+                   np.empty((t, nb), np.int32), np.empty((t, nb), np.float32))
+
+    def view(self, t, k):
+        if self.q.shape == (t, k):
+            return self
+        if t * k > self.q.size or t * (k // ACT_BLOCK) > self.d.size:
+            raise TinyhunError(f"activation buffer of {self.q.size} values is too small for [{t}, {k}]")
+        nb = k // ACT_BLOCK
+        return Q8Acts(*(a.reshape(-1)[:t * m].reshape(t, m) for a, m in zip(self, (k, nb, nb, nb))))
+
+
+def check_matmul(out, x, q):
+    """Shape/dtype checks shared by the backends: x float32[T, K], out float32[T, N]."""
+    if x.ndim != 2 or x.shape[1] != q.k or out.shape != (x.shape[0], q.n):
+        raise TinyhunError(f"matmul_q4: x{list(x.shape)} @ W[{q.n}, {q.k}].T -> out{list(out.shape)}: shapes differ")
+    if x.dtype != np.float32 or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise TinyhunError(f"matmul_q4: expected float32 x and C-contiguous float32 out, "
+                           f"got {x.dtype} and {out.dtype}")
+
+
+def check_acts(x):
+    if x.ndim != 2 or x.dtype != np.float32 or x.shape[1] % ACT_BLOCK:
+        raise TinyhunError(f"quantize_acts: expected float32[T, K] with K a multiple of {ACT_BLOCK}, "
+                           f"got {x.dtype}{list(x.shape)}")
+
+
+def quantize_acts(x, buf=None):
+    """float32[T, K] -> Q8Acts (written into buf's memory when given): d = max|x|/127, q = rint(x * (127/max|x|)),
+    per block of 32 along K."""
+    check_acts(x)
+    t, k = x.shape
+    a = (buf if buf is not None else Q8Acts.empty(t, k)).view(t, k)
+    xb = x.reshape(t, k // ACT_BLOCK, ACT_BLOCK)
+    amax = np.abs(xb).max(-1)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.rint(xb * inv[..., None])
+    a.q[:] = q.reshape(t, k)
+    a.d[:] = amax / np.float32(127)
+    a.qsum[:] = q.sum(-1)
+    a.xsum[:] = xb.sum(-1, dtype=np.float64)
+    return a
+
+
+def matmul_q4(out, x, q, buf=None):
+    """out[T, N] ~= x[T, K] @ dequantize_q4(q).T with x rounded to int8 per 32 into buf (module docstring):
+    sum over blocks b of scale * d_b * (codes . xq_b - 8 * qsum_b if sym) (+ min * xsum_b if asym)."""
+    check_matmul(out, x, q)
+    acts = quantize_acts(x, buf)
+    codes, s, m = unpack_q4(q)
+    t, nb = acts.d.shape
+    per = q.group // ACT_BLOCK
+    isum = np.einsum("tbk,nbk->tnb", acts.q.reshape(t, nb, ACT_BLOCK).astype(np.int32),
+                     codes.reshape(q.n, nb, ACT_BLOCK).astype(np.int32))
+    if q.sym:
+        isum -= 8 * acts.qsum[:, None, :]
+    sb = np.repeat(s.astype(np.float32), per, axis=1)                      # [N, nb]
+    out[:] = np.einsum("tnb,tb,nb->tn", isum.astype(np.float32), acts.d, sb)
+    if not q.sym:
+        out += acts.xsum @ np.repeat(m.astype(np.float32), per, axis=1).T
+    return out
+
+
+def dequantize_rows(q, ids):
+    """float32 [len(ids), K]: rows `ids` of dequantize_q4(q), without unpacking the rest (an INT4 embedding)."""
+    ids = np.asarray(ids).reshape(-1)
+    n = np.arange(len(ids))
+    t, r = ids // TILE, ids % TILE
+    b = q.packed[t].reshape(len(ids), q.k // 8, TILE, 4)[n, :, r]           # [n, K/8, 4]
+    c = np.stack([b & 15, b >> 4], axis=-2).reshape(len(ids), -1, q.group).astype(np.float32)
+    s = q.scales[t, :, r].astype(np.float32)[..., None]                      # [n, K/G, 1]
+    w = s * (c - 8) if q.sym else s * c + q.mins[t, :, r].astype(np.float32)[..., None]
+    return w.reshape(len(ids), q.k)
