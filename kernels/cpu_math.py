@@ -1,0 +1,43 @@
+"""Shared pieces of the Numba CPU kernels: the fastmath flag set and a vectorizable fp32 exp.
+
+Numba lowers `np.exp` on an fp32 scalar to a libm call per element (no SVML here), which made silu_mul 2x slower
+than NumPy's SIMD exp. `exp_inplace` is the textbook scheme in two vectorizable loops: exp(x) = 2^n * p(r) with
+n = round(x / ln2), r = x - n ln2 (ln2 split in two so r stays exact), p a degree-7 Taylor polynomial (error
+< 1e-8 on |r| <= ln2/2), and 2^n added straight into the float's exponent bits through an int32 view.
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+# Reassociation is what lets reductions vectorize. No nnan/ninf: attention's running max starts at -inf.
+FAST = {"reassoc", "contract", "nsz", "arcp"}
+# error_model="numpy": Python's ZeroDivisionError check on every float division blocks vectorizing the loop
+JIT = dict(cache=True, fastmath=FAST, error_model="numpy")
+
+_LOG2E = np.float32(1.0 / math.log(2.0))
+_LN2_HI = np.float32(0.693359375)          # 10 significant bits: n * _LN2_HI is exact for |n| < 2^14
+_LN2_LO = np.float32(math.log(2.0) - 0.693359375)
+_X_MIN = np.float32(-86.0)   # keeps 2^n a normal float: exp(-86) = 4e-38 stands in for anything smaller
+_X_MAX = np.float32(88.0)    # exp(88) = 1.7e38 stands in for anything larger (silu only: g / huge -> 0)
+
+
+# no reassoc here: it would fold the two-part ln2 back into one
+@njit(cache=True, fastmath={"contract"}, error_model="numpy")
+def exp_inplace(x, n_scratch, count):
+    # x[:count] = exp(x[:count]) in place; x fp32 contiguous, n_scratch int32[>= count]
+    for i in range(count):
+        v = min(max(x[i], _X_MIN), _X_MAX)
+        n = np.floor(v * _LOG2E + np.float32(0.5))
+        r = v - n * _LN2_HI - n * _LN2_LO
+        p = np.float32(1.0 / 5040.0) * r + np.float32(1.0 / 720.0)
+        p = p * r + np.float32(1.0 / 120.0)
+        p = p * r + np.float32(1.0 / 24.0)
+        p = p * r + np.float32(1.0 / 6.0)
+        p = p * r + np.float32(0.5)
+        p = p * r + np.float32(1.0)
+        x[i] = p * r + np.float32(1.0)
+        n_scratch[i] = np.int32(n)
+    bits = x.view(np.int32)
+    for i in range(count):
+        bits[i] += n_scratch[i] << 23
