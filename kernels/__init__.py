@@ -11,7 +11,7 @@ BACKENDS = ("numpy", "numba")
 
 
 def select(name=None):
-    name = name or os.environ.get("TINYHUN_KERNELS", "numpy")
+    name = name or os.environ.get("TINYHUN_KERNELS", "numba")
     if name not in BACKENDS:
         raise ValueError(f"TINYHUN_KERNELS={name!r}: expected one of {', '.join(BACKENDS)}")
     if name == "numpy":
