@@ -68,3 +68,27 @@ def test_default_model_answers(smollm2_q4_dir):
     assert "Paris" in r.stdout
     listing = run("models", env={"TINYHUN_HOME": str(home)})
     assert "SmolLM2-135M-Instruct" in listing.stdout
+
+
+def test_bench_json_has_the_promised_keys():
+    r = run("bench", "--model", str(TINY), "--json", "--quiet", "--prompt-tokens", "8", "--gen-tokens", "4",
+            "--repetitions", "2")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb"):
+        assert out[key] > 0, key
+    assert_user_error(run("bench", "--model", str(TINY), "--gen-tokens", "0", "--quiet"), "gen_tokens=0")
+
+
+def test_quantize_writes_a_loadable_int4_copy_and_never_overwrites(tmp_path):
+    dst = tmp_path / "q4"
+    r = run("quantize", str(TINY), str(dst), "--group-size", "32", "--asym", "--quiet")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["quantization"]["group"] == 32 and cfg["quantization"]["sym"] is False
+    assert (dst / "model.safetensors").stat().st_size < (TINY / "model.safetensors").stat().st_size / 4
+    assert run("generate", "hi", "--model", str(dst), "--max-tokens", "3", "--quiet").returncode == 0
+    assert_user_error(run("quantize", str(TINY), str(dst), "--quiet"), "exists and is not empty")
+    assert_user_error(run("quantize", str(TINY), str(TINY), "--quiet"), "never overwritten")
+    assert_user_error(run("quantize", str(TINY), str(tmp_path / "g"), "--group-size", "48"), "--group-size 48")
+    assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".*partial"))

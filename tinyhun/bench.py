@@ -5,6 +5,8 @@ import time
 
 import numpy as np
 
+from .errors import TinyhunError
+
 
 def timed_run(model, prompt, gen_tokens):
     """One prefill of `prompt` then `gen_tokens` greedy decode steps; returns (prefill_s, ttft_s, decode_s)."""
@@ -22,6 +24,13 @@ def timed_run(model, prompt, gen_tokens):
 
 
 def bench(model, prompt_tokens=128, gen_tokens=32, repetitions=3, warmup=1, seed=0):
+    for name, v, lo in (("prompt_tokens", prompt_tokens, 1), ("gen_tokens", gen_tokens, 1),
+                        ("repetitions", repetitions, 1), ("warmup", warmup, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise TinyhunError(f"{name}={v!r}: expected an integer >= {lo}")
+    if prompt_tokens + gen_tokens + 1 > model.config.max_position_embeddings:
+        raise TinyhunError(f"prompt_tokens + gen_tokens = {prompt_tokens + gen_tokens} exceeds the model's context "
+                           f"of {model.config.max_position_embeddings}")
     prompt = np.random.default_rng(seed).integers(0, model.config.vocab_size, size=prompt_tokens)
     runs = [timed_run(model, prompt, gen_tokens) for _ in range(warmup + repetitions)][warmup:]
     prefill_s, ttft_s, decode_s = (np.array(col) for col in zip(*runs))

@@ -63,6 +63,13 @@ def cmd_quantize(args):
     print(f"wrote {args.dst}")
 
 
+def cmd_bench(args):
+    from .bench import bench, format_report
+    model = load_model(args)
+    r = bench(model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repetitions=args.repetitions)
+    print(json.dumps(r) if args.json else format_report(r))
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +110,13 @@ def build_parser():
                    help="write every tensor as fp32 (default: Q4_0/Q4_1 matrices stay 4-bit, bit for bit)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
+
+    b = with_model(sub.add_parser("bench", help="measure prefill/decode speed (mean ± sd after a warm-up)"))
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--gen-tokens", type=int, default=64)
+    b.add_argument("--repetitions", type=int, default=3)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("quantize", help="write an INT4 copy of a model folder")
     q.add_argument("src")
