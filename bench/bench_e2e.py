@@ -95,7 +95,7 @@ def main():
                 model, name = tinyhun.load(q4_dir), "tinyhun int4 numba"
             else:
                 model, name = tinyhun.load(folder), f"tinyhun fp32 {engine}"
-                model.k = kernels.select(engine)
+                model.kernels = kernels.select(engine)
             rows[name] = bench(model, args.prompt_tokens, args.gen_tokens, args.repetitions)
             del model
         if not args.no_torch:

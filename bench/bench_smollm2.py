@@ -48,7 +48,7 @@ def main():
                                             args.repetitions)}
         for backend in ("numpy", "numba"):
             model = tinyhun.load(fp32_dir)
-            model.k = kernels.select(backend)
+            model.kernels = kernels.select(backend)
             rows[f"tinyhun fp32 {backend}"] = bench(model, args.prompt_tokens, args.gen_tokens, args.repetitions)
         rows["transformers fp32"] = bench_torch(fp32_dir, args.prompt_tokens, args.gen_tokens, args.repetitions)
     print(f"SmolLM2-135M-Instruct, prompt {args.prompt_tokens}, gen {args.gen_tokens}, "

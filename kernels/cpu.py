@@ -322,37 +322,6 @@ def add(out, a, b):
     return out
 
 
-# ---- one decoder layer ---------------------------------------------------------------------------------------
-
-def decoder_layer(x, bufs, lw, k_cache, v_cache, pos, cos, sin, heads, eps):
-    """ref.decoder_layer with these kernels, the residual add and the MLP's norm fused into one pass."""
-    xn, q, k, v, attn, proj, gate, up = bufs
-    attn_norm, wq, wk, wv, q_norm, k_norm, wo, mlp_norm, w_gate, w_up, w_down = lw
-    nh, nkv, d = heads
-    T = x.shape[0]
-    rmsnorm(xn, x, attn_norm, eps)
-    matmul(q, xn, wq)
-    matmul(k, xn, wk)
-    matmul(v, xn, wv)
-    q3, k3 = q.reshape(T, nh, d), k.reshape(T, nkv, d)
-    rope(q3, cos, sin)
-    rope(k3, cos, sin)
-    if q_norm.size:   # Hunyuan normalises q and k per head after RoPE
-        rmsnorm(q3, q3, q_norm, eps)
-        rmsnorm(k3, k3, k_norm, eps)
-    k_cache[:, pos:pos + T] = k3.transpose(1, 0, 2)
-    v_cache[:, pos:pos + T] = v.reshape(T, nkv, d).transpose(1, 0, 2)
-    attention(attn.reshape(T, nh, d), q3, k_cache, v_cache, pos)
-    matmul(proj, attn, wo)
-    add_rmsnorm(xn, x, proj, mlp_norm, eps)
-    matmul(gate, xn, w_gate)
-    matmul(up, xn, w_up)
-    silu_mul(gate, gate, up)
-    matmul(proj, gate, w_down)
-    add(x, x, proj)
-    return x
-
-
 # ---- compilation up front ------------------------------------------------------------------------------------
 
 def warmup():
@@ -368,3 +337,7 @@ def warmup():
     q, kv = np.ones((2, 4, 8), f), np.ones((2, 4, 8), f)
     rope(q, np.ones((2, 4), f), np.zeros((2, 4), f))
     attention(np.empty_like(q), q, kv, kv, 2)
+
+
+# the whole layer as one Numba call (imported last: it builds on the kernels above)
+from .cpu_layer import decoder_layer, prepare_layer  # noqa: E402,F401

@@ -68,14 +68,20 @@ def add(out, a, b):
     return out
 
 
+def prepare_layer(lw):
+    """A layer's weight tuple as this backend's decoder_layer takes it (here: as is)."""
+    return lw
+
+
 def decoder_layer(x, bufs, lw, k_cache, v_cache, pos, cos, sin, heads, eps):
     """One pre-norm decoder layer over T tokens at positions pos..pos+T-1, updating x[T, H] in place and
     appending their keys/values to k_cache/v_cache [nkv, S, d].
 
-    bufs = (xn, q, k, v, attn, proj, gate, up), each [T, width]; lw = (attn_norm, wq, wk, wv, q_norm, k_norm, wo,
-    mlp_norm, w_gate, w_up, w_down) with empty q_norm/k_norm when the model has no QK-norm; heads = (nh, nkv, d).
+    bufs = (xn, q, k, v, attn, proj, gate, up, acts), each [T, width] but acts (int8 activation scratch that only
+    the Numba backend uses); lw = prepare_layer((attn_norm, wq, wk, wv, q_norm, k_norm, wo, mlp_norm, w_gate,
+    w_up, w_down)) with empty q_norm/k_norm when the model has no QK-norm; heads = (nh, nkv, d).
     """
-    xn, q, k, v, attn, proj, gate, up = bufs
+    xn, q, k, v, attn, proj, gate, up = bufs[:8]
     attn_norm, wq, wk, wv, q_norm, k_norm, wo, mlp_norm, w_gate, w_up, w_down = lw
     nh, nkv, d = heads
     T = x.shape[0]

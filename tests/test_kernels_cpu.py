@@ -177,8 +177,8 @@ def test_attention_rejects_bad_shapes(nh, nkv, S):
 
 # ---- decoder layer --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_decoder_layer_prefill_then_decode(qk_norm):
+@pytest.mark.parametrize("qk_norm, int4", [(False, False), (True, False), (True, True)])
+def test_decoder_layer_prefill_then_decode(qk_norm, int4):
     rng = np.random.default_rng(int(qk_norm))
     H, nh, nkv, d, inter, S, eps = 48, 4, 2, 16, 72, 12, 1e-6
 
@@ -188,6 +188,11 @@ def test_decoder_layer_prefill_then_decode(qk_norm):
     lw = (norm(H), rand(rng, nh * d, H, scale=0.15), rand(rng, nkv * d, H, scale=0.15),
           rand(rng, nkv * d, H, scale=0.15), norm(d), norm(d), rand(rng, H, nh * d, scale=0.15), norm(H),
           rand(rng, inter, H, scale=0.15), rand(rng, inter, H, scale=0.15), rand(rng, H, inter, scale=0.1))
+    if int4:   # every matrix INT4: the whole layer runs as one Numba call on the prepared tuples
+        H, nh, d, inter = 64, 4, 16, 96
+        lw = tuple(q4.quantize_q4(rand(rng, *w.shape, scale=0.15), 32) if w.ndim == 2 else w for w in (
+            norm(H), rand(rng, nh * d, H), rand(rng, nkv * d, H), rand(rng, nkv * d, H), norm(d), norm(d),
+            rand(rng, H, nh * d), norm(H), rand(rng, inter, H), rand(rng, inter, H), rand(rng, H, inter)))
     caches = {m: (np.zeros((nkv, S, d), f32), np.zeros((nkv, S, d), f32)) for m in (cpu, ref)}
     x0 = rand(rng, S, H)
     for pos, T in ((0, 7), (7, 1), (8, 1)):
@@ -195,10 +200,12 @@ def test_decoder_layer_prefill_then_decode(qk_norm):
         outs = {}
         for m in (cpu, ref):
             bufs = tuple(np.empty((T, w), f32) for w in (H, nh * d, nkv * d, nkv * d, nh * d, H, inter, inter))
-            outs[m] = m.decoder_layer(x0[pos:pos + T].copy(), bufs, lw, *caches[m], pos, cos, sin,
-                                      (nh, nkv, d), eps)
-        close(outs[cpu], outs[ref], np.abs(outs[ref]).max(), rtol=1e-5)
-        close(caches[cpu][0], caches[ref][0], np.abs(caches[ref][0]).max(), rtol=1e-5)
+            acts = (np.empty(T * inter, np.int8), *(np.empty(T * inter // 32, t) for t in (f32, np.int32, f32)))
+            outs[m] = m.decoder_layer(x0[pos:pos + T].copy(), bufs + (acts,), m.prepare_layer(lw), *caches[m],
+                                      pos, cos, sin, (nh, nkv, d), eps)
+        rtol = 1e-4 if int4 else 1e-5
+        close(outs[cpu], outs[ref], np.abs(outs[ref]).max(), rtol=rtol)
+        close(caches[cpu][0], caches[ref][0], np.abs(caches[ref][0]).max(), rtol=rtol)
 
 
 # ---- elementwise ----------------------------------------------------------------------------------------------

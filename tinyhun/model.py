@@ -53,13 +53,18 @@ class State:
         self.up = np.zeros((chunk, cfg.intermediate_size), f32)
         self.act = np.zeros((chunk, cfg.intermediate_size), f32)
         self.logits = np.zeros((1, cfg.vocab_size), f32)
+        # int8 activations of INT4 matmuls (kernels/q4.py Q8Acts), flat, for the widest matmul input
+        widest = chunk * max(H, cfg.q_dim, cfg.intermediate_size)
+        self.acts = (np.zeros(widest, np.int8), np.zeros(widest // 32, f32), np.zeros(widest // 32, np.int32),
+                     np.zeros(widest // 32, f32))
 
     def reset(self):
         self.pos = 0
 
     def buffers(self, T):
         """The scratch a decoder layer uses for T tokens, in kernels.ref.decoder_layer's order."""
-        return tuple(b[:T] for b in (self.xn, self.q, self.k, self.v, self.attn, self.proj, self.gate, self.up))
+        rows = tuple(b[:T] for b in (self.xn, self.q, self.k, self.v, self.attn, self.proj, self.gate, self.up))
+        return rows + (self.acts,)
 
 
 class Model:
@@ -68,10 +73,19 @@ class Model:
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
-        self.k = kernels or default_kernels.select()
+        self.kernels = kernels or default_kernels.select()
         self.max_context = max_context or min(config.max_position_embeddings, 4096)
         self.cos, self.sin = rope_tables(config, self.max_context)
-        self.layer_args = [layer_tuple(lw) for lw in weights.layers]
+
+    @property
+    def kernels(self):
+        return self.k
+
+    @kernels.setter
+    def kernels(self, k):
+        """Switch backends (e.g. to the NumPy references); each prepares the layer weights its own way."""
+        self.k = k
+        self.layer_args = [k.prepare_layer(layer_tuple(lw)) for lw in self.weights.layers]
 
     def new_state(self, max_context=None, chunk=128):
         max_context = max_context or self.max_context
