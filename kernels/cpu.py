@@ -26,6 +26,8 @@ from numba import njit, prange  # noqa: E402
 from .cpu_attention import attention_kernel  # noqa: E402
 from .cpu_math import JIT, exp_inplace  # noqa: E402
 from .q4_cpu import matmul_q4  # noqa: E402
+from .q8 import Q8Weight  # noqa: E402
+from .q8_cpu import matmul_q8  # noqa: E402
 
 CHUNK = 1 << 14  # elements per parallel chunk (~64 KB of fp32): below 2 chunks a kernel runs serially
 
@@ -131,7 +133,9 @@ def _matmul(out, x, w):
 
 
 def matmul(out, x, w):
-    # out[T, N] = x[T, K] @ w[N, K].T; w may also be an INT4 Q4Weight (kernels/q4.py), as in ref.matmul
+    # out[T, N] = x[T, K] @ w[N, K].T; w may also be a Q4Weight or a Q8Weight, as in ref.matmul
+    if isinstance(w, Q8Weight):
+        return matmul_q8(out, x, w)
     if not isinstance(w, np.ndarray):
         return matmul_q4(out, x, w)
     if x.shape[0] < BLAS_T:

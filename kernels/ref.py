@@ -6,11 +6,14 @@ as checkpoints store them, [out_features, in_features], so y = x @ w.T.
 import numpy as np
 
 from .q4 import matmul_q4
+from .q8 import Q8Weight, matmul_q8
 
 
 def matmul(out, x, w):
     # out[T, N] = x[T, K] @ w[N, K].T ; NumPy's BLAS streams a C-contiguous [N, K] weight fastest this way.
-    # w may also be an INT4 Q4Weight (kernels/q4.py)
+    # w may also be an INT4 Q4Weight (kernels/q4.py) or an INT8 Q8Weight (kernels/q8.py)
+    if isinstance(w, Q8Weight):
+        return matmul_q8(out, x, w)
     if not isinstance(w, np.ndarray):
         return matmul_q4(out, x, w)
     np.matmul(x, w.T, out=out)

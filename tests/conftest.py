@@ -24,7 +24,7 @@ def smollm2_dir(smollm2_gguf) -> Path:
     """The HF-format folder converted from it, fully dequantized (fp32 model.safetensors, tokenizer.json, ...)."""
     from tinyhun import hub
     return hub.model_from_gguf(smollm2_gguf, progress=False, root=_smollm2_root(),
-                               name="SmolLM2-135M-Instruct-f32", keep_q4=False)
+                               name="SmolLM2-135M-Instruct-f32", keep_quantized=False)
 
 
 @pytest.fixture(scope="session")

@@ -143,7 +143,7 @@ def test_tiny_untied_mixed_types_equal_transformers_and_source(tmp_path):
     equal to the weights the file was written from (so the un-permutation is checked without an oracle)."""
     path = tmp_path / "tiny.gguf"
     exact = write_tiny_gguf(path, types={"attn_q": T.Q8_0, "attn_k": T.Q4_0, "ffn_up": T.Q4_1, "attn_v": T.F16})
-    out = convert_gguf(path, tmp_path / "tiny", progress=False, keep_q4=False)
+    out = convert_gguf(path, tmp_path / "tiny", progress=False, keep_quantized=False)
     ours = load_file(out / "model.safetensors")
     assert_same_tensors(ours, transformers_state_dict(path), tied=False)
     assert "model.layers.1.self_attn.v_proj.weight" in exact and "lm_head.weight" in exact
@@ -159,21 +159,29 @@ def test_tiny_untied_mixed_types_equal_transformers_and_source(tmp_path):
     assert Tokenizer.from_dir(out).encode("he t") == [258, 257, 256]
 
 
-def test_q4_blocks_kept_bit_exact(tmp_path):
-    """keep_q4: Q4_0/Q4_1 matrices become INT4 weights whose dequantization equals gguf's exactly; others fp32."""
+def test_quantized_blocks_kept_bit_exact(tmp_path):
+    """keep_quantized: Q4_0/Q4_1 matrices become INT4 weights and a Q8_0 embedding/lm_head INT8 ones whose
+    dequantization equals gguf's exactly; a Q8_0 layer matrix and the rest become fp32."""
     import tinyhun
     from tinyhun.kernels.q4 import Q4Weight, dequantize_q4
+    from tinyhun.kernels.q8 import Q8Weight, dequantize_q8
     path = tmp_path / "tiny.gguf"
-    write_tiny_gguf(path, types={"attn_q": T.Q4_0, "attn_k": T.Q4_1, "ffn_up": T.Q4_1, "attn_v": T.F16})
-    f32 = load_file(convert_gguf(path, tmp_path / "f32", progress=False, keep_q4=False) / "model.safetensors")
+    write_tiny_gguf(path, types={"attn_q": T.Q4_0, "attn_k": T.Q4_1, "ffn_up": T.Q4_1, "attn_v": T.F16,
+                                 "token_embd": T.Q8_0, "output": T.Q8_0, "ffn_gate": T.Q8_0})
+    f32 = load_file(convert_gguf(path, tmp_path / "f32", progress=False, keep_quantized=False) / "model.safetensors")
     q4_dir = convert_gguf(path, tmp_path / "q4", progress=False)
-    assert json.loads((q4_dir / "config.json").read_text())["quantization"]["source"] == "gguf Q4_0+Q4_1"
+    assert json.loads((q4_dir / "config.json").read_text())["quantization"]["source"] == "gguf Q4_0+Q4_1+Q8_0"
     model = tinyhun.load(q4_dir)
     layer = model.weights.layers[1]
     for w, name in ((layer.wq, "self_attn.q_proj"), (layer.wk, "self_attn.k_proj"), (layer.w_up, "mlp.up_proj")):
         assert isinstance(w, Q4Weight)
         np.testing.assert_array_equal(dequantize_q4(w), f32[f"model.layers.1.{name}.weight"], err_msg=name)
     assert isinstance(layer.wv, np.ndarray) and isinstance(layer.w_gate, np.ndarray)
+    for w, name in ((model.weights.embed, "model.embed_tokens"), (model.weights.lm_head, "lm_head")):
+        assert isinstance(w, Q8Weight)
+        np.testing.assert_array_equal(dequantize_q8(w), f32[f"{name}.weight"], err_msg=name)
+    ids = [1, 5, 9]
+    np.testing.assert_allclose(model.logits(ids), tinyhun.load(tmp_path / "f32").logits(ids), atol=0.05, rtol=0)
 
 
 # --- un-permutation ----------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def cmd_models(args):
 
 def cmd_convert(args):
     from .gguf_import import convert_gguf
-    convert_gguf(args.src, args.dst, progress=not args.quiet, keep_q4=not args.dequantize)
+    convert_gguf(args.src, args.dst, progress=not args.quiet, keep_quantized=not args.dequantize)
     print(f"wrote {args.dst}")
 
 
@@ -125,7 +125,8 @@ def build_parser():
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="w = (q - 8) * scale (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="w = q * scale + min")
-    q.add_argument("--head", choices=("q4", "f16"), default="q4", help="embedding/lm_head precision (default q4)")
+    q.add_argument("--head", choices=("q8", "q4", "f16"), default="q8",
+                   help="embedding/lm_head precision (default q8)")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
     return p

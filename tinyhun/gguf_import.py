@@ -20,7 +20,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from tqdm import tqdm
 
 from .errors import TinyhunError
-from .kernels import q4
+from .kernels import q4, q8
 
 SUPPORTED_ARCHS = ("llama",)
 
@@ -303,17 +303,17 @@ def _write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-Q4_IMPORT = {"Q4_0": q4.from_gguf_q4_0, "Q4_1": q4.from_gguf_q4_1}
+IMPORTERS = {"Q4_0": q4.from_gguf_q4_0, "Q4_1": q4.from_gguf_q4_1, "Q8_0": q8.from_gguf_q8_0}
 
 
-def convert_gguf(path, out_dir, progress=True, overwrite=False, keep_q4=True) -> Path:
+def convert_gguf(path, out_dir, progress=True, overwrite=False, keep_quantized=True) -> Path:
     """Write `out_dir` (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
     generation_config.json) from a Llama GGUF. Everything is checked before writing, and written into a
     sibling temp folder renamed into place at the end, so a failure leaves nothing behind.
 
-    keep_q4: Q4_0/Q4_1 matrices are repacked bit for bit into tinyhun's INT4 format (no requantization) and the
-    config gets a quantization block; every other tensor (and every tensor when keep_q4 is False) is
-    dequantized to fp32."""
+    keep_quantized: Q4_0/Q4_1 matrices are repacked bit for bit into tinyhun's INT4 format and a Q8_0
+    embedding/lm_head into its INT8 one (no requantization), and the config gets a quantization block; every
+    other tensor (and every tensor when keep_quantized is False) is dequantized to fp32."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise TinyhunError(f"{out}: exists and is not a folder")
@@ -328,19 +328,22 @@ def convert_gguf(path, out_dir, progress=True, overwrite=False, keep_q4=True) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        tensors, q4_types = {}, set()
+        tensors, kept = {}, set()
         for name, t, heads in tqdm(plan, desc=f"converting {g.path.name}", unit="tensor", disable=not progress):
-            if keep_q4 and t.ggml_type in Q4_IMPORT and len(t.shape) == 2:
+            importer = IMPORTERS.get(t.ggml_type) if keep_quantized and len(t.shape) == 2 else None
+            if t.ggml_type == "Q8_0" and name not in ("model.embed_tokens.weight", "lm_head.weight"):
+                importer = None     # INT8 kernels serve the embedding/lm_head only
+            if importer:
                 raw = unpermute_rows(t.raw, heads) if heads else t.raw
-                for part, a in Q4_IMPORT[t.ggml_type](raw, *t.shape).to_arrays().items():
+                for part, a in importer(raw, *t.shape).to_arrays().items():
                     tensors[name[:-len("weight")] + part] = a
-                q4_types.add(t.ggml_type)
+                kept.add(t.ggml_type)
                 continue
             values = t.dequantize()
             tensors[name] = unpermute_rows(values, heads) if heads else np.ascontiguousarray(values)
-        if q4_types:
+        if kept:
             cfg = {**cfg, "quantization": {"format": q4.FORMAT, "version": q4.LAYOUT_VERSION, "group": 32,
-                                           "sym": q4_types == {"Q4_0"}, "source": "gguf " + "+".join(sorted(q4_types))}}
+                                           "sym": "Q4_1" not in kept, "source": "gguf " + "+".join(sorted(kept))}}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
         tokenizer.save(str(tmp / "tokenizer.json"))

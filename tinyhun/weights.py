@@ -78,6 +78,7 @@ def expected_shapes(cfg):
 
 
 Q4_PARTS = ("qweight", "scales", "mins")   # an INT4 matrix X.weight is stored as X.qweight, X.scales[, X.mins]
+Q8_PARTS = ("q8weight", "q8scales")         # an INT8 one (embedding / lm_head) as X.q8weight, X.q8scales
 
 
 def check_names(files, cfg):
@@ -85,7 +86,8 @@ def check_names(files, cfg):
     shapes = expected_shapes(cfg)
     allowed = set(shapes)
     if cfg.quantization:
-        allowed |= {n[:-len("weight")] + part for n, shape in shapes.items() if len(shape) == 2 for part in Q4_PARTS}
+        allowed |= {n[:-len("weight")] + part for n, shape in shapes.items() if len(shape) == 2
+                    for part in Q4_PARTS + Q8_PARTS}
     for name in files:
         harmless = name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings)
         if name not in allowed and not harmless:
@@ -111,18 +113,22 @@ def load_weights(folder, cfg, progress=True):
         return to_float32(f.get(name), dtype)
 
     def matrix(name):
-        """A weight matrix: float32 [N, K], or a Q4Weight when the checkpoint stores it in INT4."""
+        """A weight matrix: float32 [N, K], or a Q4Weight / Q8Weight when the checkpoint stores it quantized."""
         base = name[:-len("weight")]
-        if not cfg.quantization or base + "qweight" not in files:
+        if not cfg.quantization or (base + "qweight" not in files and base + "q8weight" not in files):
             return get(name)
-        from .kernels.q4 import Q4Weight
+        from .kernels import q4, q8
         n, k = shapes[name]
-        parts = {p: files[base + p].get(base + p) for p in Q4_PARTS if base + p in files}
-        meta = {**cfg.quantization, "n": n, "k": k, "sym": "mins" not in parts}
+        if base + "qweight" in files:
+            kind, parts = q4.Q4Weight, {p: files[base + p].get(base + p) for p in Q4_PARTS if base + p in files}
+            meta = {**cfg.quantization, "n": n, "k": k, "sym": "mins" not in parts}
+        else:
+            kind, parts = q8.Q8Weight, {p: files[base + p].get(base + p) for p in Q8_PARTS if base + p in files}
+            meta = {"format": q8.FORMAT, "version": q8.LAYOUT_VERSION, "n": n, "k": k}
         try:
-            return Q4Weight.from_arrays(parts, meta)
+            return kind.from_arrays(parts, meta)
         except TinyhunError as e:
-            raise TinyhunError(f"{files[base + 'qweight'].path}: tensor '{base}*': {e}") from None
+            raise TinyhunError(f"{files[next(iter(files))].path}: tensor '{base}*': {e}") from None
 
     layers = []
     for i in tqdm(range(cfg.num_layers), desc="loading", unit="layer", disable=not progress, leave=False):
