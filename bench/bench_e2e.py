@@ -3,14 +3,18 @@
     python bench/bench_e2e.py [--prompt-tokens 128] [--gen-tokens 32] [--engines numpy,numba,int4] [--layers 24]
 
 Engines: fp32 with the NumPy reference kernels, fp32 with the Numba kernels, INT4 (tinyhun quantize, group 32,
-symmetric, INT4 lm_head) with the Numba kernels; plus transformers fp32.
+symmetric, INT8 lm_head) with the Numba kernels, each in its own `tinyhun bench --json` process; plus
+transformers fp32 in this process.
 
 The model (hidden 1024, 24 layers, 16/8 heads, head_dim 128, intermediate 3584, vocab 120818, tied) is made on the fly
-in a temp folder and never committed. Every engine runs on the same weights in the same process, so the ratios are
+in a temp folder and never committed. Every engine runs on the same weights in the same run, so the ratios are
 comparable even on a noisy machine; absolute figures across runs are not.
 """
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,6 +71,15 @@ def bench_torch(folder, prompt_tokens, gen_tokens, repetitions):
     return {"prefill_tok_s": float(np.mean(pre)), "decode_tok_s": float(np.mean(dec))}
 
 
+def tinyhun_bench(model_dir, kernels, args):
+    """`tinyhun bench --json` in its own process, so that its peak RSS is its own."""
+    cmd = [sys.executable, "-m", "tinyhun.cli", "bench", "--model", model_dir, "--json", "--quiet",
+           "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
+           "--repetitions", str(args.repetitions)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TINYHUN_KERNELS": kernels})
+    return json.loads(out.stdout)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -77,27 +90,21 @@ def main():
     p.add_argument("--no-torch", action="store_true")
     args = p.parse_args()
 
-    import tinyhun
-    from tinyhun import kernels
-    from tinyhun.bench import bench
     from tinyhun.quantize import quantize_model
 
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         make_model(folder, layers=args.layers)
         for engine in args.engines.split(","):
+            model_dir = folder
             if engine == "int4":
-                q4_dir = Path(folder) / "int4"
+                model_dir = str(Path(folder) / "int4")
                 t0 = time.perf_counter()
-                quantize_model(folder, q4_dir, progress=False)
+                quantize_model(folder, model_dir, progress=False)
                 print(f"quantize: {time.perf_counter() - t0:.1f} s, "
-                      f"{(q4_dir / 'model.safetensors').stat().st_size / 1e6:.0f} MB")
-                model, name = tinyhun.load(q4_dir), "tinyhun int4 numba"
-            else:
-                model, name = tinyhun.load(folder), f"tinyhun fp32 {engine}"
-                model.kernels = kernels.select(engine)
-            rows[name] = bench(model, args.prompt_tokens, args.gen_tokens, args.repetitions)
-            del model
+                      f"{(Path(model_dir) / 'model.safetensors').stat().st_size / 1e6:.0f} MB")
+            name = "tinyhun int4 numba" if engine == "int4" else f"tinyhun fp32 {engine}"
+            rows[name] = tinyhun_bench(model_dir, "numpy" if engine == "numpy" else "numba", args)
         if not args.no_torch:
             rows["transformers fp32"] = bench_torch(folder, args.prompt_tokens, args.gen_tokens, args.repetitions)
     print(f"Hunyuan-0.5B-shaped random model ({args.layers} layers), prompt {args.prompt_tokens}, "

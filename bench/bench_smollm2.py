@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import bench_torch, print_table  # noqa: E402
+from bench_e2e import bench_torch, print_table, tinyhun_bench  # noqa: E402
 
 
 def cli_seconds(args, env):
@@ -32,9 +32,7 @@ def main():
     p.add_argument("--repetitions", type=int, default=3)
     args = p.parse_args()
 
-    import tinyhun
-    from tinyhun import hub, kernels
-    from tinyhun.bench import bench
+    from tinyhun import hub
 
     with tempfile.TemporaryDirectory() as home:
         env = {"TINYHUN_HOME": home, "MODEL_PATH": ""}
@@ -44,12 +42,9 @@ def main():
         print(f"warm start to first token (new process, cached model): {warm:.1f} s")
         q4_dir = hub.default_model_dir(progress=False, root=Path(home))
         fp32_dir = hub.model_from_gguf(hub.default_gguf(False, Path(home)), False, Path(home), "f32", keep_quantized=False)
-        rows = {"tinyhun int4 numba": bench(tinyhun.load(q4_dir), args.prompt_tokens, args.gen_tokens,
-                                            args.repetitions)}
+        rows = {"tinyhun int4 numba": tinyhun_bench(str(q4_dir), "numba", args)}
         for backend in ("numpy", "numba"):
-            model = tinyhun.load(fp32_dir)
-            model.kernels = kernels.select(backend)
-            rows[f"tinyhun fp32 {backend}"] = bench(model, args.prompt_tokens, args.gen_tokens, args.repetitions)
+            rows[f"tinyhun fp32 {backend}"] = tinyhun_bench(str(fp32_dir), backend, args)
         rows["transformers fp32"] = bench_torch(fp32_dir, args.prompt_tokens, args.gen_tokens, args.repetitions)
     print(f"SmolLM2-135M-Instruct, prompt {args.prompt_tokens}, gen {args.gen_tokens}, "
           f"mean of {args.repetitions} after a warm-up")

@@ -43,7 +43,8 @@ def test_warmup_compiles_every_kernel():
              cpu_attention.attention_kernel)   # the kernels Python calls; their callees come with them
     for kernel in entry:
         assert kernel.signatures, f"{kernel.__name__} not compiled by warmup()"
-    assert len(cpu._rmsnorm.signatures) == 2   # [T, H] and per-head [T, nh, d]
+    ndims = {sig[1].ndim for sig in cpu._rmsnorm.signatures}
+    assert {2, 3} <= ndims   # [T, H] and per-head [T, nh, d] (other tests may have compiled more)
 
 
 # ---- matmul ---------------------------------------------------------------------------------------------------
