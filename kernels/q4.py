@@ -59,11 +59,7 @@ class Q4Weight:
                   "scales": (self.scales, np.float16, (tiles, self.k // self.group, TILE))}
         if self.mins is not None:
             fields["mins"] = (self.mins, np.float16, fields["scales"][2])
-        for name, (a, dtype, shape) in fields.items():
-            if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
-                got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
-                raise TinyhunError(f"INT4 weight field {name!r}: expected C-contiguous {np.dtype(dtype)}"
-                                   f"{list(shape)}, got {got}")
+        _check_fields("INT4", fields)
 
     @property
     def sym(self):
@@ -88,18 +84,99 @@ class Q4Weight:
     @classmethod
     def from_arrays(cls, arrays, meta):
         """Inverse of to_arrays()/metadata() (e.g. after a JSON round trip); checks every field."""
-        if meta.get("format") != FORMAT or meta.get("version") != LAYOUT_VERSION:
-            raise TinyhunError(f"INT4 weight metadata: expected format {FORMAT!r} version {LAYOUT_VERSION}, "
-                               f"got {meta.get('format')!r} version {meta.get('version')!r}")
+        _check_format("INT4", meta, FORMAT, LAYOUT_VERSION)
         n, k, group, sym = (meta.get(f) for f in ("n", "k", "group", "sym"))
         if not (all(type(v) is int for v in (n, k, group)) and type(sym) is bool):
             raise TinyhunError(f"INT4 weight metadata: expected integer n, k, group and boolean sym, got {meta}")
-        names = ("qweight", "scales") if sym else ("qweight", "scales", "mins")
-        missing = [name for name in names if name not in arrays]
-        if missing:
-            raise TinyhunError(f"INT4 weight: arrays {missing} missing")
-        a = [np.ascontiguousarray(arrays[name]) for name in names]
+        a = _take_arrays("INT4", arrays, ("qweight", "scales") if sym else ("qweight", "scales", "mins"))
         return cls(a[0], a[1], None if sym else a[2], n, k, group)
+
+
+# ---- helpers shared with the INT8 format (tinyhun.kernels.q8), whose tiles have the same rows and padding ----
+
+def _check_fields(kind, fields):
+    """fields {name: (array, dtype, shape)}: the kernels read raw memory, so each must be exactly that."""
+    for name, (a, dtype, shape) in fields.items():
+        if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
+            got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise TinyhunError(f"{kind} weight field {name!r}: expected C-contiguous {np.dtype(dtype)}"
+                               f"{list(shape)}, got {got}")
+
+
+def _check_format(kind, meta, fmt, version):
+    if meta.get("format") != fmt or meta.get("version") != version:
+        raise TinyhunError(f"{kind} weight metadata: expected format {fmt!r} version {version}, "
+                           f"got {meta.get('format')!r} version {meta.get('version')!r}")
+
+
+def _take_arrays(kind, arrays, names):
+    """[C-contiguous arrays[name] for name in names], naming every missing one."""
+    missing = [name for name in names if name not in arrays]
+    if missing:
+        raise TinyhunError(f"{kind} weight: arrays {missing} missing")
+    return [np.ascontiguousarray(arrays[name]) for name in names]
+
+
+def _float_matrix(w, name, check_shape):
+    """w as a finite 2-D float array, check_shape(n, k) run before the (full-array) finiteness test."""
+    w = np.asarray(w)
+    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        raise TinyhunError(f"{name}: expected a 2-D float array, got {w.dtype}{list(w.shape)}")
+    check_shape(*w.shape)
+    if not np.isfinite(w).all():
+        raise TinyhunError(f"{name}: weight holds inf or nan")
+    return w
+
+
+def _row_chunks(w, block):
+    """(rows, float32[m, K/block, block] of w[rows]) over chunks of _CHUNK_TILES tiles, to bound temporaries."""
+    rows = _CHUNK_TILES * TILE
+    for r0 in range(0, len(w), rows):
+        yield slice(r0, r0 + rows), w[r0:r0 + rows].astype(np.float32).reshape(-1, w.shape[1] // block, block)
+
+
+def _round_codes(wb, s, name, base, lo, hi):
+    """clip(rint(wb / s) + base, lo, hi) per block of wb[..., block] with scales s[...] (code `base` where s = 0)."""
+    if not np.isfinite(s).all():
+        raise TinyhunError(f"{name}: weights too large for fp16 scales")
+    sf = s.astype(np.float32)[..., None]
+    inv = np.divide(1, sf, out=np.zeros_like(sf), where=sf > 0)
+    q = np.rint(wb * inv)
+    if base:
+        q += base
+    return np.clip(q, lo, hi)
+
+
+def _pack_tiles(codes, dtype, chunks, arrange):
+    """codes[N, K] -> dtype[N_pad/16, chunks, 64]: rows padded with zeros to whole tiles, arrange(c) lays out
+    c[m*16, K] (m whole tiles) as [m, chunks, 64]; _CHUNK_TILES tiles at a time."""
+    tiles = -(-len(codes) // TILE)
+    packed = np.empty((tiles, chunks, 64), dtype)
+    for t0 in range(0, tiles, _CHUNK_TILES):
+        c = codes[t0 * TILE:(t0 + _CHUNK_TILES) * TILE]
+        packed[t0:t0 + _CHUNK_TILES] = arrange(np.pad(c, ((0, -len(c) % TILE), (0, 0))))
+    return packed
+
+
+def _tile_rows(a, tiles):
+    """[N, B] (or None) -> [tiles, B, 16], rows padded with zeros (zero scales and mins: zero weights)."""
+    if a is None:
+        return None
+    return np.ascontiguousarray(np.pad(a, ((0, tiles * TILE - len(a)), (0, 0))).reshape(tiles, TILE, -1)
+                                .transpose(0, 2, 1))
+
+
+def _untile_rows(a, n):
+    """Inverse of _tile_rows: [tiles, B, 16] (or None) -> [n, B]."""
+    return None if a is None else a.transpose(0, 2, 1).reshape(-1, a.shape[1])[:n]
+
+
+def _gather_rows(ids, packed, *fields):
+    """Rows `ids` (intp[M]) of a tiled weight: packed [tiles, C, 64] -> [M, C, 4] (row r's bytes of each
+    chunk) and each field [tiles, B, 16] (or None) -> [M, B]."""
+    i, t, r = np.arange(len(ids)), ids // TILE, ids % TILE
+    b = packed[t].reshape(len(ids), packed.shape[1], TILE, 4)[i, :, r]
+    return (b, *(None if f is None else f[t, :, r] for f in fields))
 
 
 def _check_shape(n, k, group):
@@ -120,19 +197,12 @@ def _f16(v, up):
 def quantize_q4(w, group=32, sym=True):
     """float[N, K] -> Q4Weight. Round to nearest with no clipping, so |w - dequant| <= scale/2 per element
     (plus fp32 rounding): sym uses scale = max(max(w)/7, -min(w)/8), asym scale = (max - min)/15."""
-    w = np.asarray(w)
-    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
-        raise TinyhunError(f"quantize_q4: expected a 2-D float array, got {w.dtype}{list(w.shape)}")
+    w = _float_matrix(w, "quantize_q4", lambda n, k: _check_shape(n, k, group))
     n, k = w.shape
-    _check_shape(n, k, group)
-    if not np.isfinite(w).all():
-        raise TinyhunError("quantize_q4: weight holds inf or nan")
     codes = np.empty((n, k), np.uint8)
     scales = np.empty((n, k // group), np.float16)
     mins = None if sym else np.empty_like(scales)
-    rows = _CHUNK_TILES * TILE
-    for r0 in range(0, n, rows):
-        wg = w[r0:r0 + rows].astype(np.float32).reshape(-1, k // group, group)
+    for rows, wg in _row_chunks(w, group):
         lo, hi = wg.min(-1), wg.max(-1)
         if sym:
             s = _f16(np.maximum(np.maximum(hi, 0) / 7, np.maximum(-lo, 0) / 8), up=True)
@@ -141,53 +211,48 @@ def quantize_q4(w, group=32, sym=True):
             m = _f16(lo, up=False)
             s = _f16((hi - m.astype(np.float32)) / 15, up=True)
             wg = wg - m.astype(np.float32)[..., None]
-            mins[r0:r0 + rows] = m
+            mins[rows] = m
             base = 0
-        if not np.isfinite(s).all():
-            raise TinyhunError("quantize_q4: weights too large for fp16 scales")
-        sf = s.astype(np.float32)[..., None]
-        inv = np.divide(1, sf, out=np.zeros_like(sf), where=sf > 0)
-        codes[r0:r0 + rows] = np.clip(np.rint(wg * inv) + base, 0, 15).reshape(-1, k)
-        scales[r0:r0 + rows] = s
+        codes[rows] = _round_codes(wg, s, "quantize_q4", base, 0, 15).reshape(-1, k)
+        scales[rows] = s
     return _pack(codes, scales, mins, group)
 
 
 def _pack(codes, scales, mins, group):
     """codes uint8[N, K] in 0..15, scales/mins float16[N, K/G] -> Q4Weight in the tiled layout."""
     n, k = codes.shape
-    tiles = -(-n // TILE)
-    packed = np.empty((tiles, k // 8, 64), np.uint8)
-    for t0 in range(0, tiles, _CHUNK_TILES):
-        c = codes[t0 * TILE:(t0 + _CHUNK_TILES) * TILE]
-        c = np.pad(c, ((0, -len(c) % TILE), (0, 0)))
-        c = c.reshape(-1, TILE, k // 8, 2, 4).transpose(0, 2, 1, 4, 3)   # [t, c, r, j, nibble]
-        packed[t0:t0 + _CHUNK_TILES] = (c[..., 0] | (c[..., 1] << 4)).reshape(-1, k // 8, 64)
 
-    def tile(a):  # [N, K/G] -> [tiles, K/G, 16]
-        return np.ascontiguousarray(np.pad(a, ((0, tiles * TILE - n), (0, 0))).reshape(tiles, TILE, -1)
-                                    .transpose(0, 2, 1))
-    return Q4Weight(packed, tile(scales), None if mins is None else tile(mins), n, k, group)
+    def arrange(c):
+        c = c.reshape(-1, TILE, k // 8, 2, 4).transpose(0, 2, 1, 4, 3)   # [t, c, r, j, nibble]
+        return (c[..., 0] | (c[..., 1] << 4)).reshape(-1, k // 8, 64)
+    packed = _pack_tiles(codes, np.uint8, k // 8, arrange)
+    return Q4Weight(packed, _tile_rows(scales, len(packed)), _tile_rows(mins, len(packed)), n, k, group)
+
+
+def _nibbles(b):
+    # bytes [..., 4] (packed[t, c, 4*r:4*r+4]) -> codes [..., 2, 4]: k = 8c + j, then 8c + 4 + j
+    return np.stack([b & 15, b >> 4], axis=-2)
+
+
+def _dequant(codes, s, m, group):
+    # codes [M, K] (any integer layout reshaping to it), s/m float16[M, K/G] -> float32[M, K], in gguf's fp32 ops
+    c = codes.reshape(len(s), -1, group).astype(np.float32)
+    sf = s.astype(np.float32)[..., None]
+    w = sf * (c - 8) if m is None else sf * c + m.astype(np.float32)[..., None]
+    return w.reshape(len(s), -1)
 
 
 def unpack_q4(q):
     """Q4Weight -> (codes uint8[N, K], scales float16[N, K/G], mins float16[N, K/G] or None)."""
     tiles = q.packed.shape[0]
-    b = q.packed.reshape(tiles, q.k // 8, TILE, 4)
-    codes = np.stack([b & 15, b >> 4], axis=-2)                           # [t, c, r, nibble, j]
+    codes = _nibbles(q.packed.reshape(tiles, q.k // 8, TILE, 4))          # [t, c, r, nibble, j]
     codes = codes.transpose(0, 2, 1, 3, 4).reshape(tiles * TILE, q.k)[:q.n]
-
-    def untile(a):
-        return None if a is None else a.transpose(0, 2, 1).reshape(tiles * TILE, -1)[:q.n]
-    return codes, untile(q.scales), untile(q.mins)
+    return codes, _untile_rows(q.scales, q.n), _untile_rows(q.mins, q.n)
 
 
 def dequantize_q4(q):
     """Q4Weight -> float32[N, K]; the same fp32 operations as gguf's Q4_0/Q4_1 dequantization."""
-    codes, s, m = unpack_q4(q)
-    c = codes.reshape(q.n, -1, q.group).astype(np.float32)
-    s = s.astype(np.float32)[..., None]
-    w = s * (c - 8) if q.sym else s * c + m.astype(np.float32)[..., None]
-    return w.reshape(q.n, q.k)
+    return _dequant(*unpack_q4(q), q.group)
 
 
 def _gguf_blocks(raw, n, k, block_bytes, name):
@@ -198,6 +263,11 @@ def _gguf_blocks(raw, n, k, block_bytes, name):
     return raw.reshape(n * (k // 32), block_bytes)
 
 
+def _gguf_f16(b, col, n, k):
+    """The fp16 field at byte `col` of every GGUF block row of b -> float16[N, K/32]."""
+    return b[:, col:col + 2].copy().view(np.float16).reshape(n, k // 32)
+
+
 def _gguf_codes(qs, n, k):
     # GGUF block: byte j holds element j (low nibble) and element j + 16 (high nibble)
     return np.concatenate([qs & 15, qs >> 4], axis=1).reshape(n, k)
@@ -206,16 +276,13 @@ def _gguf_codes(qs, n, k):
 def from_gguf_q4_0(raw, n, k):
     """GGUF Q4_0 blocks (fp16 d, 16 bytes of nibbles; w = (q - 8) * d) -> symmetric group 32, no requantization."""
     b = _gguf_blocks(raw, n, k, 18, "Q4_0")
-    d = b[:, :2].copy().view(np.float16).reshape(n, k // 32)
-    return _pack(_gguf_codes(b[:, 2:], n, k), d, None, 32)
+    return _pack(_gguf_codes(b[:, 2:], n, k), _gguf_f16(b, 0, n, k), None, 32)
 
 
 def from_gguf_q4_1(raw, n, k):
     """GGUF Q4_1 blocks (fp16 d, fp16 m, 16 bytes; w = q * d + m) -> asymmetric group 32, no requantization."""
     b = _gguf_blocks(raw, n, k, 20, "Q4_1")
-    d = b[:, :2].copy().view(np.float16).reshape(n, k // 32)
-    m = b[:, 2:4].copy().view(np.float16).reshape(n, k // 32)
-    return _pack(_gguf_codes(b[:, 4:], n, k), d, m, 32)
+    return _pack(_gguf_codes(b[:, 4:], n, k), _gguf_f16(b, 0, n, k), _gguf_f16(b, 2, n, k), 32)
 
 
 class Q8Acts(NamedTuple):
@@ -243,13 +310,18 @@ class Q8Acts(NamedTuple):
         return Q8Acts(*(a.reshape(-1)[:t * m].reshape(t, m) for a, m in zip(self, (k, nb, nb, nb))))
 
 
-def check_matmul(out, x, q):
-    """Shape/dtype checks shared by the backends: x float32[T, K], out float32[T, N]."""
+def check_matmul(out, x, q, name="matmul_q4"):
+    """Shape/dtype checks shared by the backends (and the INT8 ones): x float32[T, K], out float32[T, N]."""
     if x.ndim != 2 or x.shape[1] != q.k or out.shape != (x.shape[0], q.n):
-        raise TinyhunError(f"matmul_q4: x{list(x.shape)} @ W[{q.n}, {q.k}].T -> out{list(out.shape)}: shapes differ")
+        raise TinyhunError(f"{name}: x{list(x.shape)} @ W[{q.n}, {q.k}].T -> out{list(out.shape)}: shapes differ")
     if x.dtype != np.float32 or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise TinyhunError(f"matmul_q4: expected float32 x and C-contiguous float32 out, "
+        raise TinyhunError(f"{name}: expected float32 x and C-contiguous float32 out, "
                            f"got {x.dtype} and {out.dtype}")
+
+
+def _acts_buffer(buf, t, k):
+    """buf viewed as Q8Acts for [t, k], or a new one when buf is None."""
+    return (buf if buf is not None else Q8Acts.empty(t, k)).view(t, k)
 
 
 def check_acts(x):
@@ -263,7 +335,7 @@ def quantize_acts(x, buf=None):
     per block of 32 along K."""
     check_acts(x)
     t, k = x.shape
-    a = (buf if buf is not None else Q8Acts.empty(t, k)).view(t, k)
+    a = _acts_buffer(buf, t, k)
     xb = x.reshape(t, k // ACT_BLOCK, ACT_BLOCK)
     amax = np.abs(xb).max(-1)
     inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
@@ -296,11 +368,5 @@ def matmul_q4(out, x, q, buf=None):
 
 def dequantize_rows(q, ids):
     """float32 [len(ids), K]: rows `ids` of dequantize_q4(q), without unpacking the rest (an INT4 embedding)."""
-    ids = np.asarray(ids).reshape(-1)
-    n = np.arange(len(ids))
-    t, r = ids // TILE, ids % TILE
-    b = q.packed[t].reshape(len(ids), q.k // 8, TILE, 4)[n, :, r]           # [n, K/8, 4]
-    c = np.stack([b & 15, b >> 4], axis=-2).reshape(len(ids), -1, q.group).astype(np.float32)
-    s = q.scales[t, :, r].astype(np.float32)[..., None]                      # [n, K/G, 1]
-    w = s * (c - 8) if q.sym else s * c + q.mins[t, :, r].astype(np.float32)[..., None]
-    return w.reshape(len(ids), q.k)
+    b, s, m = _gather_rows(np.asarray(ids).reshape(-1), q.packed, q.scales, q.mins)   # b [M, K/8, 4]
+    return _dequant(_nibbles(b), s, m, q.group)

@@ -16,7 +16,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
-from .q4 import ACT_BLOCK, TILE, Q8Acts, check_acts, check_matmul
+from .q4 import ACT_BLOCK, TILE, _acts_buffer, check_acts, check_matmul
 
 # Decode prefetches the codes this many bytes ahead: hardware prefetch alone keeps too few misses in flight
 # (one thread: ~10.5 GB/s without, ~14 with; 2-4 KB measured alike, 4 KB a little better with two threads).
@@ -78,14 +78,18 @@ def _check(ary, dtype):
         raise TypingError(f"q4 intrinsic: expected a C-contiguous {dtype} array, got {ary}")
 
 
+def _load64(context, builder, sig, args):
+    # codegen of the 64 bytes at w[off:] for an intrinsic (w, off, ...), as u8x64
+    return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], U8.llvm_type()), align=1)
+
+
 @intrinsic
 def _unpack(typingctx, w, off):
     """64 bytes at w[off:] -> (low nibbles, high nibbles) as u8x64."""
     _check(w, types.uint8)
 
     def codegen(context, builder, sig, args):
-        vty = U8.llvm_type()
-        v = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], vty), align=1)
+        v, vty = _load64(context, builder, sig, args), U8.llvm_type()
         mask = ir.Constant(vty, [15] * 64)
         hi = builder.and_(builder.lshr(v, ir.Constant(vty, [4] * 64)), mask)
         return context.make_tuple(builder, sig.return_type, [builder.and_(v, mask), hi])
@@ -258,8 +262,7 @@ def _quantize_acts(x, q, d, qsum, xsum):
 def quantize_acts(x, buf=None):
     """float32[T, K] -> Q8Acts, written into buf's memory when given (see q4.quantize_acts)."""
     check_acts(x)
-    t, k = x.shape
-    a = (buf if buf is not None else Q8Acts.empty(t, k)).view(t, k)
+    a = _acts_buffer(buf, *x.shape)
     _quantize_acts(np.ascontiguousarray(x), *a)
     return a
 
@@ -275,6 +278,17 @@ def _block_dot(init, packed, w0, xq, x0):
         acc = _dot(acc, lo, xq, x0 + 8 * c)
         acc = _dot(acc, hi, xq, x0 + 8 * c + 4)
     return acc
+
+
+@njit(cache=True, inline="always")
+def _store_tile(out, n, tile, acc):
+    # out[0, 16*tile:16*tile+16] = acc's lanes (fewer in a last, partial tile of n rows)
+    r0 = tile * TILE
+    if r0 + TILE <= n:
+        _store_f(out, r0, acc)
+    else:
+        for r in range(n - r0):
+            out[0, r0 + r] = _lane(acc, r)
 
 
 @njit(cache=True, parallel=True)
@@ -297,12 +311,7 @@ def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
                 acc = _fma(acc, isum, _mul(s, _splat_f(xd[0, b])))
                 if not sym:
                     acc = _fma(acc, _load_h(mins, so), _splat_f(xsum[0, b]))
-        r0 = tile * TILE
-        if r0 + TILE <= n:
-            _store_f(out, r0, acc)
-        else:
-            for r in range(n - r0):
-                out[0, r0 + r] = _lane(acc, r)
+        _store_tile(out, n, tile, acc)
 
 
 @njit(cache=True, parallel=True)
@@ -347,8 +356,13 @@ def matmul_q4(out, x, q, buf=None):
     """out[T, N] ~= x[T, K] @ dequantize_q4(q).T, x rounded to int8 per 32 along K into buf (a Q8Acts, made
     when None). Activation quantization runs inside the kernel: one Numba call per matmul."""
     check_matmul(out, x, q)
-    acts = (buf if buf is not None else Q8Acts.empty(*x.shape)).view(*x.shape)
     scales = q.scales.view(np.uint16)
     mins = scales if q.sym else q.mins.view(np.uint16)   # never read when symmetric
-    (_gemv if x.shape[0] == 1 else _gemm)(out, np.ascontiguousarray(x), *acts, q.packed, scales, mins, q.sym)
+    return _launch(_gemv, _gemm, out, x, buf, q.packed, scales, mins, q.sym)
+
+
+def _launch(gemv, gemm, out, x, buf, *weight):
+    """gemv (T = 1) or gemm(out, x, *activation buffer arrays, *weight): the activation buffer is buf viewed
+    for x's shape, or made when None. Returns out."""
+    (gemv if x.shape[0] == 1 else gemm)(out, np.ascontiguousarray(x), *_acts_buffer(buf, *x.shape), *weight)
     return out

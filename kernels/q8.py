@@ -23,7 +23,10 @@ import numpy as np
 
 from tinyhun.errors import TinyhunError
 
-from .q4 import _CHUNK_TILES, ACT_BLOCK, TILE, _f16, _gguf_blocks, quantize_acts
+from . import q4
+from .q4 import (ACT_BLOCK, TILE, _check_fields, _check_format, _f16, _float_matrix, _gather_rows, _gguf_blocks,
+                 _gguf_f16, _pack_tiles, _round_codes, _row_chunks, _take_arrays, _tile_rows, _untile_rows,
+                 quantize_acts)
 
 FORMAT = "q8_tiled16"
 LAYOUT_VERSION = 1
@@ -43,11 +46,7 @@ class Q8Weight:
         tiles = -(-self.n // TILE)
         fields = {"q8weight": (self.packed, np.int8, (tiles, self.k // 4, 64)),
                   "q8scales": (self.scales, np.float16, (tiles, self.k // BLOCK, TILE))}
-        for name, (a, dtype, shape) in fields.items():
-            if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
-                got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
-                raise TinyhunError(f"INT8 weight field {name!r}: expected C-contiguous {np.dtype(dtype)}"
-                                   f"{list(shape)}, got {got}")
+        _check_fields("INT8", fields)
 
     @property
     def nbytes(self):
@@ -64,16 +63,11 @@ class Q8Weight:
     @classmethod
     def from_arrays(cls, arrays, meta):
         """Inverse of to_arrays()/metadata() (e.g. after a JSON round trip); checks every field."""
-        if meta.get("format") != FORMAT or meta.get("version") != LAYOUT_VERSION:
-            raise TinyhunError(f"INT8 weight metadata: expected format {FORMAT!r} version {LAYOUT_VERSION}, "
-                               f"got {meta.get('format')!r} version {meta.get('version')!r}")
+        _check_format("INT8", meta, FORMAT, LAYOUT_VERSION)
         n, k = meta.get("n"), meta.get("k")
         if not (type(n) is int and type(k) is int):
             raise TinyhunError(f"INT8 weight metadata: expected integer n and k, got {meta}")
-        missing = [name for name in ("q8weight", "q8scales") if name not in arrays]
-        if missing:
-            raise TinyhunError(f"INT8 weight: arrays {missing} missing")
-        return cls(np.ascontiguousarray(arrays["q8weight"]), np.ascontiguousarray(arrays["q8scales"]), n, k)
+        return cls(*_take_arrays("INT8", arrays, ("q8weight", "q8scales")), n, k)
 
 
 def _check_shape(n, k):
@@ -84,46 +78,30 @@ def _check_shape(n, k):
 def quantize_q8(w):
     """float[N, K] -> Q8Weight. d = max|w_block| / 127 rounded up to fp16, so rint(w / d) never leaves -127..127
     and |w - q * d| <= d/2 per element (plus fp32 rounding)."""
-    w = np.asarray(w)
-    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
-        raise TinyhunError(f"quantize_q8: expected a 2-D float array, got {w.dtype}{list(w.shape)}")
+    w = _float_matrix(w, "quantize_q8", _check_shape)
     n, k = w.shape
-    _check_shape(n, k)
-    if not np.isfinite(w).all():
-        raise TinyhunError("quantize_q8: weight holds inf or nan")
     codes = np.empty((n, k), np.int8)
     scales = np.empty((n, k // BLOCK), np.float16)
-    rows = _CHUNK_TILES * TILE
-    for r0 in range(0, n, rows):
-        wb = w[r0:r0 + rows].astype(np.float32).reshape(-1, k // BLOCK, BLOCK)
+    for rows, wb in _row_chunks(w, BLOCK):
         d = _f16(np.abs(wb).max(-1) / np.float32(127), up=True)
-        if not np.isfinite(d).all():
-            raise TinyhunError("quantize_q8: weights too large for fp16 scales")
-        df = d.astype(np.float32)[..., None]
-        inv = np.divide(1, df, out=np.zeros_like(df), where=df > 0)
-        codes[r0:r0 + rows] = np.clip(np.rint(wb * inv), -127, 127).reshape(-1, k)
-        scales[r0:r0 + rows] = d
+        codes[rows] = _round_codes(wb, d, "quantize_q8", 0, -127, 127).reshape(-1, k)
+        scales[rows] = d
     return _pack(codes, scales)
 
 
 def _pack(codes, scales):
     """codes int8[N, K], scales float16[N, K/32] -> Q8Weight in the tiled layout."""
     n, k = codes.shape
-    tiles = -(-n // TILE)
-    packed = np.empty((tiles, k // 4, 64), np.int8)
-    for t0 in range(0, tiles, _CHUNK_TILES):
-        c = codes[t0 * TILE:(t0 + _CHUNK_TILES) * TILE]
-        c = np.pad(c, ((0, -len(c) % TILE), (0, 0)))
-        packed[t0:t0 + _CHUNK_TILES] = c.reshape(-1, TILE, k // 4, 4).transpose(0, 2, 1, 3).reshape(-1, k // 4, 64)
-    s = np.pad(scales, ((0, tiles * TILE - n), (0, 0))).reshape(tiles, TILE, -1).transpose(0, 2, 1)
-    return Q8Weight(packed, np.ascontiguousarray(s), n, k)
+    packed = _pack_tiles(codes, np.int8, k // 4,
+                         lambda c: c.reshape(-1, TILE, k // 4, 4).transpose(0, 2, 1, 3).reshape(-1, k // 4, 64))
+    return Q8Weight(packed, _tile_rows(scales, len(packed)), n, k)
 
 
 def unpack_q8(q):
     """Q8Weight -> (codes int8[N, K], scales float16[N, K/32])."""
     tiles = q.packed.shape[0]
     codes = q.packed.reshape(tiles, q.k // 4, TILE, 4).transpose(0, 2, 1, 3).reshape(tiles * TILE, q.k)[:q.n]
-    return codes, q.scales.transpose(0, 2, 1).reshape(tiles * TILE, -1)[:q.n]
+    return codes, _untile_rows(q.scales, q.n)
 
 
 def _dequant(codes, scales):
@@ -143,28 +121,21 @@ def dequantize_rows(q, ids):
     ids = np.asarray(ids).reshape(-1)
     if ids.size and not (np.issubdtype(ids.dtype, np.integer) and 0 <= ids.min() and ids.max() < q.n):
         raise TinyhunError(f"dequantize_rows: expected integer row ids in 0..{q.n - 1}, got {ids.dtype} {ids[:8]}")
-    ids, i = ids.astype(np.intp), np.arange(len(ids))
-    t, r = ids // TILE, ids % TILE
-    codes = q.packed[t].reshape(len(ids), q.k // 4, TILE, 4)[i, :, r].reshape(len(ids), q.k)
-    return _dequant(codes, q.scales[t, :, r])
+    codes, s = _gather_rows(ids.astype(np.intp), q.packed, q.scales)   # codes [M, K/4, 4]
+    return _dequant(codes.reshape(len(ids), q.k), s)
 
 
 def from_gguf_q8_0(raw, n, k):
     """GGUF Q8_0 blocks (fp16 d, 32 int8 codes; w = q * d) -> Q8Weight, no requantization."""
     b = _gguf_blocks(raw, n, k, 2 + BLOCK, "Q8_0")
-    d = b[:, :2].copy().view(np.float16).reshape(n, k // BLOCK)
-    return _pack(b[:, 2:].view(np.int8).reshape(n, k), d)
+    return _pack(b[:, 2:].view(np.int8).reshape(n, k), _gguf_f16(b, 0, n, k))
 
 
 def check_matmul(out, x, q):
     """Shape/dtype checks shared by the backends: x float32[T, K], out float32[T, N]."""
     if not isinstance(q, Q8Weight):
         raise TinyhunError(f"matmul_q8: expected a Q8Weight, got {type(q).__name__}")
-    if x.ndim != 2 or x.shape[1] != q.k or out.shape != (x.shape[0], q.n):
-        raise TinyhunError(f"matmul_q8: x{list(x.shape)} @ W[{q.n}, {q.k}].T -> out{list(out.shape)}: shapes differ")
-    if x.dtype != np.float32 or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise TinyhunError(f"matmul_q8: expected float32 x and C-contiguous float32 out, "
-                           f"got {x.dtype} and {out.dtype}")
+    q4.check_matmul(out, x, q, "matmul_q8")
 
 
 def matmul_q8(out, x, q, buf=None):

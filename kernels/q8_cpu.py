@@ -11,9 +11,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .q4 import ACT_BLOCK, TILE, Q8Acts
-from .q4_cpu import (GEMM_TOKENS, PREFETCH, U8, _check, _dot, _fma, _lane, _load_f, _load_h, _mul, _prefetch,
-                     _ptr, _quantize_acts, _splat_f, _splat_i, _store_f)
+from .q4 import ACT_BLOCK, TILE
+from .q4_cpu import (GEMM_TOKENS, PREFETCH, U8, _check, _dot, _fma, _launch, _load64, _load_f, _load_h, _mul,
+                     _prefetch, _quantize_acts, _splat_f, _splat_i, _store_f, _store_tile)
 from .q8 import check_matmul
 
 BLOCK_BYTES = ACT_BLOCK * TILE   # one 16-row x 32-k block of codes: 512 bytes, eight VPDPBUSD operands
@@ -25,9 +25,7 @@ def _load_codes(typingctx, w, off):
     _check(w, types.int8)
 
     def codegen(context, builder, sig, args):
-        vty = U8.llvm_type()
-        v = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], vty), align=1)
-        return builder.xor(v, ir.Constant(vty, [0x80] * 64))
+        return builder.xor(_load64(context, builder, sig, args), ir.Constant(U8.llvm_type(), [0x80] * 64))
     return U8(w, off), codegen
 
 
@@ -46,12 +44,7 @@ def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales):
             for c in range(8):
                 isum = _dot(isum, _load_codes(packed, w0 + 64 * c), xq, b * ACT_BLOCK + 4 * c)
             acc = _fma(acc, isum, _mul(_load_h(scales, (tile * nb + b) * TILE), _splat_f(xd[0, b])))
-        r0 = tile * TILE
-        if r0 + TILE <= n:
-            _store_f(out, r0, acc)
-        else:
-            for r in range(n - r0):
-                out[0, r0 + r] = _lane(acc, r)
+        _store_tile(out, n, tile, acc)
 
 
 @njit(cache=True, parallel=True)
@@ -89,6 +82,4 @@ def matmul_q8(out, x, q, buf=None):
     """out[T, N] ~= x[T, K] @ dequantize_q8(q).T, x rounded to int8 per 32 along K into buf (a Q8Acts, made
     when None). Activation quantization runs inside the kernel: one Numba call per matmul."""
     check_matmul(out, x, q)
-    acts = (buf if buf is not None else Q8Acts.empty(*x.shape)).view(*x.shape)
-    (_gemv if x.shape[0] == 1 else _gemm)(out, np.ascontiguousarray(x), *acts, q.packed, q.scales.view(np.uint16))
-    return out
+    return _launch(_gemv, _gemm, out, x, buf, q.packed, q.scales.view(np.uint16))

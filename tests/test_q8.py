@@ -5,29 +5,22 @@ Tolerances, as in test_q4.py. The Numba kernel and the NumPy reference do the sa
 agree to 1e-5 of mag = |x| @ |dequant(W)|.T (K <= 192 here). Against the exact x @ dequant(W).T the kernel also
 carries the int8 activation rounding, bounded per output by sum over blocks b of d_b / 2 * sum_{k in b} |w_k|.
 """
-import json
 
 import gguf
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from numba import njit
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from tinyhun.errors import TinyhunError
 from tinyhun.kernels import q4, q4_cpu, q8, q8_cpu
+
+from test_q4 import check_dot_code_paths, check_safetensors_roundtrip, weights
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
 def _weights(rng, n, k):
-    # rows of very different magnitudes, a zero row and a constant block: the quantizer's edge cases
-    w = rng.standard_normal((n, k)).astype(np.float32) * np.exp(rng.uniform(-6, 2, (n, 1))).astype(np.float32)
-    w[0] = 0
-    if n > 1:
-        w[1, :32] = -0.37
-    return w
+    return weights(rng, n, k, const=-0.37)   # a negative constant block: its max |w| is -min
 
 
 def _terms(x, q):
@@ -136,18 +129,10 @@ def test_gguf_import_is_bit_exact():
 
 def test_safetensors_roundtrip_and_bad_metadata(tmp_path):
     q = q8.quantize_q8(_weights(np.random.default_rng(4), 18, 64))
-    arrays, meta = q.to_arrays(), q.metadata()
+    arrays, meta = check_safetensors_roundtrip(tmp_path, q, q8.Q8Weight, q8.dequantize_q8)
     assert set(arrays) == {"q8weight", "q8scales"}
     assert meta == {"format": "q8_tiled16", "version": 1, "n": 18, "k": 64}
     assert q.nbytes == 2 * 16 * 64 + 2 * 2 * 16 * 2
-    path = str(tmp_path / "w.safetensors")
-    save_file({f"lm_head.{key}": a for key, a in arrays.items()}, path, metadata={"lm_head": json.dumps(meta)})
-    with safe_open(path, "numpy") as f:
-        stored = {key: f.get_tensor(f"lm_head.{key}") for key in arrays}
-        back = q8.Q8Weight.from_arrays(stored, json.loads(f.metadata()["lm_head"]))
-    np.testing.assert_array_equal(q8.dequantize_q8(back), q8.dequantize_q8(q))
-    with pytest.raises(TinyhunError, match="version"):
-        q8.Q8Weight.from_arrays(arrays, {**meta, "version": 99})
     with pytest.raises(TinyhunError, match="format"):
         q8.Q8Weight.from_arrays(arrays, {**meta, "format": "q4_tiled16"})
     with pytest.raises(TinyhunError, match="integer n"):
@@ -191,11 +176,6 @@ def test_bad_input_raises():
 @pytest.mark.parametrize("vnni", [False, True])
 def test_integer_dot_both_code_paths(vnni, monkeypatch):
     """VPDPBUSD and its portable fallback give the same exact signed block dot product over the +128 codes."""
-    if vnni and not q4_cpu.VNNI:
-        pytest.skip("host has no AVX-512 VNNI")
-    monkeypatch.setattr(q4_cpu, "VNNI", vnni)   # read when the intrinsic is lowered, i.e. by a fresh compile
-
-    @njit
     def block(packed, xq, out):
         v = q4_cpu._splat_i(-128 * np.int32(xq.astype(np.int32).sum()))
         for c in range(8):
@@ -206,7 +186,5 @@ def test_integer_dot_both_code_paths(vnni, monkeypatch):
     codes = rng.integers(-128, 128, (16, 32), dtype=np.int8)
     codes[0] = -128
     xq = rng.integers(-127, 128, 32, dtype=np.int8)
-    out = np.empty(16, np.float32)
-    block(q8._pack(codes, np.ones((16, 1), np.float16)).packed, xq, out)
-    np.testing.assert_array_equal(out, codes.astype(np.int32) @ xq.astype(np.int32))
-    assert ("vpdpbusd" in block.inspect_asm(block.signatures[0])) == vnni
+    packed = q8._pack(codes, np.ones((16, 1), np.float16)).packed
+    check_dot_code_paths(vnni, monkeypatch, block, packed, xq, codes.astype(np.int32) @ xq.astype(np.int32))
