@@ -1,10 +1,10 @@
 """End-to-end prefill/decode speed on a randomly initialised Hunyuan-0.5B-shaped model, tinyhun vs transformers fp32.
 
-    python bench/bench_e2e.py [--prompt-tokens 128] [--gen-tokens 32] [--engines numpy,numba,int4] [--layers 24]
+    python bench/bench_e2e.py [--prompt-tokens 128] [--gen-tokens 32] [--engines numpy,numba,int4,int4-q4head]
 
 Engines: fp32 with the NumPy reference kernels, fp32 with the Numba kernels, INT4 (tinyhun quantize, group 32,
-symmetric, INT8 lm_head) with the Numba kernels, each in its own `tinyhun bench --json` process; plus
-transformers fp32 in this process.
+symmetric; INT8 lm_head, or INT4 with int4-q4head) with the Numba kernels, each in its own `tinyhun bench --json`
+process; plus transformers fp32 in this process.
 
 The model (hidden 1024, 24 layers, 16/8 heads, head_dim 128, intermediate 3584, vocab 120818, tied) is made on the fly
 in a temp folder and never committed. Every engine runs on the same weights in the same run, so the ratios are
@@ -86,7 +86,7 @@ def main():
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--engines", default="numpy,numba,int4")
+    p.add_argument("--engines", default="numpy,numba,int4,int4-q4head")
     p.add_argument("--no-torch", action="store_true")
     args = p.parse_args()
 
@@ -96,14 +96,14 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         make_model(folder, layers=args.layers)
         for engine in args.engines.split(","):
-            model_dir = folder
-            if engine == "int4":
-                model_dir = str(Path(folder) / "int4")
+            model_dir, name = folder, f"tinyhun fp32 {engine}"
+            if engine.startswith("int4"):   # int4: INT8 lm_head (the default); int4-q4head: INT4 lm_head too
+                head = "q4" if engine == "int4-q4head" else "q8"
+                model_dir, name = str(Path(folder) / engine), f"tinyhun int4 (head {head})"
                 t0 = time.perf_counter()
-                quantize_model(folder, model_dir, progress=False)
-                print(f"quantize: {time.perf_counter() - t0:.1f} s, "
+                quantize_model(folder, model_dir, head=head, progress=False)
+                print(f"quantize --head {head}: {time.perf_counter() - t0:.1f} s, "
                       f"{(Path(model_dir) / 'model.safetensors').stat().st_size / 1e6:.0f} MB")
-            name = "tinyhun int4 numba" if engine == "int4" else f"tinyhun fp32 {engine}"
             rows[name] = tinyhun_bench(model_dir, "numpy" if engine == "numpy" else "numba", args)
         if not args.no_torch:
             rows["transformers fp32"] = bench_torch(folder, args.prompt_tokens, args.gen_tokens, args.repetitions)

@@ -91,6 +91,8 @@ def test_quantize_writes_a_loadable_int4_copy_and_never_overwrites(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["quantization"]["group"] == 32 and cfg["quantization"]["sym"] is False
+    from tinyhun.checkpoint import SafetensorsFile
+    assert json.loads(SafetensorsFile(dst / "model.safetensors").metadata["quantization"]) == cfg["quantization"]
     assert (dst / "model.safetensors").stat().st_size < (TINY / "model.safetensors").stat().st_size / 4
     assert run("generate", "hi", "--model", str(dst), "--max-tokens", "3", "--quiet").returncode == 0
     assert_user_error(run("quantize", str(TINY), str(dst), "--quiet"), "exists and is not empty")

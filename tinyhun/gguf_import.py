@@ -344,7 +344,8 @@ def convert_gguf(path, out_dir, progress=True, overwrite=False, keep_quantized=T
         if kept:
             cfg = {**cfg, "quantization": {"format": q4.FORMAT, "version": q4.LAYOUT_VERSION, "group": 32,
                                            "sym": "Q4_1" not in kept, "source": "gguf " + "+".join(sorted(kept))}}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "quantization": json.dumps(cfg.get("quantization"))})
         del tensors
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "config.json", cfg)

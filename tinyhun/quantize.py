@@ -80,7 +80,9 @@ def write_folder(dst, tensors, config, side_files_from=None):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # the config's quantization block is repeated in the file's own metadata, so the file names its format
+        meta = {"format": "pt", "quantization": json.dumps(config.get("quantization"))}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name in SIDE_FILES if side_files_from else ():
             if (Path(side_files_from) / name).exists():
