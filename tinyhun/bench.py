@@ -23,6 +23,19 @@ def timed_run(model, prompt, gen_tokens):
     return t1 - t0, ttft, time.perf_counter() - t2
 
 
+def peak_rss_mb():
+    """This process's peak resident memory. VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a process
+    started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def bench(model, prompt_tokens=128, gen_tokens=32, repetitions=3, warmup=1, seed=0):
     for name, v, lo in (("prompt_tokens", prompt_tokens, 1), ("gen_tokens", gen_tokens, 1),
                         ("repetitions", repetitions, 1), ("warmup", warmup, 0)):
@@ -48,7 +61,7 @@ def bench(model, prompt_tokens=128, gen_tokens=32, repetitions=3, warmup=1, seed
         "ttft_s": float(ttft_s.mean()),
         "decode_gb_s": float(decode_tps.mean() * bytes_per_token / 1e9),
         "bytes_per_token": int(bytes_per_token),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
