@@ -5,14 +5,15 @@ state.pos.. through every layer, appending their keys and values to the prealloc
 """
 import numpy as np
 
+from . import kernels as backends
 from .errors import TinyhunError
 
 
 def rope_tables(cfg, n):
     """cos/sin [n, d/2] in float32, as transformers computes them (fp32 inv_freq, fp32 angles)."""
     d = cfg.head_dim
-    inv_freq = (1.0 / (np.float32(cfg.rope_base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
-    angles = np.arange(n, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    inv_freq = np.float32(1.0) / (np.float32(cfg.rope_base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+    angles = np.arange(n, dtype=np.float32)[:, None] * inv_freq[None, :]
     return np.cos(angles), np.sin(angles)
 
 
@@ -51,7 +52,6 @@ class State:
         self.proj = np.zeros((chunk, H), f32)                         # a sublayer's output before the residual add
         self.gate = np.zeros((chunk, cfg.intermediate_size), f32)
         self.up = np.zeros((chunk, cfg.intermediate_size), f32)
-        self.act = np.zeros((chunk, cfg.intermediate_size), f32)
         self.logits = np.zeros((1, cfg.vocab_size), f32)
         # int8 activations of INT4 matmuls (kernels/q4.py Q8Acts), flat, for the widest matmul input
         widest = chunk * max(H, cfg.q_dim, cfg.intermediate_size)
@@ -69,11 +69,10 @@ class State:
 
 class Model:
     def __init__(self, config, weights, tokenizer=None, kernels=None, max_context=None):
-        from . import kernels as default_kernels   # late: tinyhun.kernels is a package-dir mapping
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
-        self.kernels = kernels or default_kernels.select()
+        self.kernels = kernels or backends.select()
         self.max_context = max_context or min(config.max_position_embeddings, 4096)
         self.cos, self.sin = rope_tables(config, self.max_context)
 
