@@ -337,11 +337,11 @@ def quantize_acts(x, buf=None):
     t, k = x.shape
     a = _acts_buffer(buf, t, k)
     xb = x.reshape(t, k // ACT_BLOCK, ACT_BLOCK)
-    amax = np.abs(xb).max(-1)
-    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    amax = np.abs(xb).max(-1).astype(np.float64)      # quotients in float64, rounded once, as the kernel does
+    inv = np.divide(127.0, amax, out=np.zeros_like(amax), where=amax > 0).astype(np.float32)
     q = np.rint(xb * inv[..., None])
     a.q[:] = q.reshape(t, k)
-    a.d[:] = amax / np.float32(127)
+    a.d[:] = (amax / 127.0).astype(np.float32)
     a.qsum[:] = q.sum(-1)
     a.xsum[:] = a.d * a.qsum.astype(np.float32)
     return a

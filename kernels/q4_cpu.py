@@ -253,8 +253,10 @@ def _quantize_acts(x, q, d, qsum, xsum):
             o = t * k + b * ACT_BLOCK
             v0, v1 = _load_f(x, o), _load_f(x, o + 16)
             amax = max(_reduce_f(v0, True), _reduce_f(v1, True))
-            inv = np.float32(127) / amax if amax > 0 else np.float32(0.0)
-            d[t, b] = amax / np.float32(127)
+            # in float64, then rounded: LLVM may turn a float32 division into a multiply by the reciprocal (it did
+            # in a clean build), which is 1 ulp off; the rounded float64 quotient matches NumPy's either way
+            inv = np.float32(127.0 / np.float64(amax)) if amax > 0 else np.float32(0.0)
+            d[t, b] = np.float32(np.float64(amax) / 127.0)
             qsum[t, b] = _round_store(q, o, v0, inv) + _round_store(q, o + 16, v1, inv)
             xsum[t, b] = d[t, b] * np.float32(qsum[t, b])
 
