@@ -26,30 +26,29 @@ def randomise_norms(model, seed):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
 
 
-def build_hunyuan(out_dir, seed=0, **overrides):
-    """A random HunYuanDenseV1 model saved to out_dir (fp32 safetensors); overrides go to the config."""
-    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-5,
-              tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-              rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0})
-    kw.update(overrides)
+SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def build(model_class, config_class, out_dir, seed, kw):
+    """A random model of model_class saved to out_dir (fp32 safetensors), its norm weights randomised."""
     torch.manual_seed(seed)
-    model = HunYuanDenseV1ForCausalLM(HunYuanDenseV1Config(**kw)).eval()
+    model = model_class(config_class(**kw)).eval()
     randomise_norms(model, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
+
+
+def build_hunyuan(out_dir, seed=0, **overrides):
+    """A random HunYuanDenseV1 model (tied, alpha RoPE unless overridden); overrides go to the config."""
+    kw = dict(SHAPE, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0})
+    return build(HunYuanDenseV1ForCausalLM, HunYuanDenseV1Config, out_dir, seed, {**kw, **overrides})
 
 
 def build_llama(out_dir, seed=0, **overrides):
-    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-5,
-              tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
-    randomise_norms(model, seed)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return model
+    kw = dict(SHAPE, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    return build(LlamaForCausalLM, LlamaConfig, out_dir, seed, {**kw, **overrides})
 
 
 def main(out_dir=TINY):
