@@ -23,10 +23,9 @@ def load_model(args):
 def cmd_generate(args):
     import tinyhun
     model = load_model(args)
-    chat = None if args.chat is None else args.chat
     pieces = tinyhun.generate(model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repetition_penalty=args.repetition_penalty, seed=args.seed, chat=chat,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed, chat=args.chat,
                               stop=args.stop or (), system=args.system)
     for piece in pieces:
         sys.stdout.write(piece)
