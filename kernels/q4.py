@@ -171,9 +171,13 @@ def _untile_rows(a, n):
     return None if a is None else a.transpose(0, 2, 1).reshape(-1, a.shape[1])[:n]
 
 
-def _gather_rows(ids, packed, *fields):
-    """Rows `ids` (intp[M]) of a tiled weight: packed [tiles, C, 64] -> [M, C, 4] (row r's bytes of each
+def _gather_rows(ids, n, packed, *fields):
+    """Rows `ids` (integers in 0..n-1) of a tiled weight: packed [tiles, C, 64] -> [M, C, 4] (row r's bytes of each
     chunk) and each field [tiles, B, 16] (or None) -> [M, B]."""
+    ids = np.asarray(ids).reshape(-1)
+    if ids.size and not (np.issubdtype(ids.dtype, np.integer) and 0 <= ids.min() and ids.max() < n):
+        raise TinyhunError(f"dequantize_rows: expected integer row ids in 0..{n - 1}, got {ids.dtype} {ids[:8]}")
+    ids = ids.astype(np.intp)
     i, t, r = np.arange(len(ids)), ids // TILE, ids % TILE
     b = packed[t].reshape(len(ids), packed.shape[1], TILE, 4)[i, :, r]
     return (b, *(None if f is None else f[t, :, r] for f in fields))
@@ -368,5 +372,5 @@ def matmul_q4(out, x, q, buf=None):
 
 def dequantize_rows(q, ids):
     """float32 [len(ids), K]: rows `ids` of dequantize_q4(q), without unpacking the rest (an INT4 embedding)."""
-    b, s, m = _gather_rows(np.asarray(ids).reshape(-1), q.packed, q.scales, q.mins)   # b [M, K/8, 4]
+    b, s, m = _gather_rows(ids, q.n, q.packed, q.scales, q.mins)   # b [M, K/8, 4]
     return _dequant(_nibbles(b), s, m, q.group)

@@ -124,6 +124,9 @@ def test_dequantize_rows_matches_full_dequantization(sym):
     q = q4.quantize_q4(weights(np.random.default_rng(6), 37, 128), 64, sym)
     ids = np.array([[36, 0], [17, 17]])
     np.testing.assert_array_equal(q4.dequantize_rows(q, ids), q4.dequantize_q4(q)[ids.reshape(-1)])
+    for bad in ([-1], [37], [1.5]):
+        with pytest.raises(TinyhunError, match="expected integer row ids in 0..36"):
+            q4.dequantize_rows(q, bad)
 
 
 @settings(max_examples=30, deadline=None)
