@@ -343,5 +343,11 @@ def warmup():
     attention(np.empty_like(q), q, kv, kv, 2)
 
 
-# the whole layer as one Numba call (imported last: it builds on the kernels above)
-from .cpu_layer import decoder_layer, prepare_layer  # noqa: E402,F401
+def __getattr__(name):
+    # decoder_layer and prepare_layer live in cpu_layer, which builds on this module: resolved on first use so that
+    # either module can be imported first
+    if name in ("decoder_layer", "prepare_layer"):
+        from . import cpu_layer
+        globals()[name] = getattr(cpu_layer, name)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -234,3 +234,10 @@ def test_add(shape):
     out = np.empty_like(a)
     assert cpu.add(out, a, b) is out
     np.testing.assert_array_equal(out, ref.add(np.empty_like(a), a, b))
+
+
+def test_fused_layer_module_imports_on_its_own():
+    import subprocess
+    import sys
+    code = "from tinyhun.kernels import cpu_layer; from tinyhun.kernels import cpu; assert cpu.decoder_layer"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
