@@ -88,6 +88,15 @@ def test_missing_unexpected_and_misshapen_tensors(copy):
     expect(f"'{name}' has dtype I32, expected a float type", tinyhun.load, copy)
 
 
+def test_quantize_refuses_an_incomplete_checkpoint(copy, tmp_path):
+    from tinyhun.quantize import quantize_model
+    t = tensors(copy)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    save_file({k: v for k, v in t.items() if k != name}, copy / "model.safetensors")
+    expect(f"missing tensor '{name}'", quantize_model, copy, tmp_path / "q", 32, True, "q8", False)
+    assert not (tmp_path / "q").exists()
+
+
 def test_sharded_index_and_escape(copy, tmp_path):
     t = tensors(copy)
     names = sorted(t)

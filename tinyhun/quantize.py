@@ -13,11 +13,11 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from .checkpoint import open_folder, to_float32
+from .checkpoint import open_folder
 from .config import Config
 from .errors import TinyhunError
 from .kernels import q4, q8
-from .weights import check_names
+from .weights import check_names, read_float
 
 HEADS = ("q8", "q4", "f16")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
@@ -45,13 +45,8 @@ def quantize_model(src, dst, group=32, sym=True, head="q8", progress=True):
     shapes = check_names(files, cfg)
 
     out = {}
-    names = [n for n in shapes if n in files]
-    for name in tqdm(names, desc="quantizing", unit="tensor", disable=not progress):
-        f = files[name]
-        if f.shape(name) != shapes[name]:
-            raise TinyhunError(f"{f.path}: tensor '{name}' has shape {list(f.shape(name))}, "
-                               f"expected {list(shapes[name])}")
-        w = to_float32(f.get(name), f.dtype(name))
+    for name in tqdm(shapes, desc="quantizing", unit="tensor", disable=not progress):
+        w = read_float(files, shapes, src, name)
         is_head = name in ("model.embed_tokens.weight", "lm_head.weight")
         if w.ndim == 1:
             out[name] = np.ascontiguousarray(w)
@@ -62,8 +57,8 @@ def quantize_model(src, dst, group=32, sym=True, head="q8", progress=True):
                 out[name[:-len("weight")] + part] = a
         else:
             if w.shape[1] % group:
-                raise TinyhunError(f"{f.path}: tensor '{name}' has {w.shape[1]} columns, not a multiple of "
-                                   f"--group-size {group}")
+                raise TinyhunError(f"{files[name].path}: tensor '{name}' has {w.shape[1]} columns, "
+                                   f"not a multiple of --group-size {group}")
             base = name[:-len("weight")]
             for part, a in q4.quantize_q4(w, group=group, sym=sym).to_arrays().items():
                 out[base + part] = a

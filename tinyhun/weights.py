@@ -95,22 +95,26 @@ def check_names(files, cfg):
     return shapes
 
 
+def read_float(files, shapes, folder, name):
+    """A float tensor of a checkpoint, checked against the config's shape and converted to float32."""
+    if name not in files:
+        raise TinyhunError(f"{folder}: missing tensor '{name}'")
+    f = files[name]
+    got = f.shape(name)
+    if got != shapes[name]:
+        raise TinyhunError(f"{f.path}: tensor '{name}' has shape {list(got)}, expected {list(shapes[name])}")
+    dtype = f.dtype(name)
+    if dtype not in ("F32", "F16", "BF16", "F64"):
+        raise TinyhunError(f"{f.path}: tensor '{name}' has dtype {dtype}, expected a float type")
+    return to_float32(f.get(name), dtype)
+
+
 def load_weights(folder, cfg, progress=True):
     files = open_folder(folder)
     shapes = check_names(files, cfg)
 
     def get(name):
-        """A float tensor, checked against the config and converted to float32."""
-        if name not in files:
-            raise TinyhunError(f"{folder}: missing tensor '{name}'")
-        f = files[name]
-        got = f.shape(name)
-        if got != shapes[name]:
-            raise TinyhunError(f"{f.path}: tensor '{name}' has shape {list(got)}, expected {list(shapes[name])}")
-        dtype = f.dtype(name)
-        if dtype not in ("F32", "F16", "BF16", "F64"):
-            raise TinyhunError(f"{f.path}: tensor '{name}' has dtype {dtype}, expected a float type")
-        return to_float32(f.get(name), dtype)
+        return read_float(files, shapes, folder, name)
 
     def matrix(name):
         """A weight matrix: float32 [N, K], or a Q4Weight / Q8Weight when the checkpoint stores it quantized."""
@@ -119,6 +123,7 @@ def load_weights(folder, cfg, progress=True):
             return get(name)
         from .kernels import q4, q8
         n, k = shapes[name]
+        qname = base + ("qweight" if base + "qweight" in files else "q8weight")
         if base + "qweight" in files:
             kind, parts = q4.Q4Weight, {p: files[base + p].get(base + p) for p in Q4_PARTS if base + p in files}
             meta = {**cfg.quantization, "n": n, "k": k, "sym": "mins" not in parts}
@@ -128,7 +133,7 @@ def load_weights(folder, cfg, progress=True):
         try:
             return kind.from_arrays(parts, meta)
         except TinyhunError as e:
-            raise TinyhunError(f"{files[next(iter(files))].path}: tensor '{base}*': {e}") from None
+            raise TinyhunError(f"{files[qname].path}: tensor '{base}*': {e}") from None
 
     layers = []
     for i in tqdm(range(cfg.num_layers), desc="loading", unit="layer", disable=not progress, leave=False):
