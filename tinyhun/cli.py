@@ -9,15 +9,11 @@ from pathlib import Path
 from .errors import TinyhunError
 
 
-def resolve_model(path, progress=True):
-    """--model > $MODEL_PATH > the default model."""
-    from .hub import resolve_model as resolve
-    return resolve(path, progress=progress)
-
-
 def load_model(args):
+    """--model > $MODEL_PATH > the default model."""
     import tinyhun
-    return tinyhun.load(resolve_model(args.model, not args.quiet), progress=not args.quiet)
+    from .hub import resolve_model
+    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), progress=not args.quiet)
 
 
 def cmd_generate(args):
@@ -36,6 +32,7 @@ def cmd_generate(args):
 def cmd_info(args):
     from .config import Config
     from .weights import expected_shapes, load_weights
+    from .hub import resolve_model
     path = resolve_model(args.model)
     cfg = Config.from_file(Path(path) / "config.json")
     w = load_weights(path, cfg, progress=False)
