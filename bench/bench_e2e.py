@@ -31,13 +31,12 @@ HUNYUAN_05B = dict(model_type="hunyuan_v1_dense", architectures=["HunYuanDenseV1
 
 def make_model(folder, layers=24, seed=0):
     """Random fp32 weights with the 0.5B's shapes (norm weights near 1 so activations stay sane)."""
-    import tinyhun.config
-    import tinyhun.weights
+    from tinyhun.families import config_from_dict, family_of
     cfg_dict = {**HUNYUAN_05B, "num_hidden_layers": layers}
-    cfg = tinyhun.config.Config.from_dict(cfg_dict)
+    cfg = config_from_dict(cfg_dict)
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, shape in tinyhun.weights.expected_shapes(cfg).items():
+    for name, shape in family_of(cfg).checkpoint_shapes(cfg).items():
         if len(shape) == 1:
             tensors[name] = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32))
         else:

@@ -1,20 +1,6 @@
-"""tinyhun's compute kernels: one op per function, out-buffers passed in, the same signature in every backend.
+"""tinyhun's compute kernels: ops only, one function per op, out-buffers passed in.
 
-`tinyhun.kernels.ref` holds the NumPy references; faster backends (Numba CPU, numba.cuda) expose the same names.
-`select()` returns the backend a model should use; TINYHUN_KERNELS=numpy forces the references.
+`ref` holds the NumPy references; `cpu` registers Numba kernels with the same names and signatures (called from
+Python as `cpu.<op>`, and compiled in wherever Numba code calls `ref.<op>`); `linear` holds the weight formats
+and their dispatch, `q4`/`q8` the INT4/INT8 layouts, quantizers and references. Nothing here imports the engine.
 """
-import os
-
-from . import ref
-
-BACKENDS = ("numpy", "numba")
-
-
-def select(name=None):
-    name = name or os.environ.get("TINYHUN_KERNELS", "numba")
-    if name not in BACKENDS:
-        raise ValueError(f"TINYHUN_KERNELS={name!r}: expected one of {', '.join(BACKENDS)}")
-    if name == "numpy":
-        return ref
-    from . import cpu
-    return cpu

@@ -16,133 +16,22 @@ sequence against 2.7-3.0 ms apart). A spin of 3000 keeps the launch at ~2 µs fo
 sequence at the sum of its parts; OMP_WAIT_POLICY=passive would cost ~50 µs a launch. It must be set before
 the OpenMP runtime loads (Numba's first parallel call) and yields to a value the user set.
 """
+import inspect
 import os
 
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
+from . import numba_env  # noqa: E402,F401  (before any kernel: the thread pool and the versioned cache folder)
+
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
+from numba.extending import overload  # noqa: E402
 
-from .cpu_attention import attention_kernel  # noqa: E402
-from .cpu_math import JIT, exp_inplace  # noqa: E402
-from .q4_cpu import matmul_q4  # noqa: E402
-from .q8 import Q8Weight  # noqa: E402
-from .q8_cpu import matmul_q8  # noqa: E402
-
-CHUNK = 1 << 14  # elements per parallel chunk (~64 KB of fp32): below 2 chunks a kernel runs serially
-
-
-@njit(**JIT)
-def _n_chunks(units, size):
-    return max(1, min(units, size // CHUNK))
-
-
-@njit(**JIT)
-def _bounds(c, nc, n, unit):
-    # chunk c of nc over 0..n-1 in whole units; the last chunk takes the remainder
-    units = n // unit
-    return c * units // nc * unit, (n if c == nc - 1 else (c + 1) * units // nc * unit)
-
-
-# ---- matmul: out[T, N] = x[T, K] @ w[N, K].T -----------------------------------------------------------------
-
-# Below BLAS_T tokens the Numba kernel wins; from there OpenBLAS's cache-blocked sgemm does. Figures on this
-# machine (2-core Xeon, AVX-512, 2 threads), µs, Numba vs np.matmul, weight [N, K]:
-#   [2048,1024]: T=1 150 vs 151, T=4 210 vs 836, T=16 622 vs 1083, T=32 1011 vs 1454, T=40 1527 vs 1476,
-#                T=64 2364 vs 1911, T=128 4847 vs 3475;  [1024,3584]: T=32 1844 vs 2400, T=48 3724 vs 3013.
-# Single-threaded the crossover is the same, T = 32..40. At T = 1 both stream the weight at the read bandwidth
-# (cold [2048,1024]: 280-346 vs 325-343 µs, ~26 GB/s); Numba keeps decode on one thread pool, where OpenBLAS's
-# would contend with Numba's for the 2 cores.
-BLAS_T = 40
-
-
-@njit(**JIT)
-def _tile44(out, x, w, t, n):
-    # out[t:t+4, n:n+4] = x[t:t+4] @ w[n:n+4].T: 16 accumulators, 8 loads per 16 multiply-adds
-    x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
-    w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
-    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
-    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
-    for k in range(w0.shape[0]):
-        p0, p1, p2, p3 = w0[k], w1[k], w2[k], w3[k]
-        v = x0[k]
-        a00, a01, a02, a03 = a00 + v * p0, a01 + v * p1, a02 + v * p2, a03 + v * p3
-        v = x1[k]
-        a10, a11, a12, a13 = a10 + v * p0, a11 + v * p1, a12 + v * p2, a13 + v * p3
-        v = x2[k]
-        a20, a21, a22, a23 = a20 + v * p0, a21 + v * p1, a22 + v * p2, a23 + v * p3
-        v = x3[k]
-        a30, a31, a32, a33 = a30 + v * p0, a31 + v * p1, a32 + v * p2, a33 + v * p3
-    o = out[t]
-    o[n], o[n + 1], o[n + 2], o[n + 3] = a00, a01, a02, a03
-    o = out[t + 1]
-    o[n], o[n + 1], o[n + 2], o[n + 3] = a10, a11, a12, a13
-    o = out[t + 2]
-    o[n], o[n + 1], o[n + 2], o[n + 3] = a20, a21, a22, a23
-    o = out[t + 3]
-    o[n], o[n + 1], o[n + 2], o[n + 3] = a30, a31, a32, a33
-
-
-@njit(**JIT)
-def _gemv_rows(out, x, w, lo, hi):
-    # out[n] = w[n] . x for n in lo..hi-1, four rows per pass over x[K]
-    n = lo
-    while n + 4 <= hi:
-        w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for k in range(x.shape[0]):
-            v = x[k]
-            a0, a1, a2, a3 = a0 + w0[k] * v, a1 + w1[k] * v, a2 + w2[k] * v, a3 + w3[k] * v
-        out[n], out[n + 1], out[n + 2], out[n + 3] = a0, a1, a2, a3
-        n += 4
-    for m in range(n, hi):
-        wm = w[m]
-        acc = np.float32(0.0)
-        for k in range(x.shape[0]):
-            acc += wm[k] * x[k]
-        out[m] = acc
-
-
-@njit(**JIT)
-def _matmul_rows(out, x, w, lo, hi):
-    # columns lo..hi-1 of out[T, N]: 4x4 tiles while 4 tokens and 4 rows remain, then row-at-a-time tails;
-    # the tile's 4 weight rows stay in cache while every token passes over them
-    T = x.shape[0]
-    T4 = T - T % 4
-    hi4 = lo + (hi - lo) // 4 * 4
-    for n in range(lo, hi4, 4):
-        for t in range(0, T4, 4):
-            _tile44(out, x, w, t, n)
-    for t in range(T4):
-        _gemv_rows(out[t], x[t], w, hi4, hi)
-    for t in range(T4, T):
-        _gemv_rows(out[t], x[t], w, lo, hi)
-
-
-@njit(parallel=True, **JIT)
-def _matmul(out, x, w):
-    # out[T, N] = x[T, K] @ w[N, K].T, threads split N in multiples of 4 rows
-    N = w.shape[0]
-    nc = _n_chunks(N // 4, x.shape[0] * w.size)
-    if nc == 1:
-        _matmul_rows(out, x, w, 0, N)
-        return
-    for c in prange(nc):
-        lo, hi = _bounds(c, nc, N, 4)
-        _matmul_rows(out, x, w, lo, hi)
-
-
-def matmul(out, x, w):
-    # out[T, N] = x[T, K] @ w[N, K].T; w may also be a Q4Weight or a Q8Weight, as in ref.matmul
-    if isinstance(w, Q8Weight):
-        return matmul_q8(out, x, w)
-    if not isinstance(w, np.ndarray):
-        return matmul_q4(out, x, w)
-    if x.shape[0] < BLAS_T:
-        _matmul(out, x, w)
-    else:
-        np.matmul(x, w.T, out=out)
-    return out
+from . import ref  # noqa: E402
+from . import cpu_linear  # noqa: E402,F401  (registers the Numba `linear`)
+from .cpu_attention import attention_kernel, check_rows, store_kv_kernel  # noqa: E402
+from .cpu_math import CHUNK, JIT, _bounds, _n_chunks, exp_inplace  # noqa: E402
+from .cpu_matmul import BLAS_T, matmul  # noqa: E402,F401  (BLAS_T: tests; matmul: public)
 
 
 # ---- rmsnorm / add_rmsnorm ----------------------------------------------------------------------------------
@@ -209,10 +98,10 @@ def _add_rmsnorm(out, resid, x, w, eps):
         _add_rmsnorm_rows(out, resid, x, w, e, c * rows // nc, (c + 1) * rows // nc)
 
 
-def add_rmsnorm(out_norm, resid, x, w, eps):
-    # resid[T, n] += x[T, n] in place, then out_norm = rmsnorm(resid, w, eps); see ref_fused.add_rmsnorm
-    _add_rmsnorm(out_norm, resid, x, w, float(eps))
-    return out_norm
+def add_rmsnorm(out, resid, x, w, eps):
+    # resid[T, n] += x[T, n] in place, then out = rmsnorm(resid, w, eps)
+    _add_rmsnorm(out, resid, x, w, float(eps))
+    return out
 
 
 # ---- rope ---------------------------------------------------------------------------------------------------
@@ -255,10 +144,25 @@ def rope(x, cos, sin):
 
 # ---- attention ----------------------------------------------------------------------------------------------
 
-def attention(out, q, k_cache, v_cache, pos):
-    # out[T, nh, d] = causal GQA softmax(q k^T / sqrt(d)) v; k_cache/v_cache[nkv, S, d] hold 0..pos+T-1
-    attention_kernel(out, q, k_cache, v_cache, int(pos))
+def store_kv(k_cache, v_cache, k, v, slots, positions):
+    # k_cache/v_cache[B, nkv, S, d]: row t's k, v[T, nkv, d] go to slot slots[t], position positions[t]
+    check_rows(k_cache, v_cache, slots, positions, len(k))
+    store_kv_kernel(k_cache, v_cache, k, v, slots, positions)
+    return k_cache
+
+
+def attention_rows(out, q, k_cache, v_cache, slots, positions):
+    # out[T, nh, d]: row t attends causally to keys 0..positions[t] of slot slots[t] of k_cache/v_cache[B, nkv, S, d]
+    check_rows(k_cache, v_cache, slots, positions, len(q))
+    attention_kernel(out, q, k_cache, v_cache, slots, positions)
     return out
+
+
+def attention(out, q, k_cache, v_cache, pos):
+    # one sequence: out[T, nh, d] for queries at positions pos..pos+T-1 over k_cache/v_cache[nkv, S, d]
+    T = q.shape[0]
+    return attention_rows(out, q, k_cache[None], v_cache[None], np.zeros(T, np.int64),
+                          pos + np.arange(T, dtype=np.int64))
 
 
 # ---- elementwise --------------------------------------------------------------------------------------------
@@ -326,28 +230,20 @@ def add(out, a, b):
     return out
 
 
-# ---- compilation up front ------------------------------------------------------------------------------------
+# ---- the same ops inside Numba code: wherever compiled code calls ref.<op>, it compiles the kernel's body ----
 
-def warmup():
-    """Compile (or load from Numba's cache) every kernel for the fp32 C-contiguous signatures the model uses."""
-    f = np.float32
-    x, w, o = np.ones((4, 8), f), np.ones((8, 8), f), np.empty((4, 8), f)
-    matmul(o, x, w)
-    rmsnorm(o, x, w[0], 1e-6)
-    rmsnorm(np.empty((4, 2, 4), f), np.ones((4, 2, 4), f), w[0, :4], 1e-6)   # per-head q/k norm
-    add_rmsnorm(o, x.copy(), x, w[0], 1e-6)
-    silu_mul(o, x, x)
-    _add(o, x, x)                      # add() takes NumPy's ufunc below 2 * CHUNK elements
-    q, kv = np.ones((2, 4, 8), f), np.ones((2, 4, 8), f)
-    rope(q, np.ones((2, 4), f), np.zeros((2, 4), f))
-    attention(np.empty_like(q), q, kv, kv, 2)
+def _compiles_to(ref_op, kernel):
+    """Inside Numba code, `ref_op` becomes `kernel`'s own body (same argument names), not a call through a wrapper:
+    Numba re-optimizes everything below a function at each level of calls, so a wrapper level per op made the
+    cold compile of a layer several seconds longer."""
+    def typer(*args):
+        return kernel.py_func
+    typer.__signature__ = inspect.signature(ref_op)
+    options = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath", "error_model")}
+    overload(ref_op, jit_options=options)(typer)
 
 
-def __getattr__(name):
-    # decoder_layer and prepare_layer live in cpu_layer, which builds on this module: resolved on first use so that
-    # either module can be imported first
-    if name in ("decoder_layer", "prepare_layer"):
-        from . import cpu_layer
-        globals()[name] = getattr(cpu_layer, name)
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+for _op, _kernel in ((ref.rmsnorm, _rmsnorm), (ref.add_rmsnorm, _add_rmsnorm), (ref.rope, _rope),
+                     (ref.store_kv, store_kv_kernel), (ref.attention_rows, attention_kernel),
+                     (ref.silu_mul, _silu_mul), (ref.add, _add)):
+    _compiles_to(_op, _kernel)

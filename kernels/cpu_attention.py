@@ -58,12 +58,12 @@ def _accumulate(o, p, vc, h, j0, j1):
 
 
 @njit(**JIT)
-def _item(out, q, kc, vc, pos, t, h, qs, sc, nb, mx, lsum):
-    # one (token t, kv head h); scratch qs[group, d], sc[group, BLK], nb int32[BLK], running max/sum mx/lsum[group]
+def _item(out, q, kc, vc, n, t, h, qs, sc, nb, mx, lsum):
+    # one (row t, kv head h) over keys 0..n-1 of kc/vc[nkv, S, d]; scratch qs[group, d], sc[group, BLK],
+    # nb int32[BLK], running max/sum mx/lsum[group]
     group = qs.shape[0]
     d = qs.shape[1]
     scale = np.float32(1.0 / math.sqrt(d))
-    n = pos + t + 1                          # causal: keys 0..pos+t
     for g in range(group):
         qs[g] = q[t, h * group + g]          # copied first, so `out` may alias `q`
         mx[g] = -np.inf
@@ -100,9 +100,9 @@ def _item(out, q, kc, vc, pos, t, h, qs, sc, nb, mx, lsum):
 
 
 @njit(**JIT)
-def _items(out, q, kc, vc, pos, first, step, group):
+def _items(out, q, kc, vc, slots, positions, first, step, group):
     # items first, first+step, ... below T * nkv, item = t * nkv + h; allocates this run's small scratch
-    nkv = kc.shape[0]
+    nkv = kc.shape[1]
     d = q.shape[2]
     qs = np.empty((group, d), np.float32)
     sc = np.empty((group, BLK), np.float32)
@@ -111,24 +111,45 @@ def _items(out, q, kc, vc, pos, first, step, group):
     lsum = np.empty(group, np.float32)
     for it in range(first, q.shape[0] * nkv, step):
         t = it // nkv
-        _item(out, q, kc, vc, pos, t, it - t * nkv, qs, sc, nb, mx, lsum)
+        _item(out, q, kc[slots[t]], vc[slots[t]], positions[t] + 1, t, it - t * nkv, qs, sc, nb, mx, lsum)
 
 
 @njit(parallel=True, **JIT)
-def attention_kernel(out, q, k_cache, v_cache, pos):
-    # out[T, nh, d], q[T, nh, d], k_cache/v_cache[nkv, S, d] holding positions 0..pos+T-1
+def attention_kernel(out, q, k_cache, v_cache, slots, positions):
+    # out[T, nh, d], q[T, nh, d]: row t attends to keys 0..positions[t] of slot slots[t] of k_cache/v_cache
+    # [B, nkv, S, d] (the caller stored them first, and checked the rows: check_rows)
     T, nh, d = q.shape
-    nkv = k_cache.shape[0]
+    nkv = k_cache.shape[1]
     if nh % nkv != 0:
         raise ValueError("attention: query heads must be a multiple of kv heads")
-    if pos < 0 or pos + T > k_cache.shape[1] or pos + T > v_cache.shape[1]:
-        raise ValueError("attention: cache too short for positions pos..pos+T-1")
     group = nh // nkv
     items = T * nkv
-    nc = max(1, min(items, MAX_CHUNKS, T * nh * (pos + (T + 1) // 2) * d // CHUNK))
+    keys = 0
+    for t in range(T):
+        keys += positions[t] + 1
+    nc = max(1, min(items, MAX_CHUNKS, nh * keys * d // CHUNK))
     if nc == 1:
-        _items(out, q, k_cache, v_cache, pos, 0, 1, group)
+        _items(out, q, k_cache, v_cache, slots, positions, 0, 1, group)
         return
-    # later tokens attend to more keys: chunk c takes items c, c+nc, ... so chunks get equal work
+    # rows at later positions attend to more keys: chunk c takes items c, c+nc, ... so chunks get equal work
     for c in prange(nc):
-        _items(out, q, k_cache, v_cache, pos, c, nc, group)
+        _items(out, q, k_cache, v_cache, slots, positions, c, nc, group)
+
+
+def check_rows(k_cache, v_cache, slots, positions, T):
+    """The kernels index raw memory with slots and positions: every row must name a slot and a position the cache
+    has. Checked where rows come from outside (the public wrappers); the model makes its own rows in range."""
+    if len(slots) != T or len(positions) != T or k_cache.shape != v_cache.shape:
+        raise ValueError("attention: one slot and one position per row, and k/v caches of one shape, expected")
+    if T and not (0 <= slots.min() and slots.max() < k_cache.shape[0] and 0 <= positions.min()
+                  and positions.max() < k_cache.shape[2]):
+        raise ValueError("attention: a row's slot or position is outside the cache")
+
+
+@njit(**JIT)
+def store_kv_kernel(k_cache, v_cache, k, v, slots, positions):
+    # k_cache/v_cache[B, nkv, S, d] <- k, v[T, nkv, d] at (slots[t], positions[t])
+    for t in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            k_cache[slots[t], h, positions[t], :] = k[t, h, :]
+            v_cache[slots[t], h, positions[t], :] = v[t, h, :]

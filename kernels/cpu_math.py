@@ -41,3 +41,18 @@ def exp_inplace(x, n_scratch, count):
     bits = x.view(np.int32)
     for i in range(count):
         bits[i] += n_scratch[i] << 23
+
+
+CHUNK = 1 << 14  # elements per parallel chunk (~64 KB of fp32): below 2 chunks a kernel runs serially
+
+
+@njit(**JIT)
+def _n_chunks(units, size):
+    return max(1, min(units, size // CHUNK))
+
+
+@njit(**JIT)
+def _bounds(c, nc, n, unit):
+    # chunk c of nc over 0..n-1 in whole units; the last chunk takes the remainder
+    units = n // unit
+    return c * units // nc * unit, (n if c == nc - 1 else (c + 1) * units // nc * unit)

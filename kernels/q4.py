@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tinyhun.errors import TinyhunError
+from .errors import TinyhunError
 
 FORMAT = "q4_tiled16"
 LAYOUT_VERSION = 1

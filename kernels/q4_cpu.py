@@ -246,27 +246,35 @@ def _prefetch(typingctx, a, off):
 
 @njit(cache=True)
 def _quantize_acts(x, q, d, qsum, xsum):
-    # x[T, K] -> q int8[T, K], d/qsum/xsum[T, K/32]; a block of 32 is two f32x16 registers
+    # x[T, K] -> q int8[T K], d/qsum/xsum[T K/32], flat (row t's blocks at t K/32..); a block of 32 is two f32x16
+    # registers
     k = x.shape[1]
+    nb = k // ACT_BLOCK
     for t in range(x.shape[0]):
-        for b in range(d.shape[1]):
+        for b in range(nb):
             o = t * k + b * ACT_BLOCK
             v0, v1 = _load_f(x, o), _load_f(x, o + 16)
             amax = max(_reduce_f(v0, True), _reduce_f(v1, True))
             # in float64, then rounded: LLVM may turn a float32 division into a multiply by the reciprocal (it did
             # in a clean build), which is 1 ulp off; the rounded float64 quotient matches NumPy's either way
             inv = np.float32(127.0 / np.float64(amax)) if amax > 0 else np.float32(0.0)
-            d[t, b] = np.float32(np.float64(amax) / 127.0)
-            qsum[t, b] = _round_store(q, o, v0, inv) + _round_store(q, o + 16, v1, inv)
-            xsum[t, b] = d[t, b] * np.float32(qsum[t, b])
+            i = t * nb + b
+            d[i] = np.float32(np.float64(amax) / 127.0)
+            qsum[i] = _round_store(q, o, v0, inv) + _round_store(q, o + 16, v1, inv)
+            xsum[i] = d[i] * np.float32(qsum[i])
 
 
 def quantize_acts(x, buf=None):
     """float32[T, K] -> Q8Acts, written into buf's memory when given (see q4.quantize_acts)."""
     check_acts(x)
     a = _acts_buffer(buf, *x.shape)
-    _quantize_acts(np.ascontiguousarray(x), *a)
+    _quantize_acts(np.ascontiguousarray(x), *_flat(a))
     return a
+
+
+def _flat(acts):
+    """The kernels take activation buffers flat: [T, K] -> [T K] views."""
+    return tuple(f.reshape(-1) for f in acts)
 
 
 # ---- weights x activations ---------------------------------------------------------------------------------
@@ -297,7 +305,7 @@ def _store_tile(out, n, tile, acc):
 def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
     # out[1, N] = x[1, K] @ W[N, K].T; each tile's accumulator stays in a register
     _quantize_acts(x, xq, xd, xqsum, xsum)
-    n, k = out.shape[1], xq.shape[1]
+    n, k = out.shape[1], x.shape[1]
     nb, ng = k // ACT_BLOCK, scales.shape[1]
     per = nb // ng
     for tile in prange(packed.shape[0]):
@@ -309,10 +317,10 @@ def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
                 w0 = (tile * nb + b) * 256
                 for c in range(4):
                     _prefetch(packed, w0 + PREFETCH + 64 * c)
-                isum = _block_dot(-8 * xqsum[0, b] if sym else 0, packed, w0, xq, b * ACT_BLOCK)
-                acc = _fma(acc, isum, _mul(s, _splat_f(xd[0, b])))
+                isum = _block_dot(-8 * xqsum[b] if sym else 0, packed, w0, xq, b * ACT_BLOCK)
+                acc = _fma(acc, isum, _mul(s, _splat_f(xd[b])))
                 if not sym:
-                    acc = _fma(acc, _load_h(mins, so), _splat_f(xsum[0, b]))
+                    acc = _fma(acc, _load_h(mins, so), _splat_f(xsum[b]))
         _store_tile(out, n, tile, acc)
 
 
@@ -322,7 +330,7 @@ def _gemm(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
     # 16 x 32 code blocks are unpacked once and serve every token; acc[tokens, 16] sits in L1
     _quantize_acts(x, xq, xd, xqsum, xsum)
     t_n, n = out.shape
-    k = xq.shape[1]
+    k = x.shape[1]
     nb, ng = k // ACT_BLOCK, scales.shape[1]
     per = nb // ng
     for t0 in range(0, t_n, GEMM_TOKENS):
@@ -340,15 +348,15 @@ def _gemm(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
                     lo3, hi3 = _unpack(packed, w0 + 192)
                     for t in range(t0, t1):
                         x0 = t * k + b * ACT_BLOCK
-                        isum = _splat_i(-8 * xqsum[t, b] if sym else 0)
+                        isum = _splat_i(-8 * xqsum[t * nb + b] if sym else 0)
                         isum = _dot(_dot(isum, lo0, xq, x0), hi0, xq, x0 + 4)
                         isum = _dot(_dot(isum, lo1, xq, x0 + 8), hi1, xq, x0 + 12)
                         isum = _dot(_dot(isum, lo2, xq, x0 + 16), hi2, xq, x0 + 20)
                         isum = _dot(_dot(isum, lo3, xq, x0 + 24), hi3, xq, x0 + 28)
                         o = (t - t0) * TILE
-                        a = _fma(_load_f(acc, o), isum, _mul(s, _splat_f(xd[t, b])))
+                        a = _fma(_load_f(acc, o), isum, _mul(s, _splat_f(xd[t * nb + b])))
                         if not sym:
-                            a = _fma(a, _load_h(mins, so), _splat_f(xsum[t, b]))
+                            a = _fma(a, _load_h(mins, so), _splat_f(xsum[t * nb + b]))
                         _store_f(acc, o, a)
             r0 = tile * TILE
             out[t0:t1, r0:r0 + TILE] = acc[:, :min(TILE, n - r0)]
@@ -366,5 +374,5 @@ def matmul_q4(out, x, q, buf=None):
 def _launch(gemv, gemm, out, x, buf, *weight):
     """gemv (T = 1) or gemm(out, x, *activation buffer arrays, *weight): the activation buffer is buf viewed
     for x's shape, or made when None. Returns out."""
-    (gemv if x.shape[0] == 1 else gemm)(out, np.ascontiguousarray(x), *_acts_buffer(buf, *x.shape), *weight)
+    (gemv if x.shape[0] == 1 else gemm)(out, np.ascontiguousarray(x), *_flat(_acts_buffer(buf, *x.shape)), *weight)
     return out

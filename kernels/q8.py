@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinyhun.errors import TinyhunError
+from .errors import TinyhunError
 
 from . import q4
 from .q4 import (ACT_BLOCK, TILE, _check_fields, _check_format, _f16, _float_matrix, _gather_rows, _gguf_blocks,

@@ -40,10 +40,10 @@ def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales):
             w0 = (tile * nb + b) * BLOCK_BYTES
             for c in range(8):
                 _prefetch(packed, w0 + PREFETCH + 64 * c)
-            isum = _splat_i(-128 * xqsum[0, b])
+            isum = _splat_i(-128 * xqsum[b])
             for c in range(8):
                 isum = _dot(isum, _load_codes(packed, w0 + 64 * c), xq, b * ACT_BLOCK + 4 * c)
-            acc = _fma(acc, isum, _mul(_load_h(scales, (tile * nb + b) * TILE), _splat_f(xd[0, b])))
+            acc = _fma(acc, isum, _mul(_load_h(scales, (tile * nb + b) * TILE), _splat_f(xd[b])))
         _store_tile(out, n, tile, acc)
 
 
@@ -53,7 +53,7 @@ def _gemm(out, x, xq, xd, xqsum, xsum, packed, scales):
     # 16 x 32 code blocks are loaded once into eight registers and serve every token; acc[tokens, 16] sits in L1
     _quantize_acts(x, xq, xd, xqsum, xsum)
     t_n, n = out.shape
-    k, nb = xq.shape[1], scales.shape[1]
+    k, nb = x.shape[1], scales.shape[1]
     for t0 in range(0, t_n, GEMM_TOKENS):
         t1 = min(t0 + GEMM_TOKENS, t_n)
         for tile in prange(packed.shape[0]):
@@ -67,13 +67,13 @@ def _gemm(out, x, xq, xd, xqsum, xsum, packed, scales):
                 s = _load_h(scales, (tile * nb + b) * TILE)
                 for t in range(t0, t1):
                     x0 = t * k + b * ACT_BLOCK
-                    isum = _splat_i(-128 * xqsum[t, b])
+                    isum = _splat_i(-128 * xqsum[t * nb + b])
                     isum = _dot(_dot(isum, c0, xq, x0), c1, xq, x0 + 4)
                     isum = _dot(_dot(isum, c2, xq, x0 + 8), c3, xq, x0 + 12)
                     isum = _dot(_dot(isum, c4, xq, x0 + 16), c5, xq, x0 + 20)
                     isum = _dot(_dot(isum, c6, xq, x0 + 24), c7, xq, x0 + 28)
                     o = (t - t0) * TILE
-                    _store_f(acc, o, _fma(_load_f(acc, o), isum, _mul(s, _splat_f(xd[t, b]))))
+                    _store_f(acc, o, _fma(_load_f(acc, o), isum, _mul(s, _splat_f(xd[t * nb + b]))))
             r0 = tile * TILE
             out[t0:t1, r0:r0 + TILE] = acc[:, :min(TILE, n - r0)]
 

@@ -1,21 +1,14 @@
 """NumPy reference kernels. Every op writes into `out` (preallocated by the caller) and returns it.
 
-Shapes: T tokens, H hidden, nh/nkv query/key-value heads, d head_dim, S cache length. Weights are stored
-as checkpoints store them, [out_features, in_features], so y = x @ w.T.
+Shapes: T rows (tokens), H hidden, nh/nkv query/key-value heads, d head_dim, S cache length, B cache slots.
+Weights are stored as checkpoints store them, [out_features, in_features], so y = x @ w.T. The Numba versions in
+tinyhun.kernels.cpu have the same names and signatures, and are what these names compile to inside Numba code.
 """
 import numpy as np
 
-from .q4 import matmul_q4
-from .q8 import Q8Weight, matmul_q8
-
 
 def matmul(out, x, w):
-    # out[T, N] = x[T, K] @ w[N, K].T ; NumPy's BLAS streams a C-contiguous [N, K] weight fastest this way.
-    # w may also be an INT4 Q4Weight (kernels/q4.py) or an INT8 Q8Weight (kernels/q8.py)
-    if isinstance(w, Q8Weight):
-        return matmul_q8(out, x, w)
-    if not isinstance(w, np.ndarray):
-        return matmul_q4(out, x, w)
+    # out[T, N] = x[T, K] @ w[N, K].T (fp32); NumPy's BLAS streams a C-contiguous [N, K] weight fastest this way
     np.matmul(x, w.T, out=out)
     return out
 
@@ -28,8 +21,14 @@ def rmsnorm(out, x, w, eps):
     return out
 
 
+def add_rmsnorm(out, resid, x, w, eps):
+    # resid[T, n] += x[T, n] in place (the residual stream), then out[T, n] = rmsnorm(resid) * w
+    np.add(resid, x, out=resid)
+    return rmsnorm(out, resid, w, eps)
+
+
 def rope(x, cos, sin):
-    # in place: x[T, n_heads, d] rotated NeoX style (i pairs with i + d/2); cos/sin[T, d/2]
+    # in place: x[T, n_heads, d] rotated NeoX style (i pairs with i + d/2); cos/sin[T, d/2], row t's angles
     half = x.shape[-1] // 2
     a = x[..., :half].copy()
     b = x[..., half:]
@@ -40,24 +39,36 @@ def rope(x, cos, sin):
     return x
 
 
-def attention(out, q, k_cache, v_cache, pos):
-    # out[T, nh, d] = causal GQA softmax(q k^T / sqrt(d)) v for queries at positions pos..pos+T-1;
-    # k_cache/v_cache[nkv, S, d] already hold keys/values for positions 0..pos+T-1
+def store_kv(k_cache, v_cache, k, v, slots, positions):
+    # k_cache/v_cache[B, nkv, S, d]: row t's keys/values k, v[T, nkv, d] go to slot slots[t], position positions[t]
+    k_cache[slots, :, positions] = k
+    v_cache[slots, :, positions] = v
+    return k_cache
+
+
+def attention_rows(out, q, k_cache, v_cache, slots, positions):
+    # out[T, nh, d]: row t's queries q[t] attend causally (GQA, softmax(q k^T / sqrt(d)) v) to keys 0..positions[t]
+    # of cache slot slots[t]; k_cache/v_cache[B, nkv, S, d] already hold them. Rows are independent: a prefill
+    # chunk is T rows of one slot at consecutive positions, a batch decode step one row per slot.
     T, nh, d = q.shape
-    nkv = k_cache.shape[0]
-    group = nh // nkv
-    n = pos + T
+    group = nh // k_cache.shape[1]
     scale = np.float32(1.0 / np.sqrt(d))
-    causal = np.arange(n)[None, :] > (pos + np.arange(T))[:, None]      # [T, n] True where masked
-    for h in range(nkv):
-        qh = q[:, h * group:(h + 1) * group, :].transpose(1, 0, 2)       # [group, T, d]
-        s = (qh @ k_cache[h, :n].T) * scale                               # [group, T, n]
-        s[:, causal] = -np.inf
+    for t in range(T):
+        n = positions[t] + 1
+        kc, vc = k_cache[slots[t], :, :n], v_cache[slots[t], :, :n]      # [nkv, n, d]
+        qt = q[t].reshape(-1, group, d)                                   # [nkv, group, d]
+        s = (qt @ kc.transpose(0, 2, 1)) * scale                          # [nkv, group, n]
         s -= s.max(axis=-1, keepdims=True)
         p = np.exp(s)
         p /= p.sum(axis=-1, keepdims=True)
-        out[:, h * group:(h + 1) * group, :] = (p @ v_cache[h, :n]).transpose(1, 0, 2)
+        out[t] = (p @ vc).reshape(nh, d)
     return out
+
+
+def attention(out, q, k_cache, v_cache, pos):
+    # one sequence: out[T, nh, d] for queries at positions pos..pos+T-1 over k_cache/v_cache[nkv, S, d]
+    T = q.shape[0]
+    return attention_rows(out, q, k_cache[None], v_cache[None], np.zeros(T, np.int64), pos + np.arange(T))
 
 
 def silu_mul(out, gate, up):
@@ -69,44 +80,3 @@ def silu_mul(out, gate, up):
 def add(out, a, b):
     np.add(a, b, out=out)
     return out
-
-
-def prepare_layer(lw):
-    """A layer's weight tuple as this backend's decoder_layer takes it (here: as is)."""
-    return lw
-
-
-def decoder_layer(x, bufs, lw, k_cache, v_cache, pos, cos, sin, heads, eps):
-    """One pre-norm decoder layer over T tokens at positions pos..pos+T-1, updating x[T, H] in place and
-    appending their keys/values to k_cache/v_cache [nkv, S, d].
-
-    bufs = (xn, q, k, v, attn, proj, gate, up, acts), each [T, width] but acts (int8 activation scratch that only
-    the Numba backend uses); lw = prepare_layer((attn_norm, wq, wk, wv, q_norm, k_norm, wo, mlp_norm, w_gate,
-    w_up, w_down)) with empty q_norm/k_norm when the model has no QK-norm; heads = (nh, nkv, d).
-    """
-    xn, q, k, v, attn, proj, gate, up = bufs[:8]
-    attn_norm, wq, wk, wv, q_norm, k_norm, wo, mlp_norm, w_gate, w_up, w_down = lw
-    nh, nkv, d = heads
-    T = x.shape[0]
-    rmsnorm(xn, x, attn_norm, eps)
-    matmul(q, xn, wq)
-    matmul(k, xn, wk)
-    matmul(v, xn, wv)
-    q3, k3 = q.reshape(T, nh, d), k.reshape(T, nkv, d)
-    rope(q3, cos, sin)
-    rope(k3, cos, sin)
-    if q_norm.size:   # Hunyuan normalises q and k per head after RoPE (the reverse of Qwen3)
-        rmsnorm(q3, q3, q_norm, eps)
-        rmsnorm(k3, k3, k_norm, eps)
-    k_cache[:, pos:pos + T] = k3.transpose(1, 0, 2)
-    v_cache[:, pos:pos + T] = v.reshape(T, nkv, d).transpose(1, 0, 2)
-    attention(attn.reshape(T, nh, d), q3, k_cache, v_cache, pos)
-    matmul(proj, attn, wo)
-    add(x, x, proj)
-    rmsnorm(xn, x, mlp_norm, eps)
-    matmul(gate, xn, w_gate)
-    matmul(up, xn, w_up)
-    silu_mul(gate, gate, up)
-    matmul(proj, gate, w_down)
-    add(x, x, proj)
-    return x

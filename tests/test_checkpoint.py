@@ -10,8 +10,8 @@ from safetensors.numpy import save_file
 import tinyhun
 from oracle import build_hunyuan
 from tinyhun.checkpoint import SafetensorsFile
-from tinyhun.config import Config
 from tinyhun.errors import TinyhunError
+from tinyhun.families import load_config
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +136,9 @@ def test_half_precision_checkpoints_convert_once(copy, dtype):
             off += b.nbytes
         write_raw(copy / "model.safetensors", header, b"".join(blobs))
     model = tinyhun.load(copy)
-    np.testing.assert_array_equal(model.weights.embed, want["model.embed_tokens.weight"])
-    np.testing.assert_array_equal(model.weights.layers[0].w_down, want["model.layers.0.mlp.down_proj.weight"])
-    assert model.weights.embed.dtype == np.float32
+    np.testing.assert_array_equal(model.weights.embed.w, want["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(model.weights.layers[0].mlp.down.w, want["model.layers.0.mlp.down_proj.weight"])
+    assert model.weights.embed.w.dtype == np.float32
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -148,7 +148,7 @@ def test_half_precision_checkpoints_convert_once(copy, dtype):
     (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
     (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    (dict(vocab_size="big"), "'vocab_size'='big': expected an integer"),
+    (dict(vocab_size="big"), "'vocab_size'='big': expected a positive integer"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope type 'yarn' is not supported"),
 ])
 def test_config_errors_name_the_field(copy, edit, match):
@@ -159,7 +159,7 @@ def test_config_errors_name_the_field(copy, edit, match):
 def test_config_ignores_unknown_keys_and_reads_hub_style(copy):
     edit_config(copy, use_qk_norm=True, org_vocab_size=256, class_num=0, pool_type="last", rope_parameters=None,
                 rope_theta=10000.0, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0, "beta_fast": 32})
-    cfg = Config.from_file(copy / "config.json")
+    cfg = load_config(copy / "config.json")
     assert cfg.rope_base == pytest.approx(10000.0 * 1000.0 ** (16 / 14))
     assert cfg.qk_norm and cfg.tie_word_embeddings and cfg.head_dim == 16
 

@@ -65,7 +65,7 @@ def test_chinese_streams_as_valid_utf8(model):
 def test_context_overflow_is_a_clear_error(model):
     with pytest.raises(TinyhunError, match="exceeds the model's context of 4096"):
         list(tinyhun.generate(model, "Hello", max_tokens=5000))
-    state = model.new_state(4)
+    state = model.new_cache(4)
     with pytest.raises(TinyhunError, match="context full"):
         model.forward(state, np.arange(5))
 

@@ -125,7 +125,7 @@ def test_smollm2_tensors_equal_transformers_gguf_load(smollm2_gguf, smollm2_dir)
 
 def test_smollm2_config_matches_transformers(smollm2_gguf, smollm2_dir):
     from transformers import AutoConfig, LlamaConfig
-    from tinyhun.config import Config
+    from tinyhun.families import load_config
     theirs = AutoConfig.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     ours = LlamaConfig.from_pretrained(smollm2_dir)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
@@ -133,7 +133,7 @@ def test_smollm2_config_matches_transformers(smollm2_gguf, smollm2_dir):
                 "bos_token_id", "eos_token_id", "pad_token_id", "rope_parameters"):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.rms_norm_eps == pytest.approx(theirs.rms_norm_eps, rel=1e-6)
-    cfg = Config.from_file(smollm2_dir / "config.json")
+    cfg = load_config(smollm2_dir / "config.json")
     assert (cfg.model_type, cfg.num_layers, cfg.rope_base, cfg.tie_word_embeddings) == ("llama", 30, 1e5, True)
     assert json.loads((smollm2_dir / "generation_config.json").read_text())["eos_token_id"] == 2
 
@@ -161,10 +161,11 @@ def test_tiny_untied_mixed_types_equal_transformers_and_source(tmp_path):
 
 def test_quantized_blocks_kept_bit_exact(tmp_path):
     """keep_quantized: Q4_0/Q4_1 matrices become INT4 weights and a Q8_0 embedding/lm_head INT8 ones whose
-    dequantization equals gguf's exactly; a Q8_0 layer matrix and the rest become fp32."""
+    dequantization equals gguf's exactly (a Q8_0 layer matrix too: every linear runs INT8); the rest become fp32."""
     import tinyhun
-    from tinyhun.kernels.q4 import Q4Weight, dequantize_q4
-    from tinyhun.kernels.q8 import Q8Weight, dequantize_q8
+    from tinyhun.kernels.linear import F32, Q4, Q8
+    from tinyhun.kernels.q4 import dequantize_q4
+    from tinyhun.kernels.q8 import dequantize_q8
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, types={"attn_q": T.Q4_0, "attn_k": T.Q4_1, "ffn_up": T.Q4_1, "attn_v": T.F16,
                                  "token_embd": T.Q8_0, "output": T.Q8_0, "ffn_gate": T.Q8_0})
@@ -173,13 +174,15 @@ def test_quantized_blocks_kept_bit_exact(tmp_path):
     assert json.loads((q4_dir / "config.json").read_text())["quantization"]["source"] == "gguf Q4_0+Q4_1+Q8_0"
     model = tinyhun.load(q4_dir)
     layer = model.weights.layers[1]
-    for w, name in ((layer.wq, "self_attn.q_proj"), (layer.wk, "self_attn.k_proj"), (layer.w_up, "mlp.up_proj")):
-        assert isinstance(w, Q4Weight)
-        np.testing.assert_array_equal(dequantize_q4(w), f32[f"model.layers.1.{name}.weight"], err_msg=name)
-    assert isinstance(layer.wv, np.ndarray) and isinstance(layer.w_gate, np.ndarray)
-    for w, name in ((model.weights.embed, "model.embed_tokens"), (model.weights.lm_head, "lm_head")):
-        assert isinstance(w, Q8Weight)
-        np.testing.assert_array_equal(dequantize_q8(w), f32[f"{name}.weight"], err_msg=name)
+    for w, name in ((layer.attn.wq, "self_attn.q_proj"), (layer.attn.wk, "self_attn.k_proj"),
+                    (layer.mlp.up, "mlp.up_proj")):
+        assert isinstance(w, Q4)
+        np.testing.assert_array_equal(dequantize_q4(w.weight()), f32[f"model.layers.1.{name}.weight"], err_msg=name)
+    assert isinstance(layer.attn.wv, F32)
+    for w, name in ((model.weights.embed, "model.embed_tokens"), (model.weights.lm_head, "lm_head"),
+                    (layer.mlp.gate, "model.layers.1.mlp.gate_proj")):
+        assert isinstance(w, Q8)
+        np.testing.assert_array_equal(dequantize_q8(w.weight()), f32[f"{name}.weight"], err_msg=name)
     ids = [1, 5, 9]
     np.testing.assert_allclose(model.logits(ids), tinyhun.load(tmp_path / "f32").logits(ids), atol=0.05, rtol=0)
 

@@ -1,4 +1,4 @@
-"""Numba CPU kernels equal the NumPy references (tinyhun.kernels.ref / ref_fused) on hypothesis-chosen shapes.
+"""Numba CPU kernels equal the NumPy references (tinyhun.kernels.ref) on hypothesis-chosen shapes.
 
 Tolerances are fp32 round-off relative to the magnitude of what is summed: the kernels reassociate sums
 (vectorized partial sums) and use their own exp, so results differ from NumPy in the last few bits only.
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 
-from tinyhun.kernels import cpu, cpu_attention, q4, ref, ref_fused, select
+from tinyhun.kernels import cpu, linear, q4, q8, ref
 
 RTOL = 1e-5
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -29,22 +30,8 @@ def close(got, want, scale, rtol=RTOL):
 
 
 def test_same_api_as_reference():
-    assert select("numba") is cpu
     for name, fn in inspect.getmembers(ref, inspect.isfunction):
-        if fn.__module__ != ref.__name__:
-            continue                              # imported helpers, e.g. q4.matmul_q4
         assert inspect.signature(getattr(cpu, name)) == inspect.signature(fn), name
-    assert inspect.signature(cpu.add_rmsnorm) == inspect.signature(ref_fused.add_rmsnorm)
-
-
-def test_warmup_compiles_every_kernel():
-    cpu.warmup()
-    entry = (cpu._matmul, cpu._rmsnorm, cpu._add_rmsnorm, cpu._rope, cpu._silu_mul, cpu._add,
-             cpu_attention.attention_kernel)   # the kernels Python calls; their callees come with them
-    for kernel in entry:
-        assert kernel.signatures, f"{kernel.__name__} not compiled by warmup()"
-    ndims = {sig[1].ndim for sig in cpu._rmsnorm.signatures}
-    assert {2, 3} <= ndims   # [T, H] and per-head [T, nh, d] (other tests may have compiled more)
 
 
 # ---- matmul ---------------------------------------------------------------------------------------------------
@@ -69,14 +56,28 @@ def test_matmul_parallel(T):
     check_matmul(np.random.default_rng(T), T, 1024, 515)
 
 
-@pytest.mark.parametrize("T", [1, 3])
-def test_matmul_int4_weight_goes_to_the_int4_kernel(T):
+@njit
+def _linear_compiled(out, x, w, acts):
+    linear.linear(out, x, w, acts)     # inside Numba code the name resolves to the format's kernel
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q4", "q4-asym", "q8"])
+@pytest.mark.parametrize("T", [1, 3, cpu.BLAS_T + 1])
+def test_linear_dispatches_on_the_format(fmt, T):
     rng = np.random.default_rng(T)
-    x, w = rand(rng, T, 64), q4.quantize_q4(rand(rng, 40, 64))
-    out, want = np.empty((T, 40), f32), np.empty((T, 40), f32)
-    assert cpu.matmul(out, x, w) is out
-    ref.matmul(want, x, w)
-    close(out, want, np.abs(x) @ np.abs(q4.dequantize_q4(w)).T)
+    x, w = rand(rng, T, 64), rand(rng, 40, 64)
+    fw = {"f32": lambda: w, "q4": lambda: q4.quantize_q4(w, 32), "q4-asym": lambda: q4.quantize_q4(w, 32, sym=False),
+          "q8": lambda: q8.quantize_q8(w)}[fmt]()
+    lin = linear.as_linear(fw)
+    dense = w if fmt == "f32" else (q8.dequantize_q8(fw) if fmt == "q8" else q4.dequantize_q4(fw))
+    assert lin.shape == (40, 64)
+    out, want = np.full((T, 40), np.nan, f32), np.full((T, 40), np.nan, f32)
+    linear.linear(want, x, lin, linear.act_scratch(T, 64))          # the NumPy reference
+    _linear_compiled(out, x, lin, linear.act_scratch(T, 64))
+    close(out, want, np.abs(x) @ np.abs(dense).T)
+    rows = np.empty((3, 64), f32)
+    lin.rows(rows, np.array([0, 17, 39]))
+    np.testing.assert_array_equal(rows, dense[[0, 17, 39]])
 
 
 # ---- rmsnorm / add_rmsnorm ------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def test_add_rmsnorm(T):
     resid_want = resid.copy()
     out, want = np.empty_like(x), np.empty_like(x)
     assert cpu.add_rmsnorm(out, resid, x, w, 1e-6) is out
-    ref_fused.add_rmsnorm(want, resid_want, x, w, 1e-6)
+    ref.add_rmsnorm(want, resid_want, x, w, 1e-6)
     np.testing.assert_array_equal(resid, resid_want)
     close(out, want, np.abs(want))
 
@@ -176,37 +177,30 @@ def test_attention_rejects_bad_shapes(nh, nkv, S):
         cpu.attention(np.empty_like(q), q, np.ones((nkv, S, 16), f32), np.ones((nkv, S, 16), f32), 5)
 
 
-# ---- decoder layer --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("qk_norm, int4", [(False, False), (True, False), (True, True)])
-def test_decoder_layer_prefill_then_decode(qk_norm, int4):
-    rng = np.random.default_rng(int(qk_norm))
-    H, nh, nkv, d, inter, S, eps = 48, 4, 2, 16, 72, 12, 1e-6
-
-    def norm(n):   # per-head q/k norm weights are empty when the model has none
-        return (1 + 0.1 * rand(rng, n)) if qk_norm or n == H else np.zeros(0, f32)
-
-    lw = (norm(H), rand(rng, nh * d, H, scale=0.15), rand(rng, nkv * d, H, scale=0.15),
-          rand(rng, nkv * d, H, scale=0.15), norm(d), norm(d), rand(rng, H, nh * d, scale=0.15), norm(H),
-          rand(rng, inter, H, scale=0.15), rand(rng, inter, H, scale=0.15), rand(rng, H, inter, scale=0.1))
-    if int4:   # every matrix INT4: the whole layer runs as one Numba call on the prepared tuples
-        H, nh, d, inter = 64, 4, 16, 96
-        lw = tuple(q4.quantize_q4(rand(rng, *w.shape, scale=0.15), 32) if w.ndim == 2 else w for w in (
-            norm(H), rand(rng, nh * d, H), rand(rng, nkv * d, H), rand(rng, nkv * d, H), norm(d), norm(d),
-            rand(rng, H, nh * d), norm(H), rand(rng, inter, H), rand(rng, inter, H), rand(rng, H, inter)))
-    caches = {m: (np.zeros((nkv, S, d), f32), np.zeros((nkv, S, d), f32)) for m in (cpu, ref)}
-    x0 = rand(rng, S, H)
-    for pos, T in ((0, 7), (7, 1), (8, 1)):
-        cos, sin = tables(T, d, pos)
-        outs = {}
-        for m in (cpu, ref):
-            bufs = tuple(np.empty((T, w), f32) for w in (H, nh * d, nkv * d, nkv * d, nh * d, H, inter, inter))
-            acts = (np.empty(T * inter, np.int8), *(np.empty(T * inter // 32, t) for t in (f32, np.int32, f32)))
-            outs[m] = m.decoder_layer(x0[pos:pos + T].copy(), bufs + (acts,), m.prepare_layer(lw), *caches[m],
-                                      pos, cos, sin, (nh, nkv, d), eps)
-        rtol = 1e-4 if int4 else 1e-5
-        close(outs[cpu], outs[ref], np.abs(outs[ref]).max(), rtol=rtol)
-        close(caches[cpu][0], caches[ref][0], np.abs(caches[ref][0]).max(), rtol=rtol)
+def test_attention_rows_of_several_slots():
+    # a batch decode step: one row per cache slot, each at its own position; the same as each row alone
+    rng = np.random.default_rng(7)
+    B, nkv, S, d, nh = 3, 2, 40, 16, 4
+    kc, vc = rand(rng, B, nkv, S, d), rand(rng, B, nkv, S, d)
+    slots, positions = np.array([2, 0, 1]), np.array([5, 39, 0])
+    q = rand(rng, 3, nh, d)
+    k, v = rand(rng, 3, nkv, d), rand(rng, 3, nkv, d)
+    caches = {m: (kc.copy(), vc.copy()) for m in (cpu, ref)}
+    for m in (cpu, ref):
+        m.store_kv(*caches[m], k, v, slots, positions)
+    np.testing.assert_array_equal(caches[cpu][0], caches[ref][0])
+    assert np.array_equal(caches[ref][0][2, :, 5], k[0]) and np.array_equal(caches[ref][1][0, :, 39], v[1])
+    out = cpu.attention_rows(np.full_like(q, np.nan), q, *caches[cpu], slots, positions)
+    want = ref.attention_rows(np.empty_like(q), q, *caches[ref], slots, positions)
+    close(out, want, np.abs(vc).max())
+    for t in range(3):
+        alone = ref.attention(np.empty_like(q[t:t + 1]), q[t:t + 1], caches[ref][0][slots[t]],
+                              caches[ref][1][slots[t]], int(positions[t]))
+        close(want[t:t + 1], alone, np.abs(vc).max())
+    with pytest.raises(ValueError):
+        cpu.attention_rows(out, q, *caches[cpu], slots, np.array([5, 40, 0]))   # position past the cache
+    with pytest.raises(ValueError):
+        cpu.store_kv(*caches[cpu], k, v, np.array([3, 0, 1]), positions)          # no slot 3
 
 
 # ---- elementwise ----------------------------------------------------------------------------------------------
@@ -236,8 +230,14 @@ def test_add(shape):
     np.testing.assert_array_equal(out, ref.add(np.empty_like(a), a, b))
 
 
-def test_fused_layer_module_imports_on_its_own():
+def test_kernels_import_nothing_from_the_engine():
+    import re
     import subprocess
     import sys
-    code = "from tinyhun.kernels import cpu_layer; from tinyhun.kernels import cpu; assert cpu.decoder_layer"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    from pathlib import Path
+    for f in Path(cpu.__file__).parent.glob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+(tinyhun\b|\.\.)", f.read_text(), re.M), f.name
+    # and each kernel module imports on its own
+    for name in ("cpu", "q4_cpu", "q8_cpu", "cpu_attention", "linear"):
+        code = f"import tinyhun.kernels.{name}"
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0, name

@@ -65,12 +65,12 @@ def test_decode_through_cache_equals_prefill(tmp_path, chunk):
     model = tinyhun.load(tmp_path)
     ids = np.random.default_rng(4).integers(0, 256, size=23)
     full = model.logits(ids)
-    state = model.new_state(len(ids), chunk=chunk)
+    state = model.new_cache(len(ids))
     rows = [model.forward(state, ids[i:i + chunk], out=np.empty((len(ids[i:i + chunk]), 256), np.float32))
             for i in range(0, len(ids), chunk)]
     np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=1e-5 * np.abs(full).max())
     # last-token logits of a decode step equal the full forward's last row
-    state = model.new_state(len(ids))
+    state = model.new_cache(len(ids))
     model.forward(state, ids[:-1])
     last = model.forward(state, ids[-1:])
     np.testing.assert_allclose(last[0], full[-1], rtol=0, atol=1e-5 * np.abs(full).max())

@@ -1,15 +1,18 @@
 """tinyhun: a from-scratch NumPy/Numba inference engine for Tencent's Hunyuan small language models."""
 from pathlib import Path
 
-from .config import Config
 from .errors import TinyhunError
-from .model import Model, State
+from .kv_cache import KVCache
+from .model import Model
 
-__all__ = ["Config", "Model", "State", "TinyhunError", "load", "generate"]
+__all__ = ["KVCache", "Model", "TinyhunError", "load", "generate", "stream_generate"]
 
 
-def load(path, device="cpu", max_context=None, progress=False):
-    """Load a model folder (config.json + safetensors [+ tokenizer]) -> Model."""
+def load(path, device="cpu", max_context=None, progress=False, kernels=None):
+    """Load a model folder (config.json + safetensors [+ tokenizer]) -> Model. kernels: "numba" (default) or
+    "numpy" (the references; also TINYHUN_KERNELS)."""
+    from .backend import select
+    from .families import load_config
     from .weights import load_weights
 
     if device != "cpu":
@@ -17,16 +20,25 @@ def load(path, device="cpu", max_context=None, progress=False):
     path = Path(path)
     if not path.is_dir():
         raise TinyhunError(f"{path}: not a model folder")
-    config = Config.from_file(path / "config.json")
+    if not (path / "config.json").exists():
+        raise TinyhunError(f"{path / 'config.json'}: not found (a model folder needs a config.json)")
+    config = load_config(path / "config.json")
+    backend = select(kernels)
     weights = load_weights(path, config, progress=progress)
     tokenizer = None
     if (path / "tokenizer.json").exists() or (path / "hy.tiktoken").exists():
         from .tokenizer import Tokenizer
         tokenizer = Tokenizer.from_dir(path)
-    return Model(config, weights, tokenizer=tokenizer, max_context=max_context)
+    return Model(config, weights, tokenizer=tokenizer, backend=backend, max_context=max_context)
 
 
 def generate(model, prompt, **kwargs):
     """Stream the text of a completion (see tinyhun.generation.generate)."""
     from .generation import generate as _generate
     return _generate(model, prompt, **kwargs)
+
+
+def stream_generate(model, prompt, **kwargs):
+    """Per-token results of a completion (see tinyhun.generation.stream_generate)."""
+    from .generation import stream_generate as _stream
+    return _stream(model, prompt, **kwargs)

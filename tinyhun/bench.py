@@ -10,16 +10,15 @@ from .errors import TinyhunError
 
 def timed_run(model, prompt, gen_tokens):
     """One prefill of `prompt` then `gen_tokens` greedy decode steps; returns (prefill_s, ttft_s, decode_s)."""
-    from .generation import prefill
-    state = model.new_state(len(prompt) + gen_tokens + 1)
+    cache = model.new_cache(len(prompt) + gen_tokens + 1)
     t0 = time.perf_counter()
-    logits = prefill(model, state, prompt)
+    logits = model.forward(cache, prompt)[0]
     t1 = time.perf_counter()
     token = np.array([int(np.argmax(logits))])
     ttft = time.perf_counter() - t0
     t2 = time.perf_counter()
     for _ in range(gen_tokens):
-        token[0] = int(np.argmax(model.forward(state, token)[0]))
+        token[0] = int(np.argmax(model.forward(cache, token)[0]))
     return t1 - t0, ttft, time.perf_counter() - t2
 
 
@@ -41,9 +40,9 @@ def bench(model, prompt_tokens=128, gen_tokens=32, repetitions=3, warmup=1, seed
                         ("repetitions", repetitions, 1), ("warmup", warmup, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise TinyhunError(f"{name}={v!r}: expected an integer >= {lo}")
-    if prompt_tokens + gen_tokens + 1 > model.config.max_position_embeddings:
+    if prompt_tokens + gen_tokens + 1 > model.max_context:
         raise TinyhunError(f"prompt_tokens + gen_tokens = {prompt_tokens + gen_tokens} exceeds the model's context "
-                           f"of {model.config.max_position_embeddings}")
+                           f"of {model.max_context}")
     prompt = np.random.default_rng(seed).integers(0, model.config.vocab_size, size=prompt_tokens)
     runs = [timed_run(model, prompt, gen_tokens) for _ in range(warmup + repetitions)][warmup:]
     prefill_s, ttft_s, decode_s = (np.array(col) for col in zip(*runs))

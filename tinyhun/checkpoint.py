@@ -3,12 +3,13 @@
 The `safetensors` package cannot hand NumPy a bf16 tensor (NumPy has no bf16) and its errors do not name the
 tensor at fault, so the header is parsed and checked here and the data region is memory-mapped directly.
 The format is small: u64 little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-then the raw little-endian data.
+then the raw little-endian data. As the format requires (and the `safetensors` package enforces), the tensors'
+data_offsets must tile the data region exactly: no two tensors share a byte, and no byte belongs to none.
 """
 import json
 import math
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -33,19 +34,28 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > MAX_HEADER or n > size - 8:
                     raise TinyhunError(f"{self.path}: corrupt header (claims {n} bytes, file has {size})")
-                header = json.loads(f.read(n))
+                header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
         except FileNotFoundError:
             raise TinyhunError(f"{self.path}: not found") from None
+        except IsADirectoryError:
+            raise TinyhunError(f"{self.path}: is a folder, expected a .safetensors file") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TinyhunError(f"{self.path}: corrupt header, not valid JSON ({e})") from None
+        except OSError as e:
+            raise TinyhunError(f"{self.path}: cannot be read ({e.strerror or e})") from None
+        except _Duplicate as e:
+            raise TinyhunError(f"{self.path}: corrupt header, key '{e}' appears twice") from None
         if not isinstance(header, dict):
             raise TinyhunError(f"{self.path}: corrupt header, expected a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise TinyhunError(f"{self.path}: corrupt header, __metadata__ must map names to strings")
         self._start = 8 + n
         data_size = size - self._start
         self._entries = {}
         for name, e in header.items():
             self._entries[name] = self._check(name, e, data_size)
+        self._check_tiling(data_size)
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if data_size > 0 else np.zeros(0, np.uint8)
 
     def _check(self, name, e, data_size):
@@ -69,6 +79,22 @@ class SafetensorsFile:
                                f"({data_size} data bytes; truncated?)")
         return dtype, tuple(shape), begin, end
 
+    def _check_tiling(self, data_size):
+        """The tensors' byte ranges, sorted, must follow each other with no overlap and no gap, and end at the
+        end of the file (an overlap would let one tensor's bytes be read as another's)."""
+        end, last = 0, None
+        for name, (_, _, begin, stop) in sorted(self._entries.items(), key=lambda kv: kv[1][2:]):
+            if begin < end:
+                raise TinyhunError(f"{self.path}: tensor '{name}': data_offsets [{begin}, {stop}] overlap tensor "
+                                   f"'{last}' (bytes up to {end}); each byte must belong to one tensor")
+            if begin > end:
+                raise TinyhunError(f"{self.path}: tensor '{name}': data_offsets [{begin}, {stop}] leave bytes "
+                                   f"[{end}, {begin}) of the data region to no tensor (offsets must be contiguous)")
+            end, last = stop, name
+        if end != data_size:
+            raise TinyhunError(f"{self.path}: the tensors cover {end} bytes of the {data_size}-byte data region "
+                               "(extra bytes after the last tensor)")
+
     @property
     def names(self):
         return list(self._entries)
@@ -83,6 +109,19 @@ class SafetensorsFile:
         dtype, shape, begin, end = self._entries[name]
         raw = self._map[self._start + begin:self._start + end]
         return raw.view(DTYPES[dtype]).reshape(shape)
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _Duplicate(k)
+        d[k] = v
+    return d
 
 
 def to_float32(a, dtype):
@@ -101,7 +140,8 @@ def open_folder(folder):
     """The safetensors files of a model folder -> {tensor name: SafetensorsFile}.
 
     A folder holds either model.safetensors or a sharded model.safetensors.index.json whose weight_map names
-    the shards; a shard path must stay inside the folder.
+    the shards. A shard's name must stay inside the folder (a plain relative path, no `..`); the file itself may be
+    a symlink to anywhere, as in a HuggingFace hub cache snapshot (snapshots/<rev>/x -> ../../blobs/<hash>).
     """
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
@@ -113,14 +153,15 @@ def open_folder(folder):
                 raise TypeError
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise TinyhunError(f"{index}: not a valid index (expected a JSON object with a 'weight_map')") from None
-        root = folder.resolve()
         shards, where = {}, {}
         for name, rel in weight_map.items():
-            if not isinstance(rel, str):
+            if not isinstance(rel, str) or not rel:
                 raise TinyhunError(f"{index}: tensor '{name}' maps to {rel!r}, expected a file name")
-            path = (folder / rel).resolve()
-            if path.parent != root and root not in path.parents:
-                raise TinyhunError(f"{index}: tensor '{name}' points outside the model folder: {rel!r}")
+            parts = PurePosixPath(rel).parts + PureWindowsPath(rel).parts
+            if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).anchor or ".." in parts:
+                raise TinyhunError(f"{index}: tensor '{name}' points outside the model folder: {rel!r} "
+                                   "(expected a file name relative to the folder, without '..')")
+            path = folder / PurePosixPath(rel)
             if path not in shards:
                 shards[path] = SafetensorsFile(path)
             if name not in shards[path].names:

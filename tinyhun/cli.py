@@ -1,9 +1,12 @@
 """The `tinyhun` command: a thin consumer of the library. User errors print one line and exit 2."""
 import argparse
+import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import TinyhunError
@@ -16,13 +19,31 @@ def load_model(args):
     return tinyhun.load(resolve_model(args.model, progress=not args.quiet), progress=not args.quiet)
 
 
+def text_arg(value, what):
+    """A command-line string as text. Bytes of argv that do not decode in the locale's encoding arrive as lone
+    surrogates (Python's surrogateescape): they are read again as UTF-8, and refused by name when they are not."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        raw = os.fsencode(value)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TinyhunError(f"{what}: not valid UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start}); "
+                           "pass the text in UTF-8") from None
+
+
 def cmd_generate(args):
     import tinyhun
+    prompt = text_arg(args.prompt, "the prompt")
+    system = None if args.system is None else text_arg(args.system, "--system")
+    stop = [text_arg(s, "--stop") for s in args.stop or ()]
     model = load_model(args)
-    pieces = tinyhun.generate(model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+    pieces = tinyhun.generate(model, prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed, chat=args.chat,
-                              stop=args.stop or (), system=args.system)
+                              stop=stop, system=system)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -30,14 +51,15 @@ def cmd_generate(args):
 
 
 def cmd_info(args):
-    from .config import Config
-    from .weights import expected_shapes, load_weights
+    from .families import family_of, load_config
     from .hub import resolve_model
+    from .weights import load_weights
     path = resolve_model(args.model)
-    cfg = Config.from_file(Path(path) / "config.json")
+    cfg = load_config(Path(path) / "config.json")
     w = load_weights(path, cfg, progress=False)
-    params = sum(math.prod(shape) for shape in expected_shapes(cfg).values())
-    print(json.dumps({"path": str(path), **vars(cfg), "parameters": params, "bytes": w.nbytes}, indent=2))
+    params = sum(math.prod(shape) for shape in family_of(cfg).checkpoint_shapes(cfg).values())
+    print(json.dumps({"path": str(path), **dataclasses.asdict(cfg), "qk_norm": cfg.qk_norm, "parameters": params,
+                      "bytes": w.nbytes}, indent=2))
 
 
 def cmd_models(args):
@@ -49,13 +71,15 @@ def cmd_models(args):
 
 def cmd_convert(args):
     from .gguf_import import convert_gguf
-    convert_gguf(args.src, args.dst, progress=not args.quiet, keep_quantized=not args.dequantize)
+    convert_gguf(args.src, args.dst, progress=not args.quiet, overwrite=args.overwrite,
+                 keep_quantized=not args.dequantize)
     print(f"wrote {args.dst}")
 
 
 def cmd_quantize(args):
     from .quantize import quantize_model
-    quantize_model(args.src, args.dst, group=args.group_size, sym=args.sym, head=args.head, progress=not args.quiet)
+    quantize_model(args.src, args.dst, group=args.group_size, sym=args.sym, head=args.head, progress=not args.quiet,
+                   overwrite=args.overwrite)
     print(f"wrote {args.dst}")
 
 
@@ -104,6 +128,7 @@ def build_parser():
     c.add_argument("dst")
     c.add_argument("--dequantize", action="store_true",
                    help="write every tensor as fp32 (default: Q4_0/Q4_1 matrices stay 4-bit, bit for bit)")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it is a non-empty folder")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
 
@@ -123,13 +148,31 @@ def build_parser():
     sym.add_argument("--asym", dest="sym", action="store_false", help="w = q * scale + min")
     q.add_argument("--head", choices=("q8", "q4", "f16"), default="q8",
                    help="embedding/lm_head precision (default q8)")
+    q.add_argument("--overwrite", action="store_true", help="replace DST if it is a non-empty folder")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
     return p
 
 
+def _exit_on(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def exit_cleanly_on_signals():
+    """SIGTERM/SIGHUP (left at their defaults) raise SystemExit, so that `finally` blocks run: a killed convert
+    or quantize removes its temp folder. Returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):   # no SIGHUP on Windows
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, _exit_on)
+    return previous
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    previous = exit_cleanly_on_signals()
     try:
         args.func(args)
     except TinyhunError as e:
@@ -141,6 +184,9 @@ def main(argv=None):
         # the reader went away (e.g. `| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

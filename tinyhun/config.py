@@ -1,143 +1,81 @@
-"""Model configuration: one dataclass read from a HuggingFace config.json, derived values computed once here."""
+"""Reading config.json: typed, checked fields with one-line errors naming the file. What each field means, and
+the values derived from them, belong to the model family (tinyhun/families/<model_type>.py)."""
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TinyhunError
 
-# model_type -> whether attention applies the per-head Q/K RMSNorm (after RoPE, Hunyuan's order)
-FAMILIES = {"hunyuan_v1_dense": True, "llama": False}
+
+def read_json(path, what="a JSON object"):
+    """A JSON object from `path`, or a TinyhunError naming the file."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TinyhunError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinyhunError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(d, dict):
+        raise TinyhunError(f"{path}: expected {what}")
+    return d
 
 
-@dataclass(frozen=True)
-class Config:
-    model_type: str
-    vocab_size: int
-    hidden_size: int           # H
-    intermediate_size: int     # I, MLP width
-    num_layers: int
-    num_heads: int             # nh, query heads
-    num_kv_heads: int          # nkv, key/value heads (GQA)
-    head_dim: int              # d
-    rms_norm_eps: float
-    rope_base: float           # effective RoPE base, alpha already folded in
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qk_norm: bool
-    quantization: dict | None = None   # {"format", "version", "group", ...} of an INT4 checkpoint (tinyhun quantize)
+class Fields:
+    """Typed access to a config dict: `int`, `number` and `flag` check the type and name the field on error."""
 
-    @property
-    def q_dim(self):
-        return self.num_heads * self.head_dim
+    def __init__(self, d, source):
+        self.d, self.source = d, source
 
-    @property
-    def kv_dim(self):
-        return self.num_kv_heads * self.head_dim
+    def error(self, message):
+        return TinyhunError(f"{self.source}: {message}")
 
-    @classmethod
-    def from_file(cls, path):
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TinyhunError(f"{path}: not found (a model folder needs a config.json)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TinyhunError(f"{path}: not a readable JSON file ({e})") from None
-        if not isinstance(d, dict):
-            raise TinyhunError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, source=str(path))
+    def _get(self, key, default, required):
+        v = self.d.get(key, default)
+        if v is None and required:
+            raise self.error(f"missing required field '{key}'")
+        return v
 
-    @classmethod
-    def from_dict(cls, d, source="config.json"):
-        def get(key, kind, default=None, required=True):
-            v = d.get(key, default)
-            if v is None:
-                if required:
-                    raise TinyhunError(f"{source}: missing required field '{key}'")
-                return None
-            if kind is bool:
-                if not isinstance(v, bool):
-                    raise TinyhunError(f"{source}: field '{key}'={v!r}: expected true or false")
-                return v
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
-                raise TinyhunError(f"{source}: field '{key}'={v!r}: expected {'an integer' if kind is int else 'a number'}")
-            if v <= 0:
-                raise TinyhunError(f"{source}: field '{key}'={v!r}: expected a positive value")
-            return kind(v)
+    def int(self, key, default=None, required=True):
+        """A positive integer (None when absent and not required)."""
+        v = self._get(key, default, required)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v <= 0):
+            raise self.error(f"field '{key}'={v!r}: expected a positive integer")
+        return None if v is None else int(v)
 
-        model_type = d.get("model_type")
-        if model_type not in FAMILIES:
-            raise TinyhunError(f"{source}: model_type {model_type!r} is not supported "
-                               f"(supported: {', '.join(FAMILIES)})")
-        for key in ("use_cla", "attention_bias", "mlp_bias"):
-            if d.get(key):
-                raise TinyhunError(f"{source}: '{key}: true' is not supported")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise TinyhunError(f"{source}: hidden_act {act!r} is not supported (expected 'silu')")
-        if model_type == "hunyuan_v1_dense" and d.get("use_qk_norm") is False:
-            raise TinyhunError(f"{source}: 'use_qk_norm: false' is not supported for hunyuan_v1_dense")
+    def number(self, key, default=None, required=True):
+        """A positive number (None when absent and not required)."""
+        v = self._get(key, default, required)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise self.error(f"field '{key}'={v!r}: expected a positive number")
+        return None if v is None else float(v)
 
-        hidden = get("hidden_size", int)
-        heads = get("num_attention_heads", int)
-        head_dim = get("head_dim", int, required=False) or get("attention_head_dim", int, required=False)
-        if head_dim is None:
-            if hidden % heads:
-                raise TinyhunError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
-                                   "set head_dim")
-            head_dim = hidden // heads
-        if head_dim % 2:
-            raise TinyhunError(f"{source}: head_dim {head_dim} must be even for RoPE")
-        kv_heads = get("num_key_value_heads", int, default=heads)
-        if heads % kv_heads:
-            raise TinyhunError(f"{source}: num_attention_heads {heads} is not a multiple of "
-                               f"num_key_value_heads {kv_heads}")
-        return cls(
-            model_type=model_type,
-            vocab_size=get("vocab_size", int),
-            hidden_size=hidden,
-            intermediate_size=get("intermediate_size", int),
-            num_layers=get("num_hidden_layers", int),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=get("rms_norm_eps", float, default=1e-5),
-            rope_base=rope_base(d, head_dim, source),
-            max_position_embeddings=get("max_position_embeddings", int, default=2048),
-            # transformers' class default is False for Hunyuan and Llama alike
-            tie_word_embeddings=get("tie_word_embeddings", bool, default=False),
-            qk_norm=FAMILIES[model_type],
-            quantization=quantization_block(d.get("quantization"), source),
-        )
+    def flag(self, key, default=False):
+        v = self.d.get(key, default)
+        if not isinstance(v, bool):
+            raise self.error(f"field '{key}'={v!r}: expected true or false")
+        return v
 
+    def reject(self, *keys):
+        """Options the engine does not implement: refused by name, never silently ignored."""
+        for key in keys:
+            if self.d.get(key):
+                raise self.error(f"'{key}: {json.dumps(self.d[key])}' is not supported")
 
-def rope_base(d, head_dim, source):
-    """Effective RoPE base from transformers 5's `rope_parameters` or the legacy `rope_theta` + `rope_scaling`.
-
-    Hunyuan's "dynamic" type with `alpha` is a static NTK-alpha rescale of the base, theta * alpha^(d/(d-2)),
-    independent of sequence length (Tencent's code and transformers 5 both do this).
-    """
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    if not isinstance(params, dict) or not isinstance(scaling, dict):
-        raise TinyhunError(f"{source}: rope_parameters/rope_scaling must be JSON objects")
-    merged = {**scaling, **params}
-    theta = merged.get("rope_theta", d.get("rope_theta", 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise TinyhunError(f"{source}: rope_theta={theta!r}: expected a positive number")
-    kind = merged.get("rope_type", merged.get("type", "default"))
-    if kind == "default":
-        return float(theta)
-    if kind == "dynamic" and merged.get("alpha"):
-        alpha = merged["alpha"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise TinyhunError(f"{source}: rope alpha={alpha!r}: expected a positive number")
-        return float(theta) * float(alpha) ** (head_dim / (head_dim - 2))
-    raise TinyhunError(f"{source}: rope type {kind!r} is not supported "
-                       "(supported: default, dynamic with alpha)")
+    def rope(self):
+        """(rope type, merged parameters) from transformers 5's `rope_parameters` or the legacy `rope_theta` +
+        `rope_scaling`; rope_theta defaults to 10000."""
+        params, scaling = self.d.get("rope_parameters") or {}, self.d.get("rope_scaling") or {}
+        if not isinstance(params, dict) or not isinstance(scaling, dict):
+            raise self.error("rope_parameters/rope_scaling must be JSON objects")
+        merged = {"rope_theta": self.d.get("rope_theta", 10000.0), **scaling, **params}
+        theta = merged["rope_theta"]
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+            raise self.error(f"rope_theta={theta!r}: expected a positive number")
+        return merged.get("rope_type", merged.get("type", "default")), merged
 
 
 def quantization_block(q, source):
+    """The `quantization` block `tinyhun quantize` (or a GGUF import) writes; None for a float checkpoint."""
     if q is None:
         return None
     if not isinstance(q, dict) or q.get("format") != "q4_tiled16" or q.get("version") != 1:

@@ -1,2 +1,4 @@
-class TinyhunError(ValueError):
-    """A user error (bad file, bad argument): the CLI prints its one-line message and exits 2, no traceback."""
+"""tinyhun's user error (defined beside the kernels, which raise it too, and re-exported here)."""
+from .kernels.errors import TinyhunError
+
+__all__ = ["TinyhunError"]

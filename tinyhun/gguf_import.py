@@ -5,21 +5,18 @@ tensors to HF names (dequantized to fp32, Q/K rows un-permuted), and its vocabul
 `read_gguf` also hands out each tensor's raw blocks, row by row, so a later importer can keep Q4 weights packed.
 """
 import functools
-import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
-from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
 from .errors import TinyhunError
+from .families import config_from_dict, family_of
+from .folders import atomic_folder, check_destination, write_checkpoint, write_json
 from .kernels import q4, q8
 
 SUPPORTED_ARCHS = ("llama",)
@@ -185,20 +182,6 @@ def llama_config(g: GGUFFile) -> dict:
     return cfg
 
 
-def _expected_shapes(cfg: dict) -> dict:
-    h, i, d, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"], cfg["vocab_size"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (v, h)
-    layer = {"input_layernorm": (h,), "post_attention_layernorm": (h,), "self_attn.q_proj": (q, h),
-             "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q),
-             "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-    for n in range(cfg["num_hidden_layers"]):
-        shapes.update({f"model.layers.{n}.{k}.weight": s for k, s in layer.items()})
-    return shapes
-
-
 def hf_name(gguf_name: str):
     """The HF Llama name of a GGUF tensor, or None when it has none (e.g. rope_freqs.weight)."""
     if gguf_name in _GLOBAL_NAMES:
@@ -210,9 +193,10 @@ def hf_name(gguf_name: str):
 
 
 def tensor_plan(g: GGUFFile, cfg: dict) -> list:
-    """[(hf_name, GGUFTensor, heads)] for every tensor, checked against the config; `heads` is the head count
-    to un-permute rows with (q_proj, k_proj), else None."""
-    expected, plan = _expected_shapes(cfg), []
+    """[(hf_name, GGUFTensor, heads)] for every tensor, checked against the family's shape table for the config;
+    `heads` is the head count to un-permute rows with (q_proj, k_proj), else None."""
+    config = config_from_dict(cfg, str(g.path))
+    expected, plan = family_of(config).checkpoint_shapes(config), []
     for t in g.tensors.values():
         name = hf_name(t.name)
         if name not in expected:
@@ -223,8 +207,8 @@ def tensor_plan(g: GGUFFile, cfg: dict) -> list:
         if not can_dequantize(t.ggml_type):   # fail before writing anything, not halfway through
             raise TinyhunError(f"{g.path}: tensor {t.name} has ggml type {t.ggml_type}, which cannot be "
                                "dequantized (expected F32, F16, BF16 or a Q*/IQ* block type)")
-        heads = (cfg["num_attention_heads"] if name.endswith("q_proj.weight")
-                 else cfg["num_key_value_heads"] if name.endswith("k_proj.weight") else None)
+        heads = (config.num_heads if name.endswith("q_proj.weight")
+                 else config.num_kv_heads if name.endswith("k_proj.weight") else None)
         plan.append((name, t, heads))
     missing = expected.keys() - {name for name, _, _ in plan}
     if missing:
@@ -299,87 +283,50 @@ def tokenizer_files(g: GGUFFile, cfg: dict) -> tuple:
     return tok_cfg, gen_cfg
 
 
-def _write_json(path: Path, obj):
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 IMPORTERS = {"Q4_0": q4.from_gguf_q4_0, "Q4_1": q4.from_gguf_q4_1, "Q8_0": q8.from_gguf_q8_0}
 
 
-def convert_gguf(path, out_dir, progress=True, overwrite=False, keep_quantized=True) -> Path:
+def convert_gguf(path, out_dir, progress=True, overwrite=False, keep_quantized=True, extra_files=None) -> Path:
     """Write `out_dir` (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-    generation_config.json) from a Llama GGUF. Everything is checked before writing, and written into a
-    sibling temp folder renamed into place at the end, so a failure leaves nothing behind.
+    generation_config.json, and extra_files {name: text}) from a Llama GGUF. Everything is checked before
+    writing, and the folder is written atomically (tinyhun/folders.py): a failure leaves nothing behind, and a
+    non-empty `out_dir` is replaced only when overwrite.
 
-    keep_quantized: Q4_0/Q4_1 matrices are repacked bit for bit into tinyhun's INT4 format and a Q8_0
-    embedding/lm_head into its INT8 one (no requantization), and the config gets a quantization block; every
+    keep_quantized: Q4_0/Q4_1 matrices are repacked bit for bit into tinyhun's INT4 format and Q8_0 ones into its
+    INT8 one (no requantization), and the config gets a quantization block; every
     other tensor (and every tensor when keep_quantized is False) is dequantized to fp32."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise TinyhunError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise TinyhunError(f"{out}: folder exists and is not empty (choose another, delete it, or pass overwrite=True)")
+    check_destination(out, overwrite, sources=[path])
     g = read_gguf(path)
     cfg = llama_config(g)
     plan = tensor_plan(g, cfg)
     tokenizer = build_tokenizer(g)
     tok_cfg, gen_cfg = tokenizer_files(g, cfg)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        tensors, kept = {}, set()
-        for name, t, heads in tqdm(plan, desc=f"converting {g.path.name}", unit="tensor", disable=not progress):
-            importer = IMPORTERS.get(t.ggml_type) if keep_quantized and len(t.shape) == 2 else None
-            if t.ggml_type == "Q8_0" and name not in ("model.embed_tokens.weight", "lm_head.weight"):
-                importer = None     # INT8 kernels serve the embedding/lm_head only
-            if importer:
-                raw = unpermute_rows(t.raw, heads) if heads else t.raw
-                for part, a in importer(raw, *t.shape).to_arrays().items():
-                    tensors[name[:-len("weight")] + part] = a
-                kept.add(t.ggml_type)
-                continue
-            values = t.dequantize()
-            tensors[name] = unpermute_rows(values, heads) if heads else np.ascontiguousarray(values)
-        if kept:
-            cfg = {**cfg, "quantization": {"format": q4.FORMAT, "version": q4.LAYOUT_VERSION, "group": 32,
-                                           "sym": "Q4_1" not in kept, "source": "gguf " + "+".join(sorted(kept))}}
-        save_file(tensors, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt", "quantization": json.dumps(cfg.get("quantization"))})
-        del tensors
+    tensors, cfg = convert_tensors(g, plan, cfg, keep_quantized, progress)
+    with atomic_folder(out, overwrite) as tmp:
+        write_checkpoint(tmp, tensors, cfg)
         tokenizer.save(str(tmp / "tokenizer.json"))
-        _write_json(tmp / "config.json", cfg)
-        _write_json(tmp / "tokenizer_config.json", tok_cfg)
-        _write_json(tmp / "generation_config.json", gen_cfg)
-        _public(tmp)
-        replace_dir(tmp, out)
-    except OSError as e:
-        raise TinyhunError(f"{out}: could not write the converted model ({e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)   # gone already after a successful rename
+        write_json(tmp / "tokenizer_config.json", tok_cfg)
+        write_json(tmp / "generation_config.json", gen_cfg)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return out
 
 
-def _public(folder: Path):
-    """Give `folder` and its files the permissions plain mkdir/open would (mkdtemp makes the folder private)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
-def replace_dir(src: Path, dst: Path):
-    """Rename folder `src` to `dst`, replacing an existing `dst` (moved aside first, restored on failure)."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    os.rename(dst, old / dst.name)
-    try:
-        os.rename(src, dst)
-    except OSError:
-        os.rename(old / dst.name, dst)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+def convert_tensors(g: GGUFFile, plan: list, cfg: dict, keep_quantized: bool, progress: bool) -> tuple:
+    """({checkpoint name: array}, config with the quantization block when blocks were kept) for a tensor_plan."""
+    tensors, kept = {}, set()
+    for name, t, heads in tqdm(plan, desc=f"converting {g.path.name}", unit="tensor", disable=not progress):
+        importer = IMPORTERS.get(t.ggml_type) if keep_quantized and len(t.shape) == 2 else None
+        if importer:
+            raw = unpermute_rows(t.raw, heads) if heads else t.raw
+            for part, a in importer(raw, *t.shape).to_arrays().items():
+                tensors[name[:-len("weight")] + part] = a
+            kept.add(t.ggml_type)
+            continue
+        values = t.dequantize()
+        tensors[name] = unpermute_rows(values, heads) if heads else np.ascontiguousarray(values)
+    if kept:
+        cfg = {**cfg, "quantization": {"format": q4.FORMAT, "version": q4.LAYOUT_VERSION, "group": 32,
+                                       "sym": "Q4_1" not in kept, "source": "gguf " + "+".join(sorted(kept))}}
+    return tensors, cfg

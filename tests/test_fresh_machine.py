@@ -1,0 +1,100 @@
+"""What a new user's machine sees: the public CLI in new processes, from an empty Numba cache.
+
+Each run here is a separate process with its own NUMBA_CACHE_DIR, so the cache state is exactly what the runs
+before it in the same test left, whatever this session compiled in-process.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from oracle import ROOT
+
+TINY = ROOT / "weights" / "tiny-hunyuan"
+BENCH = ["--json", "--quiet", "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions", "1"]
+
+
+def cli(*args, cache):
+    """`tinyhun ARGS` in a new process whose Numba cache is `cache`; asserts it exits 0 and returns its stdout."""
+    r = subprocess.run([sys.executable, "-m", "tinyhun.cli", *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "NUMBA_CACHE_DIR": str(cache)}, timeout=600)
+    died = f" (killed by {signal.Signals(-r.returncode).name})" if r.returncode < 0 else ""
+    assert r.returncode == 0, f"tinyhun {' '.join(map(str, args))}: exit {r.returncode}{died}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    """An INT4 copy of weights/tiny-hunyuan, written by `tinyhun quantize` (with a Numba cache of its own)."""
+    tmp = tmp_path_factory.mktemp("tiny-q4")
+    cli("quantize", TINY, tmp / "model", "--quiet", cache=tmp / "numba")
+    return tmp / "model"
+
+
+@pytest.mark.slow
+def test_generate_compiles_then_runs_from_the_cache(tmp_path, tiny_q4):
+    """fp32 and INT4, each from an empty cache (compiling), then again from what the first runs cached."""
+    cache = tmp_path / "numba"
+    runs = [[cli("generate", "Hello world", "--model", model, "--max-tokens", "4", "--quiet", cache=cache)
+             for model in (TINY, tiny_q4)] for _ in ("compile", "cached")]
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.slow
+def test_cached_kernels_do_not_crash_later_runs(tmp_path, smollm2_q4_dir, tiny_q4):
+    """The sequence that made every later INT4 Hunyuan run die with SIGSEGV: a fused layer compiled while all
+    its parallel callees were cache hits was cached without the hook that starts Numba's thread pool.
+    SmolLM2 INT4 caches the INT4 kernels, tiny-hunyuan fp32 the rest, so the INT4 Hunyuan run compiles only the
+    fused layer; the next run loads it from the cache and calls it first."""
+    cache = tmp_path / "numba"
+    for model in (smollm2_q4_dir, TINY, tiny_q4, tiny_q4):
+        cli("bench", "--model", model, *BENCH, cache=cache)
+
+
+# each kernel module imported first in a process of its own: the cache folder and the thread pool are set up
+# before any kernel is defined, whichever module a caller imports first
+CHECK = """
+import importlib, os, sys
+from pathlib import Path
+import numba
+mod = importlib.import_module(sys.argv[1])
+from tinyhun.kernels import numba_env
+where = numba_env.cache_dir()
+want = (Path(os.environ["NUMBA_CACHE_DIR"]) if os.environ.get("NUMBA_CACHE_DIR")
+        else Path(os.environ["TINYHUN_HOME"]) / "numba")
+assert where.parent == want and len(where.name.removeprefix("tinyhun-")) == 16, (where, want)
+numba.threading_layer()   # raises unless the thread pool has started
+kernels = [(m.__name__, name, f) for m in list(sys.modules.values()) if m and m.__name__.startswith("tinyhun")
+           for name, f in vars(m).items() if isinstance(f, numba.core.registry.CPUDispatcher)]
+assert kernels, "no kernels"
+for m, name, f in kernels:
+    assert f._cache.cache_path and Path(f._cache.cache_path).is_relative_to(where), (m, name, f._cache.cache_path)
+"""
+
+
+@pytest.mark.slow
+def test_every_kernel_module_caches_in_the_versioned_folder(tmp_path):
+    names = sorted(p.stem for p in (ROOT / "kernels").glob("*.py")
+                   if re.search(r"^@njit", p.read_text(encoding="utf-8"), re.MULTILINE))
+    assert names
+    envs = [{"NUMBA_CACHE_DIR": str(tmp_path / "numba")}, {"NUMBA_CACHE_DIR": "", "TINYHUN_HOME": str(tmp_path)}]
+    procs = [(name, subprocess.Popen([sys.executable, "-c", CHECK, f"tinyhun.kernels.{name}"],
+                                     env={**os.environ, **envs[i % 2]}, stderr=subprocess.PIPE, text=True))
+             for i, name in enumerate(names)]
+    for name, p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"importing tinyhun.kernels.{name} first:\n{err[-3000:]}"
+
+
+def test_source_key_changes_with_any_source_file(tmp_path):
+    from tinyhun.kernels import numba_env
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("A = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("B = 2\n")
+    before = numba_env.source_key([tmp_path / "pkg"])
+    assert numba_env.source_key([tmp_path / "pkg"]) == before
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("B = 3\n")
+    assert numba_env.source_key([tmp_path / "pkg"]) != before

@@ -1,0 +1,121 @@
+"""Backends own memory and run the layers: they allocate the KV cache and buffers, prepare the weights, hold the
+RoPE tables, embed tokens and run a family's decoder layer and the lm_head.
+
+The NumPy backend runs the family's blocks as Python over the reference ops; the Numba backend compiles the same
+functions (tinyhun.blocks, families/*.decoder_layer) into one call per layer, where every op name becomes its
+Numba kernel. `TINYHUN_KERNELS=numpy` selects the reference.
+"""
+import os
+import sys
+import threading
+
+import numpy as np
+
+from . import blocks
+from .errors import TinyhunError
+
+BACKENDS = ("numba", "numpy")
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def prepare(self, weights):
+        """Weights as this backend reads them: host arrays, as loaded (memory-mapped where they were fp32)."""
+        return weights
+
+    def rope_tables(self, cfg, n):
+        """cos/sin [n, d/2] in float32, as transformers computes them (fp32 inv_freq, fp32 angles)."""
+        d = cfg.head_dim
+        inv_freq = np.float32(1.0) / (np.float32(cfg.rope_base) ** (np.arange(0, d, 2, dtype=np.float32)
+                                                                     / np.float32(d)))
+        angles = np.arange(n, dtype=np.float32)[:, None] * inv_freq[None, :]
+        return np.cos(angles), np.sin(angles)
+
+    def embed(self, out, table, ids):
+        table.rows(out, ids)
+
+    def layer(self, family):
+        return family.decoder_layer
+
+    def logits(self):
+        return blocks.logits
+
+    def first_run(self):
+        return _Quiet()
+
+
+class _Quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _CompileNotice:
+    """Says what is happening when the first forward of a process takes long: Numba is compiling (then caches)."""
+    shown = False
+
+    def __enter__(self):
+        def say():
+            from .kernels.numba_env import cache_dir
+            _CompileNotice.shown = True
+            print(f"tinyhun: compiling kernels, first run only (cached in {cache_dir()})...", file=sys.stderr,
+                  flush=True)
+        self.timer = threading.Timer(1.5, say)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        return False
+
+
+class NumbaBackend(NumpyBackend):
+    name = "numba"
+    _compiled = {}
+    _lock = threading.Lock()
+    _warm = False
+
+    def __init__(self):
+        from .kernels import cpu  # noqa: F401  (registers the Numba kernels of every op name)
+
+    def _jit(self, fn):
+        from numba import njit
+
+        from .kernels.cpu_math import JIT
+        with self._lock:
+            if fn not in self._compiled:
+                self._compiled[fn] = njit(**JIT)(fn)
+            return self._compiled[fn]
+
+    def layer(self, family):
+        return self._jit(family.decoder_layer)
+
+    def logits(self):
+        # from Python, as blocks.logits composes it: called once per forward, and a kernel compiled only when a call
+        # needs it (a decode step never compiles the lm_head's prefill GEMM)
+        from .kernels import cpu, cpu_linear
+
+        def logits(out, x, norm, lm_head, xn, acts, eps):
+            cpu.rmsnorm(xn, x, norm, eps)
+            cpu_linear.matmul(out, xn, lm_head, acts)
+        return logits
+
+    def first_run(self):
+        if NumbaBackend._warm:
+            return _Quiet()
+        NumbaBackend._warm = True
+        return _CompileNotice()
+
+
+def select(name=None):
+    name = name or os.environ.get("TINYHUN_KERNELS") or "numba"
+    if name not in BACKENDS:
+        raise TinyhunError(f"kernels {name!r}: expected one of {', '.join(BACKENDS)} (TINYHUN_KERNELS)")
+    return NumbaBackend() if name == "numba" else NumpyBackend()

@@ -1,0 +1,104 @@
+"""The engine's named structures, defined once: a layer's weights, the run buffers, the rows of a forward pass.
+
+They are NamedTuples, so the NumPy reference reads them as Python objects and Numba compiles them as typed
+structs (a field's type is fixed at load time: a linear is F32, Q4 or Q8 from tinyhun.kernels.linear). Shapes:
+H hidden, I MLP width, nh/nkv query/key-value heads, d head_dim, R rows of scratch, T rows of one forward.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from .kernels.linear import act_scratch
+
+
+class Attention(NamedTuple):
+    wq: object             # linear [nh d, H]
+    wk: object             # linear [nkv d, H]
+    wv: object             # linear [nkv d, H]
+    wo: object             # linear [H, nh d]
+    q_norm: np.ndarray     # [d] per-head RMSNorm of q after RoPE (Hunyuan); [0]: none (Llama)
+    k_norm: np.ndarray     # [d] the same for k; [0]: none
+
+
+class DenseMLP(NamedTuple):
+    gate: object           # linear [I, H]
+    up: object             # linear [I, H]
+    down: object           # linear [H, I]
+
+
+class Layer(NamedTuple):
+    attn_norm: np.ndarray  # [H]
+    attn: Attention
+    mlp_norm: np.ndarray   # [H]
+    mlp: DenseMLP          # a family with another MLP (mixture of experts) puts its own block type here
+
+
+class Weights(NamedTuple):
+    embed: object          # linear [V, H] (rows are looked up, never multiplied)
+    layers: tuple          # Layer per decoder layer
+    norm: np.ndarray       # [H] final RMSNorm
+    lm_head: object        # linear [V, H]; the embedding itself when tied
+
+    def arrays(self, decode=False):
+        """Every weight array once (a tied lm_head counted once); decode=True: what a decoded token reads (all but
+        the embedding, of which it reads one row)."""
+        def walk(v):
+            if isinstance(v, np.ndarray):
+                yield v
+            elif isinstance(v, tuple):
+                for item in v:
+                    yield from walk(item)
+        head = () if self.lm_head is self.embed and not decode else (self.lm_head,)
+        found = {id(a): a for a in walk(((() if decode else self.embed), self.layers, self.norm, head))}
+        return list(found.values())
+
+    @property
+    def nbytes(self):
+        """Bytes of all weights held."""
+        return sum(a.nbytes for a in self.arrays())
+
+    @property
+    def decode_bytes(self):
+        """Bytes read per decoded token."""
+        return sum(a.nbytes for a in self.arrays(decode=True))
+
+
+class Dims(NamedTuple):
+    num_heads: int         # nh
+    num_kv_heads: int      # nkv
+    head_dim: int          # d
+    eps: float             # RMSNorm epsilon
+
+
+class Rows(NamedTuple):
+    """What a forward pass over T rows needs besides the weights: each row is one token of some sequence."""
+    slots: np.ndarray      # int64[T] the KV-cache slot each row reads and appends to
+    positions: np.ndarray  # int64[T] the row's position in its sequence
+    cos: np.ndarray        # float32[T, d/2] RoPE angles of each row's position
+    sin: np.ndarray        # float32[T, d/2]
+
+
+class Buffers(NamedTuple):
+    """Activation scratch for up to R rows, allocated once; `rows(T)` views the first T rows."""
+    x: np.ndarray          # [R, H] residual stream
+    xn: np.ndarray         # [R, H] normed input of a sublayer
+    q: np.ndarray          # [R, nh d]
+    k: np.ndarray          # [R, nkv d]
+    v: np.ndarray          # [R, nkv d]
+    attn: np.ndarray       # [R, nh d]
+    proj: np.ndarray       # [R, H] a sublayer's output before the residual add
+    gate: np.ndarray       # [R, I]
+    up: np.ndarray         # [R, I]
+    acts: tuple            # kernels.q4.Q8Acts, flat: int8 activations of quantized matmuls, for the widest input
+
+    @classmethod
+    def allocate(cls, cfg, rows):
+        def f(width):
+            return np.zeros((rows, width), np.float32)
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        widest = max(H, cfg.q_dim, I)
+        return cls(f(H), f(H), f(cfg.q_dim), f(cfg.kv_dim), f(cfg.kv_dim), f(cfg.q_dim), f(H), f(I), f(I),
+                   act_scratch(rows, -(-widest // 32) * 32))
+
+    def rows(self, T):
+        return Buffers(*(b[:T] for b in self[:-1]), self.acts)
