@@ -16,7 +16,11 @@ class KVPool:
         self.k = backend.zeros(shape, np.float32)   # keys after RoPE (and QK-norm)
         self.v = backend.zeros(shape, np.float32)
         self.max_context = max_context
-        self.caches = [KVCache(self, slot) for slot in range(slots)]
+
+    def caches(self):
+        """One KVCache per slot. They hold the pool, not the other way round: no reference cycle, so the memory
+        goes as soon as the last cache does (not at the next garbage collection)."""
+        return [KVCache(self, slot) for slot in range(self.k.shape[1])]
 
 
 class KVCache:

@@ -75,7 +75,7 @@ class Model:
         if isinstance(max_context, bool) or not isinstance(max_context, int) or not 0 < max_context <= self.max_context:
             raise TinyhunError(f"max_context={max_context!r}: expected an integer in 1..{self.max_context} "
                                "(the context this model was loaded with: tinyhun.load(path, max_context=N))")
-        return KVPool(self.backend, self.config, n, max_context).caches
+        return KVPool(self.backend, self.config, n, max_context).caches()
 
     def new_cache(self, max_context=None):
         return self.new_caches(1, max_context)[0]
