@@ -4,3 +4,4 @@
 Python as `cpu.<op>`, and compiled in wherever Numba code calls `ref.<op>`); `linear` holds the weight formats
 and their dispatch, `q4`/`q8` the INT4/INT8 layouts, quantizers and references. Nothing here imports the engine.
 """
+from . import numba_env  # noqa: F401  (first: the versioned cache folder and the thread pool, before any kernel)

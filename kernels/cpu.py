@@ -9,29 +9,17 @@ Parallel kernels split their rows into chunks of about CHUNK elements or more (a
 costs more in scheduling than the row's work; Numba's scheduler hands each thread a run of chunks) and run
 serially when there is a single chunk, where the ~2 µs parallel launch would dominate. The chunk count does not
 read the thread count: `get_num_threads()` inside a kernel defeats `cache=True` and costs 0.8 µs from Python.
-
-GOMP_SPINCOUNT: after a parallel region Numba's OpenMP threads busy-wait, by default long enough to starve
-OpenBLAS's threads when a prefill matmul follows (2 cores: Numba GEMV + BLAS T=128 took 8.0-36 ms in
-sequence against 2.7-3.0 ms apart). A spin of 3000 keeps the launch at ~2 µs for back-to-back kernels and the
-sequence at the sum of its parts; OMP_WAIT_POLICY=passive would cost ~50 µs a launch. It must be set before
-the OpenMP runtime loads (Numba's first parallel call) and yields to a value the user set.
 """
 import inspect
-import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+import numpy as np
+from numba import njit, prange
+from numba.extending import overload
 
-from . import numba_env  # noqa: E402,F401  (before any kernel: the thread pool and the versioned cache folder)
-
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
-from numba.extending import overload  # noqa: E402
-
-from . import ref  # noqa: E402
-from . import cpu_linear  # noqa: E402,F401  (registers the Numba `linear`)
-from .cpu_attention import attention_kernel, check_rows, store_kv_kernel  # noqa: E402
-from .cpu_math import CHUNK, JIT, _bounds, _n_chunks, exp_inplace  # noqa: E402
-from .cpu_matmul import BLAS_T, matmul  # noqa: E402,F401  (BLAS_T: tests; matmul: public)
+from . import cpu_linear, ref  # noqa: F401  (cpu_linear registers the Numba `linear`)
+from .cpu_attention import attention_kernel, check_rows, store_kv_kernel
+from .cpu_math import CHUNK, JIT, _bounds, _n_chunks, exp_inplace
+from .cpu_matmul import BLAS_T, matmul  # noqa: F401  (BLAS_T: tests; matmul: public)
 
 
 # ---- rmsnorm / add_rmsnorm ----------------------------------------------------------------------------------
