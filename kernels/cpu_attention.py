@@ -65,7 +65,9 @@ def _item(out, q, kc, vc, n, t, h, qs, sc, nb, mx, lsum):
     d = qs.shape[1]
     scale = np.float32(1.0 / math.sqrt(d))
     for g in range(group):
-        qs[g] = q[t, h * group + g]          # copied first, so `out` may alias `q`
+        qg = q[t, h * group + g]
+        for i in range(d):                   # copied first, so `out` may alias `q`; a loop, not a slice
+            qs[g, i] = qg[i]                 # assignment, whose shape check costs seconds of cold compile
         mx[g] = -np.inf
         lsum[g] = 0.0
         out[t, h * group + g] = 0.0
@@ -149,7 +151,12 @@ def check_rows(k_cache, v_cache, slots, positions, T):
 @njit(**JIT)
 def store_kv_kernel(k_cache, v_cache, k, v, slots, positions):
     # k_cache/v_cache[B, nkv, S, d] <- k, v[T, nkv, d] at (slots[t], positions[t])
+    # element loops, not slice assignments: Numba compiles a broadcasting shape check (and its error message
+    # formatting) for each of those, seconds of a layer's cold compile
     for t in range(k.shape[0]):
         for h in range(k.shape[1]):
-            k_cache[slots[t], h, positions[t], :] = k[t, h, :]
-            v_cache[slots[t], h, positions[t], :] = v[t, h, :]
+            kd, vd = k_cache[slots[t], h, positions[t]], v_cache[slots[t], h, positions[t]]
+            ks, vs = k[t, h], v[t, h]
+            for i in range(ks.shape[0]):
+                kd[i] = ks[i]
+                vd[i] = vs[i]
