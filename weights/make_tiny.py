@@ -72,18 +72,35 @@ def build_llama(out_dir, seed=0, **overrides):
     return build(LlamaForCausalLM, LlamaConfig, out_dir, seed, {**kw, **overrides})
 
 
-def main(out_dir=TINY):
+def with_tokenizer(out_dir):
+    """Write the tiny tokenizer into out_dir; returns the vocab size and the special token ids for the config."""
     sys.path.insert(0, str(HERE))
     from tiny_tokenizer import build as build_tokenizer
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out_dir)
     tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
-    ids = {key: tok.token_to_id(name) for key, name in SPECIALS.items()}
+    return vocab, {key: tok.token_to_id(name) for key, name in SPECIALS.items()}
+
+
+def main(out_dir=TINY, moe_dir=TINY_MOE):
+    out_dir = Path(out_dir)
+    vocab, ids = with_tokenizer(out_dir)
     build_hunyuan(out_dir, seed=0, vocab_size=vocab, **ids, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
                   num_attention_heads=6, num_key_value_heads=2, head_dim=16,
                   initializer_range=0.25)   # larger weights than training init: varied, non-degenerate greedy runs
+    write_golden(out_dir)
+    print(f"wrote {out_dir} (vocab {vocab})")
+    main_moe(moe_dir)
+
+
+def main_moe(out_dir=TINY_MOE):
+    """weights/tiny-hunyuan-moe: 8 experts, top-2, one shared MLP, with the same tokenizer."""
+    out_dir = Path(out_dir)
+    vocab, ids = with_tokenizer(out_dir)
+    build_hunyuan_moe(out_dir, seed=0, router_scale=1.0, vocab_size=vocab, **ids, hidden_size=64,
+                      intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, num_experts=8, moe_topk=2, initializer_range=0.25)
     write_golden(out_dir)
     print(f"wrote {out_dir} (vocab {vocab})")
 
