@@ -74,7 +74,8 @@ def checkpoint_shapes(cfg):
                            q + "down_proj.weight": (H, Ie)})
         if cfg.num_shared_expert[i]:
             q = p + "shared_mlp."
-            shapes.update({q + "gate_proj.weight": (I, H), q + "up_proj.weight": (I, H), q + "down_proj.weight": (H, I)})
+            shapes.update({q + "gate_proj.weight": (I, H), q + "up_proj.weight": (I, H),
+                           q + "down_proj.weight": (H, I)})
     return shapes
 
 
