@@ -18,7 +18,7 @@ from tinyhun.kernels import q4, q8
 from tinyhun.quantize import quantize_model
 from tinyhun.weights import check_names, read_tensor
 
-CONFIGS = {   # (num_experts, moe_topk, intermediate_size)
+CONFIGS = {   # transformers config overrides: experts and their (and the shared MLP's) width
     "e4-top1": dict(num_experts=4, moe_topk=1),
     "e8-top2": dict(num_experts=8, moe_topk=2),
     "e16-top8": dict(num_experts=16, moe_topk=8, intermediate_size=48),
