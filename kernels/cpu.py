@@ -10,15 +10,12 @@ costs more in scheduling than the row's work; Numba's scheduler hands each threa
 serially when there is a single chunk, where the ~2 µs parallel launch would dominate. The chunk count does not
 read the thread count: `get_num_threads()` inside a kernel defeats `cache=True` and costs 0.8 µs from Python.
 """
-import inspect
-
 import numpy as np
 from numba import njit, prange
-from numba.extending import overload
 
-from . import cpu_linear, ref  # noqa: F401  (cpu_linear registers the Numba `linear`)
+from . import cpu_linear, moe_cpu, ref  # noqa: F401  (they register the Numba `linear` and MoE ops)
 from .cpu_attention import attention_kernel, check_rows, store_kv_kernel
-from .cpu_math import CHUNK, JIT, _bounds, _n_chunks, exp_inplace
+from .cpu_math import CHUNK, JIT, _bounds, _n_chunks, compiles_to, exp_inplace
 from .cpu_matmul import BLAS_T, matmul  # noqa: F401  (BLAS_T: tests; matmul: public)
 
 
@@ -220,18 +217,7 @@ def add(out, a, b):
 
 # ---- the same ops inside Numba code: wherever compiled code calls ref.<op>, it compiles the kernel's body ----
 
-def _compiles_to(ref_op, kernel):
-    """Inside Numba code, `ref_op` becomes `kernel`'s own body (same argument names), not a call through a wrapper:
-    Numba re-optimizes everything below a function at each level of calls, so a wrapper level per op made the
-    cold compile of a layer several seconds longer."""
-    def typer(*args):
-        return kernel.py_func
-    typer.__signature__ = inspect.signature(ref_op)
-    options = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath", "error_model")}
-    overload(ref_op, jit_options=options)(typer)
-
-
 for _op, _kernel in ((ref.rmsnorm, _rmsnorm), (ref.add_rmsnorm, _add_rmsnorm), (ref.rope, _rope),
                      (ref.store_kv, store_kv_kernel), (ref.attention_rows, attention_kernel),
                      (ref.silu_mul, _silu_mul), (ref.add, _add)):
-    _compiles_to(_op, _kernel)
+    compiles_to(_op, _kernel)

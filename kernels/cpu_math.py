@@ -1,14 +1,17 @@
-"""Shared pieces of the Numba CPU kernels: the fastmath flag set and a vectorizable fp32 exp.
+"""Shared pieces of the Numba CPU kernels: the fastmath flag set, a vectorizable fp32 exp, and how a reference op
+compiles to its kernel inside Numba code (`compiles_to`).
 
 Numba lowers `np.exp` on an fp32 scalar to a libm call per element (no SVML here), which made silu_mul 2x slower
 than NumPy's SIMD exp. `exp_inplace` is the textbook scheme in two vectorizable loops: exp(x) = 2^n * p(r) with
 n = round(x / ln2), r = x - n ln2 (ln2 split in two so r stays exact), p a degree-7 Taylor polynomial (error
 < 1e-8 on |r| <= ln2/2), and 2^n added straight into the float's exponent bits through an int32 view.
 """
+import inspect
 import math
 
 import numpy as np
 from numba import njit
+from numba.extending import overload
 
 # Reassociation is what lets reductions vectorize. No nnan/ninf: attention's running max starts at -inf.
 FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -56,3 +59,14 @@ def _bounds(c, nc, n, unit):
     # chunk c of nc over 0..n-1 in whole units; the last chunk takes the remainder
     units = n // unit
     return c * units // nc * unit, (n if c == nc - 1 else (c + 1) * units // nc * unit)
+
+
+def compiles_to(ref_op, kernel):
+    """Inside Numba code, `ref_op` becomes `kernel`'s own body (same argument names), not a call through a wrapper:
+    Numba re-optimizes everything below a function at each level of calls, so a wrapper level per op made the
+    cold compile of a layer several seconds longer."""
+    def typer(*args):
+        return kernel.py_func
+    typer.__signature__ = inspect.signature(ref_op)
+    options = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath", "error_model")}
+    overload(ref_op, jit_options=options)(typer)

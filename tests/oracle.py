@@ -8,9 +8,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "weights"))
 
-from make_tiny import build_hunyuan, build_llama  # noqa: E402
+from make_tiny import build_hunyuan, build_hunyuan_moe, build_llama  # noqa: E402
 
-__all__ = ["build_hunyuan", "build_llama", "oracle_logits", "assert_logits_close", "ROOT"]
+__all__ = ["build_hunyuan", "build_hunyuan_moe", "build_llama", "oracle_logits", "assert_logits_close", "ROOT"]
 
 
 def oracle_logits(model, ids):

@@ -4,10 +4,13 @@ Called from Python they run the NumPy references; compiled by Numba (they are `r
 resolves to its Numba kernel, so a family's whole layer becomes one Numba call. Each block reads the normed input
 from s.xn and leaves its output in s.proj (s: structs.Buffers viewed for T rows).
 """
-from numba.extending import register_jitable
+from numba.core.errors import TypingError
+from numba.extending import overload, register_jitable
 
 from .kernels.linear import linear
+from .kernels.moe import count_experts, moe_decode, moe_prefill, route
 from .kernels.ref import attention_rows, rmsnorm, rope, silu_mul, store_kv
+from .structs import DenseMLP, MoEMLP
 
 
 @register_jitable
@@ -38,6 +41,45 @@ def dense_mlp(s, m):
     linear(s.up, s.xn, m.up, s.acts)
     silu_mul(s.gate, s.gate, s.up)
     linear(s.proj, s.gate, m.down, s.acts)
+
+
+@register_jitable
+def moe_mlp(s, m):
+    # s.proj = shared(xn) + sum over the router's top-k experts of weight * expert(xn): a structs.MoEMLP, its
+    # routing scratch in s.moe (structs.MoEScratch). One row (decode) runs the k expert GEMVs; more rows are
+    # grouped by expert, one GEMM per expert that any row picked.
+    r = s.moe
+    T, H = s.xn.shape
+    E, nk, width = m.router.shape[0], T * m.topk, T * m.width
+    ids, weights = r.ids[:nk], r.weights[:nk]
+    route(ids, weights, r.probs[:T * E], s.xn, m.router)
+    if m.has_shared:
+        dense_mlp(s, m.shared)
+    else:
+        s.proj[:] = 0.0
+    if T == 1:
+        moe_decode(s.proj, s.xn, ids, weights, m.gate, m.up, m.down, r.g[:width], r.u[:width], r.y[:H], s.acts)
+    else:
+        moe_prefill(s.proj, s.xn, ids, weights, m.gate, m.up, m.down, r.order[:nk], r.starts[:E + 1], r.xg,
+                    r.g[:width], r.u[:width], r.y, s.acts)
+    if m.counting[0]:
+        count_experts(m.load, ids)
+
+
+MLPS = {DenseMLP: dense_mlp, MoEMLP: moe_mlp}
+
+
+def mlp(s, m):
+    # s.proj = the layer's MLP block of s.xn, chosen by the type of m (structs.DenseMLP or MoEMLP)
+    MLPS[type(m)](s, m)
+
+
+@overload(mlp)
+def _mlp_ov(s, m):
+    block = MLPS.get(getattr(m, "instance_class", None))
+    if block is None:
+        raise TypingError(f"mlp: no block for an MLP of type {m}")
+    return block
 
 
 @register_jitable

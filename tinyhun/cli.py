@@ -1,5 +1,6 @@
 """The `tinyhun` command: a thin consumer of the library. User errors print one line and exit 2."""
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,6 +37,7 @@ def text_arg(value, what):
 
 def cmd_generate(args):
     import tinyhun
+    from . import moe_stats
     prompt = text_arg(args.prompt, "the prompt")
     system = None if args.system is None else text_arg(args.system, "--system")
     stop = [text_arg(s, "--stop") for s in args.stop or ()]
@@ -44,10 +46,13 @@ def cmd_generate(args):
                               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed, chat=args.chat,
                               stop=stop, system=system)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    with (moe_stats.collect(model) if args.moe_stats else contextlib.nullcontext()) as stats:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    if stats is not None:
+        print(moe_stats.format_report(stats.report()), file=sys.stderr)
 
 
 def cmd_info(args):
@@ -110,6 +115,8 @@ def build_parser():
     g.add_argument("--seed", type=int)
     g.add_argument("--system", help="system prompt (chat mode)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--moe-stats", action="store_true",
+                   help="after the text, print a mixture-of-experts model's routing statistics to stderr")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="wrap the prompt in the chat template (default when the model has one)")

@@ -1,7 +1,8 @@
 """`tinyhun quantize SRC DST`: a new checkpoint folder whose weight matrices are INT4 (kernels/q4.py's format).
 
-Norms stay float32. The embedding/lm_head become INT8 by default (`head="q8"`: on SmolLM2 an INT4 head cost about
-5 % perplexity, an INT8 one nothing measurable), or INT4 (`head="q4"`, smallest), or stay 16-bit (`head="f16"`).
+Norms stay float32, and so do the matrices a family names in FLOAT_MATRICES (a mixture of experts' router). The
+embedding/lm_head become INT8 by default (`head="q8"`: on SmolLM2 an INT4 head cost about 5 % perplexity, an INT8
+one nothing measurable), or INT4 (`head="q4"`, smallest), or stay 16-bit (`head="f16"`).
 The config gains a `quantization` block that the loader reads; each INT4 matrix X.weight is stored as X.qweight,
 X.scales (and X.mins when asymmetric). The output folder is written atomically (tinyhun/folders.py).
 """
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from .checkpoint import open_folder
 from .config import read_json
 from .errors import TinyhunError
-from .families import config_from_dict
+from .families import config_from_dict, family_of
 from .folders import atomic_folder, check_destination, write_checkpoint
 from .kernels import q4, q8
 from .weights import check_names, read_float
@@ -45,12 +46,13 @@ def quantize_model(src, dst, group=32, sym=True, head="q8", progress=True, overw
     check_destination(dst, overwrite, sources=[src])
     files = open_folder(src)
     shapes = check_names(files, cfg)
+    keep_float = getattr(family_of(cfg), "FLOAT_MATRICES", ())   # name suffixes of matrices a family keeps fp32
 
     out = {}
     for name in tqdm(shapes, desc="quantizing", unit="tensor", disable=not progress):
         w = read_float(files, shapes, src, name)
         is_head = name in ("model.embed_tokens.weight", "lm_head.weight")
-        if w.ndim == 1:
+        if w.ndim == 1 or name.endswith(keep_float):
             out[name] = np.ascontiguousarray(w)
         elif is_head and head == "f16":
             out[name] = w.astype(np.float16)

@@ -26,6 +26,26 @@ class DenseMLP(NamedTuple):
     down: object           # linear [H, I]
 
 
+class MoEMLP(NamedTuple):
+    """A mixture of experts (E experts of width Ie, k of them per token) beside a shared MLP."""
+    router: np.ndarray     # float32[E, H]: routing stays fp32, as in transformers (never quantized)
+    gate: object           # linear of the E experts stacked [E, Ie, H] (kernels.moe.stack_linears)
+    up: object             # the same [E, Ie, H]
+    down: object           # [E, H, Ie]
+    shared: DenseMLP       # always run, added with weight 1; zero-row F32 linears (never read) when has_shared is off
+    has_shared: bool
+    topk: int              # k
+    width: int             # Ie
+    load: np.ndarray       # int64[E] tokens routed to each expert while counting (tinyhun.moe_stats)
+    counting: np.ndarray   # bool[1], one array per model: whether the forward pass adds to `load`
+
+    @property
+    def idle_bytes(self):
+        """Bytes of the E - k experts a decoded token does not read."""
+        E = self.router.shape[0]
+        return (E - self.topk) * sum(w.nbytes for w in (self.gate, self.up, self.down)) // E
+
+
 class Layer(NamedTuple):
     attn_norm: np.ndarray  # [H]
     attn: Attention
@@ -59,8 +79,9 @@ class Weights(NamedTuple):
 
     @property
     def decode_bytes(self):
-        """Bytes read per decoded token."""
-        return sum(a.nbytes for a in self.arrays(decode=True))
+        """Bytes read per decoded token (of a mixture of experts, only the experts it is routed to)."""
+        idle = sum(getattr(layer.mlp, "idle_bytes", 0) for layer in self.layers)
+        return sum(a.nbytes for a in self.arrays(decode=True)) - idle
 
 
 class Dims(NamedTuple):
@@ -90,6 +111,7 @@ class Buffers(NamedTuple):
     gate: np.ndarray       # [R, I]
     up: np.ndarray         # [R, I]
     acts: tuple            # kernels.q4.Q8Acts, flat: int8 activations of quantized matmuls, for the widest input
+    moe: tuple = ()        # MoEScratch of a mixture-of-experts family, else empty
 
     @classmethod
     def allocate(cls, cfg, rows):
@@ -97,8 +119,34 @@ class Buffers(NamedTuple):
             return np.zeros((rows, width), np.float32)
         H, I = cfg.hidden_size, cfg.intermediate_size
         widest = max(H, cfg.q_dim, I)
+        moe = ()
+        if getattr(cfg, "num_experts", None):   # its experts' widths may exceed I
+            moe = MoEScratch.allocate(cfg, rows)
+            widest = max(widest, *cfg.moe_intermediate_size)
         return cls(f(H), f(H), f(cfg.q_dim), f(cfg.kv_dim), f(cfg.kv_dim), f(cfg.q_dim), f(H), f(I), f(I),
-                   act_scratch(rows, -(-widest // 32) * 32))
+                   act_scratch(rows, -(-widest // 32) * 32), moe)
 
     def rows(self, T):
-        return Buffers(*(b[:T] for b in self[:-1]), self.acts)
+        return Buffers(*(b[:T] if isinstance(b, np.ndarray) else b for b in self))
+
+
+class MoEScratch(NamedTuple):
+    """Routing and dispatch scratch for up to R rows, flat (an op views the first T rows at its layer's E, k, Ie):
+    E, k and Ie are the largest over the layers (per-layer configs may vary them)."""
+    probs: np.ndarray      # float32[R E] router softmax
+    ids: np.ndarray        # int64[R k] each row's experts, best first
+    weights: np.ndarray    # float32[R k] their weights, renormalised to sum 1
+    order: np.ndarray      # int64[R k] the (row, j) assignments row * k + j, grouped by expert
+    starts: np.ndarray     # int64[E + 1] where each expert's group starts in `order`
+    xg: np.ndarray         # float32[R H] an expert's input rows, gathered
+    g: np.ndarray          # float32[R Ie] its gate, then silu(gate) * up
+    u: np.ndarray          # float32[R Ie] its up
+    y: np.ndarray          # float32[R H] its output rows
+
+    @classmethod
+    def allocate(cls, cfg, rows):
+        E, k, W, H = max(cfg.num_experts), max(cfg.moe_topk), max(cfg.moe_intermediate_size), cfg.hidden_size
+        f = np.float32
+        return cls(np.zeros(rows * E, f), np.zeros(rows * k, np.int64), np.zeros(rows * k, f),
+                   np.zeros(rows * k, np.int64), np.zeros(E + 1, np.int64), np.zeros(rows * H, f),
+                   np.zeros(rows * W, f), np.zeros(rows * W, f), np.zeros(rows * H, f))

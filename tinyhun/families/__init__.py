@@ -9,9 +9,9 @@ from pathlib import Path
 
 from ..config import read_json
 from ..errors import TinyhunError
-from . import hunyuan_v1_dense, llama
+from . import hunyuan_v1_dense, hunyuan_v1_moe, llama
 
-FAMILIES = {m.MODEL_TYPE: m for m in (llama, hunyuan_v1_dense)}
+FAMILIES = {m.MODEL_TYPE: m for m in (llama, hunyuan_v1_dense, hunyuan_v1_moe)}
 
 
 def family(model_type, source="config.json"):

@@ -41,6 +41,6 @@ def checkpoint_shapes(cfg):
     return llama.checkpoint_shapes(cfg, {"self_attn.query_layernorm": (d,), "self_attn.key_layernorm": (d,)})
 
 
-def sanitize(cfg, read):
-    return llama.sanitize(cfg, read, norms=lambda a: (read(a + "query_layernorm.weight"),
-                                                      read(a + "key_layernorm.weight")))
+def sanitize(cfg, read, make_mlp=llama.read_dense_mlp):
+    return llama.sanitize(cfg, read, make_mlp=make_mlp, norms=lambda a: (read(a + "query_layernorm.weight"),
+                                                                         read(a + "key_layernorm.weight")))

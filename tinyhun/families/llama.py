@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..blocks import attention, dense_mlp
+from ..blocks import attention, mlp
 from ..config import Fields, quantization_block
 from ..kernels.linear import as_linear
 from ..kernels.ref import add, add_rmsnorm, rmsnorm
@@ -96,9 +96,15 @@ def checkpoint_shapes(cfg, layer_extras=None):
     return shapes
 
 
-def sanitize(cfg, read, norms=None):
+def read_dense_mlp(cfg, read, i, prefix):
+    """Layer i's structs.DenseMLP; prefix: its tensors' names up to `mlp.`."""
+    return DenseMLP(*(as_linear(read(prefix + n + ".weight")) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
+def sanitize(cfg, read, norms=None, make_mlp=read_dense_mlp):
     """Checkpoint tensors -> structs.Weights. read(name) gives a checkpoint tensor, checked against
-    checkpoint_shapes (a matrix as a float array, Q4Weight or Q8Weight); norms(prefix) the QK-norm weights."""
+    checkpoint_shapes (a matrix as a float array, Q4Weight or Q8Weight); norms(prefix) the QK-norm weights;
+    make_mlp(cfg, read, i, prefix) layer i's MLP block (another family's, a mixture of experts, goes there)."""
     none = np.zeros(0, np.float32)
     layers = []
     for i in range(cfg.num_layers):
@@ -107,8 +113,8 @@ def sanitize(cfg, read, norms=None):
         q_norm, k_norm = norms(a) if norms else (none, none)
         attn = Attention(*(as_linear(read(a + n + ".weight")) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
                          q_norm, k_norm)
-        mlp = DenseMLP(*(as_linear(read(p + "mlp." + n + ".weight")) for n in ("gate_proj", "up_proj", "down_proj")))
-        layers.append(Layer(read(p + "input_layernorm.weight"), attn, read(p + "post_attention_layernorm.weight"), mlp))
+        layers.append(Layer(read(p + "input_layernorm.weight"), attn, read(p + "post_attention_layernorm.weight"),
+                            make_mlp(cfg, read, i, p + "mlp.")))
     embed = as_linear(read("model.embed_tokens.weight"))
     lm_head = embed if cfg.tie_word_embeddings else as_linear(read("lm_head.weight"))
     return Weights(embed, tuple(layers), read("model.norm.weight"), lm_head)
@@ -120,5 +126,5 @@ def decoder_layer(lw, s, k_cache, v_cache, rows, dims):
     rmsnorm(s.xn, s.x, lw.attn_norm, dims.eps)
     attention(s, lw.attn, k_cache, v_cache, rows, dims)
     add_rmsnorm(s.xn, s.x, s.proj, lw.mlp_norm, dims.eps)
-    dense_mlp(s, lw.mlp)
+    mlp(s, lw.mlp)   # the block of the layer's MLP type: dense, or a mixture of experts
     add(s.x, s.x, s.proj)
