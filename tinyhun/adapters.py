@@ -175,6 +175,23 @@ def check_base(adapter, base_path, config_name=None):
             f"like the base model {Path(base_path).name!r}; its shapes fit, so it is used anyway"), stacklevel=3)
 
 
+def check_fit(u, target, shape):
+    n, k = shape
+    if u.a.shape[1] != k or u.b.shape[0] != n:
+        raise TinyhunError(f"{u.where}: lora_A {list(u.a.shape)} / lora_B {list(u.b.shape)} do not fit "
+                           f"{target} of shape [{n}, {k}] (expected lora_A [r, {k}], lora_B [{n}, r]); "
+                           "is the adapter for another base model?")
+
+
+def merged(w, u):
+    """float32 W + scale * B @ A, as peft's merge computes it in fp32."""
+    return np.asarray(w, np.float32) + np.float32(u.scale) * (u.b @ u.a)
+
+
+def checkpoint_name(layer, target):
+    return f"model.layers.{layer}.{PARENT[target]}.{target}.weight"
+
+
 def attach(weights, cfg, adapter, mode=None):
     """structs.Weights with the adapter's linears replaced: merged into float bases (mode "merge") or as LoRA side
     paths ("side"); mode None: merge when every adapted linear is float, else side (an INT4 base keeps its bits)."""
@@ -191,11 +208,7 @@ def attach(weights, cfg, adapter, mode=None):
             raise TinyhunError(f"{u.where}: {target} targets a dense MLP; this model's layer {layer} has "
                                f"{type(block).__name__}")
         base = bases[layer, target] = getattr(block, field)
-        n, k = base.shape
-        if u.a.shape[1] != k or u.b.shape[0] != n:
-            raise TinyhunError(f"{u.where}: lora_A {list(u.a.shape)} / lora_B {list(u.b.shape)} do not fit "
-                               f"{target} of shape [{n}, {k}] (expected lora_A [r, {k}], lora_B [{n}, r]); "
-                               "is the adapter for another base model?")
+        check_fit(u, target, base.shape)
     if mode is None:
         mode = "merge" if all(isinstance(b, F32) for b in bases.values()) else "side"
     for (layer, target), u in adapter.updates.items():
@@ -205,7 +218,7 @@ def attach(weights, cfg, adapter, mode=None):
                 raise TinyhunError(f"{u.where}: cannot merge into {type(base).__name__} weights ({target} of layer "
                                    f"{layer} is quantized); use adapter_mode='side', or merge into the float "
                                    "checkpoint (tinyhun merge) and quantize that")
-            new = F32(base.w + np.float32(u.scale) * (u.b @ u.a))
+            new = F32(merged(base.w, u))
         else:
             r = u.a.shape[0]
             if 4 * r > cfg.hidden_size:

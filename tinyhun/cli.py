@@ -13,10 +13,12 @@ from .errors import TinyhunError
 
 
 def load_model(args):
-    """--model > $MODEL_PATH > the default model."""
+    """--model > $MODEL_PATH > the default model; with --adapter, a peft LoRA adapter on it (--adapter-mode)."""
     import tinyhun
     from .hub import resolve_model
-    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), progress=not args.quiet)
+    adapter = getattr(args, "adapter", None)
+    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), progress=not args.quiet,
+                        adapter=adapter, adapter_mode=getattr(args, "adapter_mode", None) if adapter else None)
 
 
 def text_arg(value, what):
@@ -90,13 +92,25 @@ def cmd_bench(args):
     print(json.dumps(r) if args.json else format_report(r))
 
 
+def cmd_merge(args):
+    from .merge import merge_adapter
+    merge_adapter(args.base, args.adapter_dir, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_model(sp):
+    def with_model(sp, adapter=True):
         sp.add_argument("--model", help="model folder (default: $MODEL_PATH, else the default model)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        if not adapter:
+            return sp
+        sp.add_argument("--adapter", metavar="DIR", help="a peft LoRA adapter folder to run on the model")
+        sp.add_argument("--adapter-mode", choices=("merge", "side"),
+                        help="merge it into the weights (default for a float model) or run it beside them "
+                             "(default for an INT4 model)")
         return sp
 
     g = with_model(sub.add_parser("generate", help="stream a completion of PROMPT"))
@@ -116,7 +130,7 @@ def build_parser():
     mode.add_argument("--raw", dest="chat", action="store_false", help="complete the prompt as plain text")
     g.set_defaults(func=cmd_generate)
 
-    i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"))
+    i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"), adapter=False)
     i.add_argument("path", nargs="?", help="model folder")
     i.set_defaults(func=lambda a: cmd_info(argparse.Namespace(**{**vars(a), "model": a.path or a.model})))
 
@@ -138,6 +152,15 @@ def build_parser():
     b.add_argument("--repetitions", type=int, default=3)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
+
+    mg = sub.add_parser("merge", help="write a model folder with a peft LoRA adapter merged into its weights")
+    mg.add_argument("base", help="float model folder")
+    mg.add_argument("adapter_dir", metavar="adapter", help="peft adapter folder (adapter_config.json + "
+                    "adapter_model.safetensors)")
+    mg.add_argument("out", help="new folder (fp32; `tinyhun quantize` takes it)")
+    mg.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
+    mg.add_argument("--quiet", action="store_true")
+    mg.set_defaults(func=cmd_merge)
 
     q = sub.add_parser("quantize", help="write an INT4 copy of a model folder")
     q.add_argument("src")
@@ -170,7 +193,20 @@ def exit_cleanly_on_signals():
     return previous
 
 
+def one_line_warnings():
+    """tinyhun's own warnings (an adapter's base model name, say) print as `tinyhun: warning: ...`."""
+    import warnings
+    plain = warnings.formatwarning
+
+    def format(message, category, *rest, **kw):
+        if category.__module__.startswith("tinyhun"):
+            return f"tinyhun: warning: {message}\n"
+        return plain(message, category, *rest, **kw)
+    warnings.formatwarning = format
+
+
 def main(argv=None):
+    one_line_warnings()
     args = build_parser().parse_args(argv)
     previous = exit_cleanly_on_signals()
     try:
