@@ -236,6 +236,8 @@ def test_missing_partner_and_bad_mode(llama_qv, tmp_path):
         tinyhun.load(root / "base", adapter=root / "qv", adapter_mode="fused")
     with pytest.raises(TinyhunError, match="not an adapter folder"):
         tinyhun.load(root / "base", adapter=tmp_path / "missing")
+    with pytest.raises(TinyhunError, match="adapter_mode='side' given without an adapter"):
+        tinyhun.load(root / "base", adapter_mode="side")
 
 
 def test_rank_too_large_for_side_path(llama_qv, tmp_path):
