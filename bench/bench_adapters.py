@@ -6,12 +6,15 @@ on SmolLM2-135M-Instruct, interleaved in one run.
 Rows: the INT4 default model (Q4_1 matrices), bare and with a random peft-format adapter as a side path on q/v
 (the common LoraConfig) and on all seven linears; the fp32 folder merged (the bare cost) and as a side path.
 The overhead is the side path's decode time over the bare (merged-equivalent) model's, target <= 10 %.
+On a machine shared with other work, `NUMBA_NUM_THREADS=1 python bench/bench_adapters.py --cpu-time` times the
+process's CPU seconds instead of wall time, which other processes' load barely moves.
 """
 import argparse
 import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,6 @@ from bench_eval import fp32_folder  # noqa: E402
 
 import tinyhun  # noqa: E402
 from tinyhun.adapters import PARENT  # noqa: E402
-from tinyhun.bench import timed_run  # noqa: E402
 from tinyhun.hub import default_model_dir  # noqa: E402
 
 
@@ -47,13 +49,25 @@ def write_adapter(folder, cfg, targets, r, seed=0):
     return folder
 
 
+def decode_seconds(model, prompt, gen_tokens, clock):
+    """Seconds per greedy decode step after a prefill of prompt."""
+    cache = model.new_cache(len(prompt) + gen_tokens + 1)
+    token = np.array([int(np.argmax(model.forward(cache, prompt)[0]))])
+    t0 = clock()
+    for _ in range(gen_tokens):
+        token[0] = int(np.argmax(model.forward(cache, token)[0]))
+    return (clock() - t0) / gen_tokens
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--cpu-time", action="store_true", help="time CPU seconds of this process, not wall time")
     args = p.parse_args()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     q4_dir, f32_dir = default_model_dir(progress=False), fp32_folder()
     cfg = tinyhun.load(q4_dir).config
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,13 +83,14 @@ def main():
         prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=args.prompt_tokens)
         times = {name: [] for name in engines}
         for name, m in engines.items():   # warm-up: compile every layer type once
-            timed_run(m, prompt, 2)
+            decode_seconds(m, prompt, 2, clock)
         for _ in range(args.rounds):       # interleaved: the machine's load hits every engine alike
             for name, m in engines.items():
-                times[name].append(timed_run(m, prompt, args.gen_tokens)[2] / args.gen_tokens)
+                times[name].append(decode_seconds(m, prompt, args.gen_tokens, clock))
     med = {name: statistics.median(t) for name, t in times.items()}
     peer = {"int4": med["int4 bare"], "fp32": med["fp32 merged all 7"]}
-    print(f"decode, {args.gen_tokens} tokens after {args.prompt_tokens}, rank {args.rank}, median of {args.rounds}")
+    print(f"decode, {args.gen_tokens} tokens after {args.prompt_tokens}, rank {args.rank}, median of {args.rounds}, "
+          f"{'CPU' if args.cpu_time else 'wall'} time")
     for name, s in med.items():
         base = peer[name.split()[0]]
         print(f"{name:20s} {1 / s:7.1f} tok/s   {1000 * s:6.2f} ms/token   x{s / base:.3f} of "

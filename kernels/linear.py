@@ -3,8 +3,9 @@
 A checkpoint matrix becomes F32, Q4 or Q8 (`as_linear`), and every op that applies a weight, `linear(out, x, w,
 acts)`, is dispatched on that type: here in Python to the NumPy reference, in tinyhun.kernels.cpu at compile time
 to the Numba kernel (a Numba NamedTuple's type is its class). A new kind of linear is a new class here with its
-entries beside these, not an edit of the callers: LoRA wraps any of the others with a low-rank side path. Fields are plain arrays and numbers, so
-Numba takes them as they are and a device backend can hold the same fields in device arrays.
+entries beside these, not an edit of the callers: LoRA wraps any of the others with a low-rank side path. Fields
+are plain arrays and numbers, so Numba takes them as they are and a device backend can hold the same fields in
+device arrays.
 """
 from typing import NamedTuple
 
