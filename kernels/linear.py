@@ -2,9 +2,10 @@
 
 A checkpoint matrix becomes F32, Q4 or Q8 (`as_linear`), and every op that applies a weight, `linear(out, x, w,
 acts)`, is dispatched on that type: here in Python to the NumPy reference, in tinyhun.kernels.cpu at compile time
-to the Numba kernel (a Numba NamedTuple's type is its class). A new kind of linear (a LoRA-wrapped one, say) is a
-new class here with its entries beside these, not an edit of the callers. Fields are plain arrays and numbers, so
-Numba takes them as they are and a device backend can hold the same fields in device arrays.
+to the Numba kernel (a Numba NamedTuple's type is its class). A new kind of linear is a new class here with its
+entries beside these, not an edit of the callers: LoRA wraps any of the others with a low-rank side path. Fields
+are plain arrays and numbers, so Numba takes them as they are and a device backend can hold the same fields in
+device arrays.
 """
 from typing import NamedTuple
 
@@ -83,6 +84,38 @@ class Q8(NamedTuple):
 
     def rows(self, out, ids):
         out[:] = q8.dequantize_rows(self.weight(), ids)
+
+
+class LoRA(NamedTuple):
+    """A frozen base linear plus a low-rank update: out = base(x) + (x @ a.T) @ bt, bt = scale * lora_B.T.
+
+    The rank-r intermediate x @ a.T lives in the activation scratch (`rank_scratch`): the base matmul has finished
+    with its int8 activations by then, and their bytes hold rows x width / 4 floats, room for r <= width / 4."""
+    base: object         # F32, Q4 or Q8 [N, K]
+    a: np.ndarray        # float32[r, K]  lora_A
+    bt: np.ndarray       # float32[r, N]  scale * lora_B, transposed: the update is added N-wide, row by row
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def nbytes(self):
+        return self.base.nbytes + self.a.nbytes + self.bt.nbytes
+
+    def matmul_ref(self, out, x, acts):
+        linear(out, x, self.base, acts)
+        t = rank_scratch(acts, x.shape[0], self.a.shape[0])
+        np.matmul(x, self.a.T, out=t)
+        out += t @ self.bt
+
+    def rows(self, out, ids):
+        raise TinyhunError("a LoRA linear is multiplied, never looked up by rows (embeddings are not adapted)")
+
+
+def rank_scratch(acts, rows, r):
+    """float32[rows, r] carved out of the int8 activations of act_scratch (see LoRA)."""
+    return acts.q[:rows * r * 4].view(np.float32).reshape(rows, r)
 
 
 def as_linear(w):

@@ -8,9 +8,11 @@ from .model import Model
 __all__ = ["KVCache", "Model", "TinyhunError", "load", "generate", "stream_generate"]
 
 
-def load(path, device="cpu", max_context=None, progress=False, kernels=None):
+def load(path, device="cpu", max_context=None, progress=False, kernels=None, adapter=None, adapter_mode=None):
     """Load a model folder (config.json + safetensors [+ tokenizer]) -> Model. kernels: "numba" (default) or
-    "numpy" (the references; also TINYHUN_KERNELS)."""
+    "numpy" (the references; also TINYHUN_KERNELS). adapter: a peft LoRA adapter folder, merged into the weights
+    (adapter_mode="merge", the default for a float base) or run as a side path beside them ("side", the default
+    for a quantized base: tinyhun.adapters)."""
     from .backend import select
     from .families import load_config
     from .weights import load_weights
@@ -25,6 +27,14 @@ def load(path, device="cpu", max_context=None, progress=False, kernels=None):
     config = load_config(path / "config.json")
     backend = select(kernels)
     weights = load_weights(path, config, progress=progress)
+    if adapter is not None:
+        from . import adapters
+        from .config import read_json
+        a = adapters.read_adapter(adapter)
+        weights = adapters.attach(weights, config, a, adapter_mode)
+        adapters.check_base(a, path.resolve(), read_json(path / "config.json").get("_name_or_path"))
+    elif adapter_mode is not None:
+        raise TinyhunError(f"adapter_mode={adapter_mode!r} given without an adapter")
     tokenizer = None
     if (path / "tokenizer.json").exists() or (path / "hy.tiktoken").exists():
         from .tokenizer import Tokenizer

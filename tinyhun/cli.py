@@ -14,10 +14,12 @@ from .errors import TinyhunError
 
 
 def load_model(args):
-    """--model > $MODEL_PATH > the default model."""
+    """--model > $MODEL_PATH > the default model; with --adapter, a peft LoRA adapter on it (--adapter-mode)."""
     import tinyhun
     from .hub import resolve_model
-    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), progress=not args.quiet)
+    adapter = getattr(args, "adapter", None)
+    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), progress=not args.quiet,
+                        adapter=adapter, adapter_mode=getattr(args, "adapter_mode", None) if adapter else None)
 
 
 def text_arg(value, what):
@@ -95,13 +97,42 @@ def cmd_bench(args):
     print(json.dumps(r) if args.json else format_report(r))
 
 
+def cmd_merge(args):
+    from .merge import merge_adapter
+    merge_adapter(args.base, args.adapter_dir, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def cmd_eval(args):
+    from . import evaluate
+    model = load_model(args)
+    path = evaluate.task_path(args.file, args.task)
+    progress = not args.quiet
+    if args.task == "perplexity":
+        r = evaluate.perplexity(model, evaluate.read_text(path), window=args.window, stride=args.stride,
+                                limit=args.limit, progress=progress)
+    elif args.task == "choice":
+        r = evaluate.choice(model, evaluate.read_jsonl(path, "choice"), limit=args.limit, progress=progress)
+    else:
+        r = evaluate.generate(model, evaluate.read_jsonl(path, "generate"), max_tokens=args.max_tokens,
+                              chat=args.chat, limit=args.limit, progress=progress)
+    r = {"file": str(path), **r}
+    print(json.dumps(r) if args.json else evaluate.format_result(r))
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_model(sp):
+    def with_model(sp, adapter=True):
         sp.add_argument("--model", help="model folder (default: $MODEL_PATH, else the default model)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        if not adapter:
+            return sp
+        sp.add_argument("--adapter", metavar="DIR", help="a peft LoRA adapter folder to run on the model")
+        sp.add_argument("--adapter-mode", choices=("merge", "side"),
+                        help="merge it into the weights (default for a float model) or run it beside them "
+                             "(default for an INT4 model)")
         return sp
 
     g = with_model(sub.add_parser("generate", help="stream a completion of PROMPT"))
@@ -123,7 +154,7 @@ def build_parser():
     mode.add_argument("--raw", dest="chat", action="store_false", help="complete the prompt as plain text")
     g.set_defaults(func=cmd_generate)
 
-    i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"))
+    i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"), adapter=False)
     i.add_argument("path", nargs="?", help="model folder")
     i.set_defaults(func=lambda a: cmd_info(argparse.Namespace(**{**vars(a), "model": a.path or a.model})))
 
@@ -145,6 +176,35 @@ def build_parser():
     b.add_argument("--repetitions", type=int, default=3)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
+
+    ev = sub.add_parser("eval", help="evaluate a model: perplexity, multiple choice, generation")
+    tasks = ev.add_subparsers(dest="task", required=True)
+    for task, what in (("perplexity", "perplexity of raw text (sliding window)"),
+                       ("choice", "multiple choice by log-likelihood (JSONL: context, choices, answer)"),
+                       ("generate", "greedy answers scored by exact match / contains (JSONL: prompt, answer)")):
+        t = with_model(tasks.add_parser(task, help=what))
+        t.add_argument("file", help="task file, or `sample` for the one tinyhun ships")
+        t.add_argument("--limit", type=int, help="only the first N items (perplexity: N tokens scored)")
+        t.add_argument("--json", action="store_true", help="print one JSON object")
+        if task == "perplexity":
+            t.add_argument("--window", type=int, help="tokens per window (default min(1024, context))")
+            t.add_argument("--stride", type=int, help="tokens between window starts (default window/2)")
+        if task == "generate":
+            t.add_argument("--max-tokens", type=int, default=64, help="per answer, unless the item sets one")
+            mode = t.add_mutually_exclusive_group()
+            mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                              help="wrap prompts in the chat template (default when the model has one)")
+            mode.add_argument("--raw", dest="chat", action="store_false", help="prompts as plain text")
+        t.set_defaults(func=cmd_eval)
+
+    mg = sub.add_parser("merge", help="write a model folder with a peft LoRA adapter merged into its weights")
+    mg.add_argument("base", help="float model folder")
+    mg.add_argument("adapter_dir", metavar="adapter", help="peft adapter folder (adapter_config.json + "
+                    "adapter_model.safetensors)")
+    mg.add_argument("out", help="new folder (fp32; `tinyhun quantize` takes it)")
+    mg.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
+    mg.add_argument("--quiet", action="store_true")
+    mg.set_defaults(func=cmd_merge)
 
     q = sub.add_parser("quantize", help="write an INT4 copy of a model folder")
     q.add_argument("src")
@@ -177,7 +237,20 @@ def exit_cleanly_on_signals():
     return previous
 
 
+def one_line_warnings():
+    """tinyhun's own warnings (an adapter's base model name, say) print as `tinyhun: warning: ...`."""
+    import warnings
+    plain = warnings.formatwarning
+
+    def format(message, category, *rest, **kw):
+        if category.__module__.startswith("tinyhun"):
+            return f"tinyhun: warning: {message}\n"
+        return plain(message, category, *rest, **kw)
+    warnings.formatwarning = format
+
+
 def main(argv=None):
+    one_line_warnings()
     args = build_parser().parse_args(argv)
     previous = exit_cleanly_on_signals()
     try:
