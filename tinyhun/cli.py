@@ -16,7 +16,8 @@ def load_model(args):
     """--model > $MODEL_PATH > the default model."""
     import tinyhun
     from .hub import resolve_model
-    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), progress=not args.quiet)
+    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), device=args.device,
+                        progress=not args.quiet)
 
 
 def text_arg(value, what):
@@ -91,12 +92,14 @@ def cmd_bench(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU.")
+    p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU or an NVIDIA GPU.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_model(sp):
         sp.add_argument("--model", help="model folder (default: $MODEL_PATH, else the default model)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default) or cuda: an NVIDIA GPU (needs the `cuda` extra, numba-cuda)")
         return sp
 
     g = with_model(sub.add_parser("generate", help="stream a completion of PROMPT"))
