@@ -72,6 +72,7 @@ def rope_qk_store(q, qkv, k_cache, v_cache, cos, sin, slots, positions, q_norm, 
 @lru_cache(maxsize=None)
 def _attention(nh, nkv, d, split, splits):
     DPL = -(-d // WARP)   # head dims per lane
+    DW = DPL * WARP       # array shapes must be plain constants for the CUDA compiler
     NT = AW * WARP
     group = nh // nkv
     scale = np.float32(1.0 / np.sqrt(d))
@@ -84,7 +85,7 @@ def _attention(nh, nkv, d, split, splits):
         red = cuda.shared.array(NT, float32)
         wm = cuda.shared.array(AW, float32)
         wl = cuda.shared.array(AW, float32)
-        wacc = cuda.shared.array((AW, DPL * WARP), float32)
+        wacc = cuda.shared.array((AW, DW), float32)
         sl, kvh = slots[t], h // group
         start = sp * split
         end = min(positions[t] + 1, start + split)

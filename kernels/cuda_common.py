@@ -18,7 +18,7 @@ def launch(kernel, grid, block, *args):
 
 
 if SHUFFLE:
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def warp_sum(v, red, tid):
         # the sum of v over the warp, in lane 0 (in every lane here; red unused)
         off = 16
@@ -29,7 +29,7 @@ if SHUFFLE:
 
     warp_allsum = warp_sum
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def warp_sums(acc, n, red, tid):
         # acc[:n] (a local array) summed over the warp, in lane 0 (red unused)
         for i in range(n):

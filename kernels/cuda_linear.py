@@ -21,6 +21,7 @@ WARPS = 4          # GEMV warps per block
 RPW = 1 if SHUFFLE else 8
 GEMV_ROWS = 4      # up to this many rows run as GEMVs (one pass over the weight per row); more as a GEMM
 BM, BN, BK = 32, 32, 32   # GEMM tile: rows of x, rows of w, depth; 16 x 16 threads of 2 x 2 outputs each
+BK1 = BK + 1               # a padded tile row: the threads of a warp read distinct banks
 PLAIN, RESID, PAIRS = range(3)   # epilogues: out = y, out = y + resid, out = silu(gate) * up
 
 
@@ -84,6 +85,7 @@ def _gemv(fmt, K, has_norm, mode, sym, group, rpw):
     C = K // 8
     permute = fmt == "r4"
     per = 2 if mode == PAIRS else 1   # dot products per unit
+    nacc = rpw * per                  # array shapes must be plain constants for the CUDA compiler
     dot = _row_dot(fmt, K, sym, group)
 
     @cuda.jit
@@ -93,7 +95,7 @@ def _gemv(fmt, K, has_norm, mode, sym, group, rpw):
         t = cuda.blockIdx.y
         xs = cuda.shared.array(K, float32)
         red = cuda.shared.array(NT, float32)
-        reds = cuda.shared.array((rpw * per, NT), float32)
+        reds = cuda.shared.array((nacc, NT), float32)
         r = float32(1.0)
         if has_norm:
             ss = float32(0.0)
@@ -106,12 +108,12 @@ def _gemv(fmt, K, has_norm, mode, sym, group, rpw):
         cuda.syncthreads()
         lane = tid % WARP
         first = (cuda.blockIdx.x * WARPS + tid // WARP) * rpw
-        acc = cuda.local.array(rpw * per, float32)
+        acc = cuda.local.array(nacc, float32)
         for i in range(rpw):
             u = min(first + i, units - 1)   # every warp takes part in the sums (they synchronize)
             for j in range(per):
                 acc[i * per + j] = dot(a, b, c, u * per + j, xs, lane)
-        warp_sums(acc, rpw * per, reds, tid)
+        warp_sums(acc, nacc, reds, tid)
         if lane == 0:
             for i in range(rpw):
                 u = first + i
@@ -137,8 +139,8 @@ def _gemm(fmt, K, has_norm, mode, sym, group):
         tid = ty * 16 + tx
         t0, n0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
         T = x.shape[0]
-        xa = cuda.shared.array((BM, BK + 1), float32)
-        wa = cuda.shared.array((BN, BK + 1), float32)
+        xa = cuda.shared.array((BM, BK1), float32)
+        wa = cuda.shared.array((BN, BK1), float32)
         rr = cuda.shared.array(BM, float32)
         red = cuda.shared.array(256, float32)
         if has_norm:   # 8 threads per row of x: its 1/rms
