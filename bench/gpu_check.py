@@ -105,7 +105,7 @@ def tinyhun_speed(shape, fmt, prompt, gen, reps):
     return r
 
 
-def transformers_speed(shape, impl, prompt, gen, reps):
+def transformers_speed(shape, impl, prompt, gen, reps, device="cuda"):
     """bf16 prefill and greedy decode tok/s of transformers' HunYuanDenseV1 with random weights."""
     import torch
     from transformers import HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM
@@ -113,16 +113,17 @@ def transformers_speed(shape, impl, prompt, gen, reps):
                                intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
                                num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
                                head_dim=shape["head_dim"], tie_word_embeddings=True)
-    model = HunYuanDenseV1ForCausalLM._from_config(cfg, attn_implementation=impl, torch_dtype=torch.bfloat16)
-    model = model.to("cuda").eval()
-    ids = torch.randint(0, shape["vocab_size"], (1, prompt), device="cuda")
+    model = HunYuanDenseV1ForCausalLM._from_config(cfg, attn_implementation=impl, dtype=torch.bfloat16)
+    model = model.to(device).eval()
+    ids = torch.randint(0, shape["vocab_size"], (1, prompt), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     pre, dec = [], []
     with torch.no_grad():
         for _ in range(reps + 1):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             out = model(ids, use_cache=True)
-            torch.cuda.synchronize()
+            sync()
             pre.append(prompt / (time.perf_counter() - t))
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             t = time.perf_counter()

@@ -1,8 +1,8 @@
 """numba.cuda attention: RoPE + QK-norm + KV store in one launch (`rope_qk_store`, reference in
 kernels.cuda_ref), and `attention_rows` over the device KV cache (reference: kernels.ref.attention_rows).
 
-attention_rows runs one block per (row, query head, split of the cache's positions): each warp of the block walks
-every AW-th position of the split with its own online softmax (running max, sum and weighted values, the head's
+attention_rows runs one block per (row, query head, split of the cache's positions): each warp of the block scores
+PW positions at a time, every AW * PW-th run of them in the split, with its own online softmax (running max, sum and weighted values, the head's
 dims spread over the lanes), the warps are merged at the end, and with more than one split a second launch merges
 the splits' partial results (max, sum, unnormalized output). Splitting along the sequence keeps a long context's
 decode spread over many blocks; a split past a row's last position does no work.
@@ -13,9 +13,10 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, float32
 
-from .cuda_common import WARP, block_sum, launch, warp_allsum
+from .cuda_common import WARP, block_sum, launch, warp_allsums
 
 AW = 4        # warps per attention block
+PW = 4        # positions a warp scores at once (independent loads in flight; one reduction for all of them)
 SPLIT = 256   # cache positions per split
 
 
@@ -82,7 +83,8 @@ def _attention(nh, nkv, d, split, splits):
         t, h, sp = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         tid = cuda.threadIdx.x
         warp, lane = tid // WARP, tid % WARP
-        red = cuda.shared.array(NT, float32)
+        red = cuda.shared.array((PW, NT), float32)
+        sc = cuda.local.array(PW, float32)
         wm = cuda.shared.array(AW, float32)
         wl = cuda.shared.array(AW, float32)
         wacc = cuda.shared.array((AW, DW), float32)
@@ -97,24 +99,34 @@ def _attention(nh, nkv, d, split, splits):
             acc[i] = float32(0.0)
         m = float32(-np.inf)
         l = float32(0.0)
-        for r in range(0, max(0, end - start), AW):   # the same trip count for every warp of the block
-            p = start + r + warp
-            pp = p if p < end else start
-            s = float32(0.0)
-            for i in range(DPL):
-                dd = lane + WARP * i
-                if dd < d:
-                    s += qr[i] * kc[sl, kvh, pp, dd]
-            s = warp_allsum(s, red, tid)
-            if p < end:
-                mn = max(m, s)
-                alpha = math.exp(m - mn)
-                e = math.exp(s - mn)
-                l = l * alpha + e
+        for r in range(0, max(0, end - start), AW * PW):   # the same trip count for every warp of the block
+            first = start + r + warp * PW
+            for j in range(PW):
+                pp = min(first + j, end - 1)
+                s = float32(0.0)
                 for i in range(DPL):
                     dd = lane + WARP * i
                     if dd < d:
-                        acc[i] = acc[i] * alpha + e * vc[sl, kvh, pp, dd]
+                        s += qr[i] * kc[sl, kvh, pp, dd]
+                sc[j] = s
+            warp_allsums(sc, PW, red, tid)
+            mn = m
+            for j in range(PW):
+                if first + j < end:
+                    mn = max(mn, sc[j])
+            if mn > -np.inf:   # some position of this warp's round is in the split
+                alpha = math.exp(m - mn)
+                l *= alpha
+                for i in range(DPL):
+                    acc[i] *= alpha
+                for j in range(PW):
+                    if first + j < end:
+                        e = math.exp(sc[j] - mn)
+                        l += e
+                        for i in range(DPL):
+                            dd = lane + WARP * i
+                            if dd < d:
+                                acc[i] += e * vc[sl, kvh, first + j, dd]
                 m = mn
         if lane == 0:
             wm[warp] = m

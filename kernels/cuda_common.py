@@ -27,13 +27,13 @@ if SHUFFLE:
             off //= 2
         return v
 
-    warp_allsum = warp_sum
-
     @cuda.jit(device=True)
     def warp_sums(acc, n, red, tid):
-        # acc[:n] (a local array) summed over the warp, in lane 0 (red unused)
+        # acc[:n] (a local array) summed over the warp, in lane 0 (in every lane here; red unused)
         for i in range(n):
             acc[i] = warp_sum(acc[i], red, tid)
+
+    warp_allsums = warp_sums
 else:
     @cuda.jit(device=True)
     def warp_sum(v, red, tid):
@@ -45,18 +45,6 @@ else:
                 v += red[tid + i]
         cuda.syncthreads()
         return v
-
-    @cuda.jit(device=True)
-    def warp_allsum(v, red, tid):
-        # the sum of v over the warp, in every lane; red: float32 shared [block threads]
-        red[tid] = v
-        cuda.syncthreads()
-        base = tid - tid % WARP
-        s = red[base]
-        for i in range(1, WARP):
-            s += red[base + i]
-        cuda.syncthreads()
-        return s
 
     @cuda.jit(device=True)
     def warp_sums(acc, n, red, tid):
@@ -71,6 +59,19 @@ else:
                 for j in range(1, WARP):
                     s += red[i, tid + j]
                 acc[i] = s
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def warp_allsums(acc, n, red, tid):
+        # acc[:n] summed over the warp, in every lane: lane 0 sums, the others read its sums back
+        warp_sums(acc, n, red, tid)
+        lane = tid % WARP
+        if lane == 0:
+            for i in range(n):
+                red[i, tid] = acc[i]
+        cuda.syncthreads()
+        for i in range(n):
+            acc[i] = red[i, tid - lane]
         cuda.syncthreads()
 
 

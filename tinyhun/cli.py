@@ -95,11 +95,12 @@ def build_parser():
     p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU or an NVIDIA GPU.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_model(sp):
+    def with_model(sp, device=True):
         sp.add_argument("--model", help="model folder (default: $MODEL_PATH, else the default model)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
-        sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu (default) or cuda: an NVIDIA GPU (needs the `cuda` extra, numba-cuda)")
+        if device:   # every command that runs the model
+            sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                            help="cpu (default) or cuda: an NVIDIA GPU (needs the `cuda` extra, numba-cuda)")
         return sp
 
     g = with_model(sub.add_parser("generate", help="stream a completion of PROMPT"))
@@ -119,7 +120,7 @@ def build_parser():
     mode.add_argument("--raw", dest="chat", action="store_false", help="complete the prompt as plain text")
     g.set_defaults(func=cmd_generate)
 
-    i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"))
+    i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"), device=False)
     i.add_argument("path", nargs="?", help="model folder")
     i.set_defaults(func=lambda a: cmd_info(argparse.Namespace(**{**vars(a), "model": a.path or a.model})))
 
