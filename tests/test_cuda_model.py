@@ -75,10 +75,13 @@ def assert_close(got, ref, rel):
         assert err <= bound, f"max |Δlogit| {err:.3g} > {bound:.3g} (= {rel} x max |logit|)"
 
 
-@pytest.mark.parametrize("family, fmt", [(hunyuan_v1_dense, "f32"), (hunyuan_v1_dense, "q4"),
-                                         (llama, "q4-asym")])
-def test_cuda_model_equals_cpu(family, fmt):
+@pytest.mark.parametrize("family, fmt, split", [(hunyuan_v1_dense, "f32", 4), (llama, "q4-asym", None)])
+def test_cuda_model_equals_cpu(family, fmt, split, monkeypatch):
+    """split=4: caches of 16 positions split attention along the sequence (four splits and their merge)."""
     from tinyhun.cuda_backend import CudaBackend
+    from tinyhun.kernels import cuda_attention
+    if split:
+        monkeypatch.setattr(cuda_attention, "SPLIT", split)
     rng = np.random.default_rng(3)
     cfg = config(family)
     w = weights(rng, family is hunyuan_v1_dense, fmt)
@@ -86,19 +89,6 @@ def test_cuda_model_equals_cpu(family, fmt):
     assert_close(got, run(Model(cfg, as_device_sees(w), backend=NumpyBackend(), max_context=16)), 1e-4)
     if fmt == "f32":
         assert_close(got, run(Model(cfg, w, backend=NumpyBackend(), max_context=16)), 1e-2)
-
-
-def test_split_attention_in_the_model(monkeypatch):
-    """Caches long enough to split attention along the sequence (SPLIT made tiny) give the same logits."""
-    from tinyhun.cuda_backend import CudaBackend
-    from tinyhun.kernels import cuda_attention
-    rng = np.random.default_rng(4)
-    cfg = config(hunyuan_v1_dense)
-    w = weights(rng, True, "f32")
-    monkeypatch.setattr(cuda_attention, "SPLIT", 4)
-    ids = np.arange(1, 10)
-    cpu = Model(cfg, as_device_sees(w), backend=NumpyBackend(), max_context=16).logits(ids)
-    assert_close([Model(cfg, w, backend=CudaBackend(), max_context=16).logits(ids)], [cpu], 1e-4)
 
 
 def test_launches_per_decoded_token():
