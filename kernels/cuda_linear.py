@@ -16,9 +16,15 @@ from .cuda_common import SHUFFLE, WARP, block_sum, launch, warp_sums
 from .cuda_ref import H16, shape
 
 WARPS = 4          # GEMV warps per block
-# GEMV output rows per warp: few on a GPU (many blocks in flight); more under the simulator, whose cost is its
-# barriers per block (the same code either way; the kernel tests run both)
+# GEMV output rows per warp: one on a GPU (many blocks in flight), four for a wide matrix (the lm_head: each block
+# loads and norms x once for more rows); eight under the simulator, whose cost is its barriers per block (the same
+# code either way; the kernel tests run several)
 RPW = 1 if SHUFFLE else 8
+WIDE = 8192
+
+
+def rows_per_warp(units):
+    return RPW * 4 if SHUFFLE and units >= WIDE else RPW
 GEMV_ROWS = 4      # up to this many rows run as GEMVs (one pass over the weight per row); more as a GEMM
 BM, BN, BK = 32, 32, 32   # GEMM tile: rows of x, rows of w, depth; 16 x 16 threads of 2 x 2 outputs each
 BK1 = BK + 1               # a padded tile row: the threads of a warp read distinct banks
@@ -210,7 +216,7 @@ def _fields(w):
 
 def linear(out, x, w, norm=None, eps=0.0, resid=None, pairs=False, rpw=None):
     # see kernels.cuda_ref.linear; device arrays: x float32[T, K], out float32[T, N] (or [T, N/2] in pairs mode);
-    # rpw: GEMV rows per warp (default RPW)
+    # rpw: GEMV rows per warp (default rows_per_warp)
     T, K = x.shape
     N = shape(w)[0]
     fmt, (a, b, c), sym, group = _fields(w)
@@ -219,7 +225,7 @@ def linear(out, x, w, norm=None, eps=0.0, resid=None, pairs=False, rpw=None):
     rs = out if resid is None else resid   # never read without a residual
     if T <= GEMV_ROWS:
         units = N // 2 if pairs else N
-        rpw = rpw or RPW
+        rpw = rpw or rows_per_warp(units)
         kern = _gemv(fmt, K, norm is not None, mode, sym, group, rpw)
         launch(kern, (-(-units // (WARPS * rpw)), T), WARPS * WARP, out, x, nw, eps, a, b, c, rs, units)
     else:
