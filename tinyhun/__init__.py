@@ -5,27 +5,32 @@ from .errors import TinyhunError
 from .kv_cache import KVCache
 from .model import Model
 
+DEVICES = ("cpu", "cuda")
+
 __all__ = ["KVCache", "Model", "TinyhunError", "load", "generate", "stream_generate"]
 
 
 def load(path, device="cpu", max_context=None, progress=False, kernels=None, adapter=None, adapter_mode=None):
-    """Load a model folder (config.json + safetensors [+ tokenizer]) -> Model. kernels: "numba" (default) or
-    "numpy" (the references; also TINYHUN_KERNELS). adapter: a peft LoRA adapter folder, merged into the weights
-    (adapter_mode="merge", the default for a float base) or run as a side path beside them ("side", the default
-    for a quantized base: tinyhun.adapters)."""
+    """Load a model folder (config.json + safetensors [+ tokenizer]) -> Model. device: "cpu" or "cuda" (an NVIDIA
+    GPU through numba-cuda, the `cuda` extra); kernels (cpu only): "numba" (default) or "numpy" (the references;
+    also TINYHUN_KERNELS). adapter: a peft LoRA adapter folder, merged into the weights (adapter_mode="merge", the
+    default for a float base) or run as a side path beside them ("side", the default for a quantized base:
+    tinyhun.adapters)."""
     from .backend import select
     from .families import load_config
     from .weights import load_weights
 
-    if device != "cpu":
-        raise TinyhunError(f"device {device!r} is not supported (expected 'cpu')")
+    if device not in DEVICES:
+        raise TinyhunError(f"device {device!r} is not supported (expected one of {', '.join(DEVICES)})")
+    if device == "cuda" and kernels not in (None, "cuda"):
+        raise TinyhunError(f"kernels {kernels!r}: device 'cuda' runs its own kernels (leave kernels unset)")
     path = Path(path)
     if not path.is_dir():
         raise TinyhunError(f"{path}: not a model folder")
     if not (path / "config.json").exists():
         raise TinyhunError(f"{path / 'config.json'}: not found (a model folder needs a config.json)")
     config = load_config(path / "config.json")
-    backend = select(kernels)
+    backend = select("cuda" if device == "cuda" else kernels)   # before the weights: a missing GPU fails fast
     weights = load_weights(path, config, progress=progress)
     if adapter is not None:
         from . import adapters

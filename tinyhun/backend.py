@@ -13,8 +13,40 @@ import numpy as np
 
 from . import blocks
 from .errors import TinyhunError
+from .structs import Buffers, Rows
 
-BACKENDS = ("numba", "numpy")
+BACKENDS = ("numba", "numpy", "cuda")
+
+
+class HostScratch:
+    """One thread's activation buffers in host memory: a forward allocates nothing large."""
+
+    def __init__(self, cfg, rows):
+        self.bufs = Buffers.allocate(cfg, rows)
+        self.slots = np.zeros(rows, np.int64)       # filled by Model.forward / forward_batch
+        self.positions = np.zeros(rows, np.int64)
+        self.cos = np.zeros((rows, cfg.head_dim // 2), np.float32)
+        self.sin = np.zeros((rows, cfg.head_dim // 2), np.float32)
+        self.logits = np.zeros((1, cfg.vocab_size), np.float32)
+
+    def rows(self, T, rope):
+        """structs.Rows of the first T rows, their RoPE angles gathered from the tables rope = (cos, sin)."""
+        rows = Rows(self.slots[:T], self.positions[:T], self.cos[:T], self.sin[:T])
+        np.take(rope[0], rows.positions, axis=0, out=rows.cos)
+        np.take(rope[1], rows.positions, axis=0, out=rows.sin)
+        return rows
+
+    def logits_out(self, n, vocab, into):
+        """Where the backend writes n rows of logits: `into` (a host array) when given, else this scratch."""
+        if into is not None:
+            return into
+        if len(self.logits) < n:
+            self.logits = np.zeros((n, vocab), np.float32)
+        return self.logits[:n]
+
+    def to_host(self, out, into):
+        """The logits written into `out` (logits_out's), as a host array: here they already are."""
+        return out
 
 
 class NumpyBackend:
@@ -22,6 +54,9 @@ class NumpyBackend:
 
     def zeros(self, shape, dtype):
         return np.zeros(shape, dtype)
+
+    def scratch(self, cfg, rows):
+        return HostScratch(cfg, rows)
 
     def prepare(self, weights):
         """Weights as this backend reads them: host arrays, as loaded (memory-mapped where they were fp32)."""
@@ -144,4 +179,7 @@ def select(name=None):
     name = name or os.environ.get("TINYHUN_KERNELS") or "numba"
     if name not in BACKENDS:
         raise TinyhunError(f"kernels {name!r}: expected one of {', '.join(BACKENDS)} (TINYHUN_KERNELS)")
+    if name == "cuda":
+        from .cuda_backend import CudaBackend   # imports numba.cuda: only when asked for
+        return CudaBackend()
     return NumbaBackend() if name == "numba" else NumpyBackend()

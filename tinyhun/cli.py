@@ -18,8 +18,9 @@ def load_model(args):
     import tinyhun
     from .hub import resolve_model
     adapter = getattr(args, "adapter", None)
-    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), progress=not args.quiet,
-                        adapter=adapter, adapter_mode=getattr(args, "adapter_mode", None) if adapter else None)
+    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), device=args.device,
+                        progress=not args.quiet, adapter=adapter,
+                        adapter_mode=getattr(args, "adapter_mode", None) if adapter else None)
 
 
 def text_arg(value, what):
@@ -121,14 +122,16 @@ def cmd_eval(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU.")
+    p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU or an NVIDIA GPU.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_model(sp, adapter=True):
+    def with_model(sp, runs=True):
         sp.add_argument("--model", help="model folder (default: $MODEL_PATH, else the default model)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
-        if not adapter:
+        if not runs:   # the options below are for commands that run the model
             return sp
+        sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default) or cuda: an NVIDIA GPU (needs the `cuda` extra, numba-cuda)")
         sp.add_argument("--adapter", metavar="DIR", help="a peft LoRA adapter folder to run on the model")
         sp.add_argument("--adapter-mode", choices=("merge", "side"),
                         help="merge it into the weights (default for a float model) or run it beside them "
@@ -154,7 +157,7 @@ def build_parser():
     mode.add_argument("--raw", dest="chat", action="store_false", help="complete the prompt as plain text")
     g.set_defaults(func=cmd_generate)
 
-    i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"), adapter=False)
+    i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"), runs=False)
     i.add_argument("path", nargs="?", help="model folder")
     i.set_defaults(func=lambda a: cmd_info(argparse.Namespace(**{**vars(a), "model": a.path or a.model})))
 

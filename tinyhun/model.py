@@ -12,7 +12,7 @@ import numpy as np
 from .errors import TinyhunError
 from .families import family_of
 from .kv_cache import KVPool
-from .structs import Buffers, Dims, Rows
+from .structs import Dims
 
 CHUNK = 128   # rows per pass over the weights: a prefill longer than this runs in chunks
 
@@ -26,23 +26,6 @@ def check_ids(ids, vocab_size):
     if int(a.min()) < 0 or int(a.max()) >= vocab_size:
         raise TinyhunError(f"token id out of range [0, {vocab_size}): got {int(a.min())}..{int(a.max())}")
     return a.astype(np.int64, copy=False)
-
-
-class _Scratch:
-    """One thread's activation buffers: a forward allocates nothing large."""
-
-    def __init__(self, cfg, rows):
-        self.bufs = Buffers.allocate(cfg, rows)
-        self.slots = np.zeros(rows, np.int64)
-        self.positions = np.zeros(rows, np.int64)
-        self.cos = np.zeros((rows, cfg.head_dim // 2), np.float32)
-        self.sin = np.zeros((rows, cfg.head_dim // 2), np.float32)
-        self.logits = np.zeros((1, cfg.vocab_size), np.float32)
-
-    def logits_rows(self, n, vocab):
-        if len(self.logits) < n:
-            self.logits = np.zeros((n, vocab), np.float32)
-        return self.logits[:n]
 
 
 class Model:
@@ -86,7 +69,7 @@ class Model:
     def _scratch(self):
         s = getattr(self._local, "scratch", None)
         if s is None:
-            s = self._local.scratch = _Scratch(self.config, CHUNK)
+            s = self._local.scratch = self.backend.scratch(self.config, CHUNK)
         return s
 
     def _run(self, pool, ids, logits_rows):
@@ -94,21 +77,19 @@ class Model:
         the last row's logits [1, V], 'all' for every row's (into the scratch), or an out array [T, V]."""
         sc, w, T = self._scratch(), self.weights, len(ids)
         s = sc.bufs.rows(T)
-        cos, sin = self.rope
-        rows = Rows(sc.slots[:T], sc.positions[:T], sc.cos[:T], sc.sin[:T])
-        np.take(cos, rows.positions, axis=0, out=rows.cos)
-        np.take(sin, rows.positions, axis=0, out=rows.sin)
+        rows = sc.rows(T, self.rope)
         self.backend.embed(s.x, w.embed, ids)
         with self.backend.first_run():
             for li, lw in enumerate(w.layers):
                 self._layer(lw, s, pool.k[li], pool.v[li], rows, self.dims)
             if logits_rows is None:
-                out, x, xn = sc.logits_rows(1, self.config.vocab_size), s.x[T - 1:T], s.xn[T - 1:T]
+                n, x, xn, into = 1, s.x[T - 1:T], s.xn[T - 1:T], None
             else:
-                out = sc.logits_rows(T, self.config.vocab_size) if isinstance(logits_rows, str) else logits_rows
-                x, xn = s.x, s.xn
+                n, x, xn = T, s.x, s.xn
+                into = None if isinstance(logits_rows, str) else logits_rows
+            out = sc.logits_out(n, self.config.vocab_size, into)
             self._logits(out, x, w.norm, w.lm_head, xn, s.acts, self.dims.eps)
-        return out
+        return sc.to_host(out, into)
 
     def forward(self, cache, ids, out=None):
         """Append ids at the cache's next positions; return the last token's logits [1, V] (valid until this

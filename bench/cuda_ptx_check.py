@@ -1,0 +1,60 @@
+"""Compile every CUDA kernel variant the backend launches to PTX (sm_90) with the GPU code path (warp shuffles),
+on a machine without a GPU: catches what the simulator cannot (typing the CUDA compiler refuses).
+
+Needs NVRTC/NVVM beside numba-cuda: `pip install nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12`. Run
+`python bench/cuda_ptx_check.py`; it prints one line per kernel and the count.
+"""
+import itertools
+
+import numba
+import numba.cuda.dispatcher
+import numpy as np
+from numba import cuda
+
+from tinyhun.kernels import cuda_attention, cuda_common, cuda_linear, cuda_ref, q4
+from tinyhun.kernels.linear import as_linear
+
+
+class _H100:
+    compute_capability = (9, 0)
+
+
+def main():
+    assert cuda_common.SHUFFLE, "run without NUMBA_ENABLE_CUDASIM"
+    numba.cuda.dispatcher.get_current_device = _H100   # device functions ask for the current device's cc
+    done = set()
+
+    def compile_launch(kern, grid, block, *args):
+        sig = tuple(numba.typeof(a) for a in args)
+        if (kern, sig) not in done:
+            done.add((kern, sig))
+            ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
+            print(f"ok {kern.py_func.__name__} grid {grid} block {block}: {len(ptx)} chars of PTX")
+    cuda_linear.launch = cuda_attention.launch = compile_launch
+    f32 = np.float32
+    N, K = 64, 128
+    w = np.random.default_rng(0).standard_normal((N, K)).astype(f32)
+    for lin, T in itertools.product([w, q4.quantize_q4(w, 32), q4.quantize_q4(w, 64, False)], (1, 6)):
+        dw = cuda_ref.device_format(as_linear(lin))
+        x, nw, r = np.zeros((T, K), f32), np.ones(K, f32), np.zeros((T, N), f32)
+        cuda_linear.linear(np.zeros((T, N), f32), x, dw)
+        cuda_linear.linear(np.zeros((T, N), f32), x, dw, norm=nw, eps=1e-5)
+        cuda_linear.linear(np.zeros((T, N), f32), x, dw, resid=r)
+        cuda_linear.linear(np.zeros((T, N // 2), f32), x, dw, norm=nw, eps=1e-5, pairs=True)
+        cuda_linear.embed_rows(np.zeros((T, K), f32), dw, np.zeros(T, np.int64))
+    wide = cuda_ref.device_format(as_linear(np.zeros((cuda_linear.WIDE, K), f32)))   # several rows per warp
+    cuda_linear.linear(np.zeros((1, cuda_linear.WIDE), f32), np.zeros((1, K), f32), wide, norm=np.ones(K, f32))
+    B, nh, nkv, d, S = 2, 16, 8, 128, 64
+    for T, norm in ((1, True), (5, False)):
+        idx, cache, cos = np.zeros(T, np.int64), np.zeros((B, nkv, S, d), f32), np.zeros((S, d // 2), f32)
+        n = np.ones(d, f32) if norm else np.zeros(0, f32)
+        cuda_attention.rope_qk_store(np.zeros((T, nh, d), f32), np.zeros((T, (nh + 2 * nkv) * d), f32), cache,
+                                     cache, cos, cos, idx, idx, n, n, 1e-5)
+        for split in (256, 16):
+            cuda_attention.attention_rows(np.zeros((T, nh, d), f32), np.zeros((T, nh, d), f32), cache, cache, idx,
+                                          idx, split=split, partials=np.zeros(T * nh * 4 * (d + 2), f32))
+    print(f"{len(done)} kernels compiled to PTX for sm_90")
+
+
+if __name__ == "__main__":
+    main()

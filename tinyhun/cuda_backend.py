@@ -1,0 +1,213 @@
+"""The CUDA backend: the whole forward pass on an NVIDIA GPU with the numba.cuda kernels of tinyhun.kernels.cuda_*.
+
+At load (`prepare`) the weights go to the device once: float and INT8 matrices as fp16, INT4 kept INT4 in the
+row layout of kernels.cuda_ref.R4; q, k and v become one matrix (one GEMV), gate and up one matrix with their rows
+interleaved (the GEMV writes silu(gate) * up). The KV pool, the activation buffers and the RoPE tables live on the
+device; per forward only the token ids, slots and positions go up and the logits rows come down.
+
+A decoder layer is six launches (seven when the cache is long enough to split attention along the sequence):
+  1 RMSNorm + QKV GEMV   2 RoPE + QK-norm + KV store   3 attention   4 o_proj GEMV + residual add
+  5 RMSNorm + gate/up GEMV + SiLU * up                 6 down GEMV + residual add
+"""
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import NumpyBackend, _Quiet
+from .errors import TinyhunError
+from .structs import DenseMLP, Rows
+
+MAX_SPLITS = 16   # attention splits per row at most: a longer cache gets longer splits
+
+
+def require_cuda():
+    """numba.cuda with a usable GPU, else a one-line TinyhunError saying what is missing."""
+    try:
+        from numba import cuda
+    except ImportError:
+        raise TinyhunError("device 'cuda' needs numba-cuda: pip install 'tinyhun[cuda]'") from None
+    if not cuda.is_available():
+        raise TinyhunError("device 'cuda': no CUDA GPU or driver found (numba.cuda.is_available() is false); "
+                           "use device 'cpu'")
+    return cuda
+
+
+class CudaLayer(NamedTuple):
+    attn_norm: object      # float32[H]
+    qkv: object            # device linear [(nh + 2 nkv) d, H]: q, k, v rows stacked
+    wo: object             # [H, nh d]
+    q_norm: object         # float32[d], or a host [0] when the family has no QK-norm
+    k_norm: object
+    mlp_norm: object       # float32[H]
+    gate_up: object        # [2 I, H], rows gate_0, up_0, gate_1, ...
+    down: object           # [H, I]
+
+
+class CudaWeights(NamedTuple):
+    embed: object          # device linear [V, H]
+    layers: tuple          # CudaLayer per decoder layer
+    norm: object           # float32[H]
+    lm_head: object        # device linear [V, H]; the embedding itself when tied
+
+    def arrays(self, decode=False):
+        """Every device array once (see structs.Weights.arrays)."""
+        def walk(v):
+            if hasattr(v, "copy_to_host"):
+                yield v
+            elif isinstance(v, tuple):
+                for item in v:
+                    yield from walk(item)
+        head = () if self.lm_head is self.embed and not decode else (self.lm_head,)
+        found = {id(a): a for a in walk(((() if decode else self.embed), self.layers, self.norm, head))}
+        return list(found.values())
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self.arrays())
+
+    @property
+    def decode_bytes(self):
+        return sum(a.nbytes for a in self.arrays(decode=True))
+
+
+class CudaBuffers(NamedTuple):
+    """Device activation scratch for up to R rows; `rows(T)` views the first T rows."""
+    x: object              # [R, H] residual stream
+    xn: object             # the residual stream again: the CUDA kernels norm as they load, so no normed copy
+    qkv: object            # [R, (nh + 2 nkv) d]
+    q: object              # [R, nh, d] queries after RoPE (and QK-norm)
+    attn: object           # [R, nh, d]
+    attn2: object          # attn as [R, nh d]
+    h: object              # [R, I] silu(gate) * up
+    part: object           # flat float32 attention partials, R * nh * MAX_SPLITS * (d + 2)
+    acts: object           # None: no int8 activation scratch on the device
+
+    def rows(self, T):
+        return CudaBuffers(*(b[:T] for b in self[:7]), self.part, None)
+
+
+class DeviceScratch:
+    """One thread's device buffers (Model asks the backend for it), with host staging for what crosses."""
+
+    def __init__(self, cuda, cfg, rows):
+        def dev(*shape):
+            return cuda.device_array(shape, np.float32)
+        nh, d = cfg.num_heads, cfg.head_dim
+        x, attn = dev(rows, cfg.hidden_size), dev(rows, nh, d)
+        self.bufs = CudaBuffers(x, x, dev(rows, cfg.q_dim + 2 * cfg.kv_dim), dev(rows, nh, d), attn,
+                                attn.reshape(rows, nh * d), dev(rows, cfg.intermediate_size),
+                                dev(rows * nh * MAX_SPLITS * (d + 2)), None)
+        self.slots = np.zeros(rows, np.int64)        # filled by Model.forward / forward_batch
+        self.positions = np.zeros(rows, np.int64)
+        self._stage = cuda.pinned_array(2 * rows, np.int64)
+        self._index = cuda.device_array(2 * rows, np.int64)
+        self._logits = dev(rows, cfg.vocab_size)
+        self._host_logits = cuda.pinned_array((rows, cfg.vocab_size), np.float32)
+
+    def rows(self, T, rope):
+        """structs.Rows on the device: slots and positions uploaded in one copy; cos/sin are the whole tables
+        (the RoPE kernel indexes them by position)."""
+        self._stage[:T] = self.slots[:T]
+        self._stage[T:2 * T] = self.positions[:T]
+        self._index[:2 * T].copy_to_device(self._stage[:2 * T])
+        return Rows(self._index[:T], self._index[T:2 * T], rope[0], rope[1])
+
+    def logits_out(self, n, vocab, into):
+        return self._logits[:n]
+
+    def to_host(self, out, into):
+        """The logits rows down to the host: into `into` when given, else a staging array valid until the next
+        forward of this thread."""
+        host = self._host_logits[:len(out)] if into is None else into
+        out.copy_to_host(host)
+        return host
+
+
+class CudaBackend(NumpyBackend):
+    name = "cuda"
+
+    def __init__(self):
+        self.cuda = require_cuda()
+        from .kernels import cuda_attention, cuda_common, cuda_linear, cuda_ref
+        self.k_attn, self.k_common, self.k_linear, self.k_ref = cuda_attention, cuda_common, cuda_linear, cuda_ref
+        self._local = threading.local()
+
+    @property
+    def launches(self):
+        """Kernel launches so far in this process."""
+        return self.k_common.LAUNCHES[0]
+
+    def zeros(self, shape, dtype):
+        return self.cuda.to_device(np.zeros(shape, dtype))
+
+    def scratch(self, cfg, rows):
+        return DeviceScratch(self.cuda, cfg, rows)
+
+    def _put(self, a):
+        return self.cuda.to_device(np.ascontiguousarray(a))
+
+    def _linear(self, fmt):
+        """A device linear of host arrays -> the same with its arrays on the device."""
+        return type(fmt)(*(self._put(f) if isinstance(f, np.ndarray) else f for f in fmt))
+
+    def prepare(self, weights):
+        fmt, stack = self.k_ref.device_format, self.k_ref.stack
+        layers = []
+        for i, lw in enumerate(weights.layers):
+            a, m = lw.attn, lw.mlp
+            if not isinstance(m, DenseMLP):
+                raise TinyhunError(f"device 'cuda': layer {i} has a {type(m).__name__} MLP; only dense MLPs run "
+                                   "on the GPU so far (use device 'cpu')")
+            norms = [self._put(n) if n.size else n for n in (a.q_norm, a.k_norm)]
+            layers.append(CudaLayer(self._put(lw.attn_norm), self._linear(stack([fmt(a.wq), fmt(a.wk), fmt(a.wv)])),
+                                    self._linear(fmt(a.wo)), *norms, self._put(lw.mlp_norm),
+                                    self._linear(stack([fmt(m.gate), fmt(m.up)], interleave=True)),
+                                    self._linear(fmt(m.down))))
+        embed = self._linear(fmt(weights.embed))
+        head = embed if weights.lm_head is weights.embed else self._linear(fmt(weights.lm_head))
+        return CudaWeights(embed, tuple(layers), self._put(weights.norm), head)
+
+    def rope_tables(self, cfg, n):
+        return tuple(self._put(t) for t in super().rope_tables(cfg, n))
+
+    def embed(self, out, table, ids):
+        st = getattr(self._local, "ids", None)
+        if st is None or len(st[0]) < len(ids):
+            st = self._local.ids = (self.cuda.pinned_array(max(len(ids), 128), np.int64),
+                                    self.cuda.device_array(max(len(ids), 128), np.int64))
+        T = len(ids)
+        st[0][:T] = ids
+        st[1][:T].copy_to_device(st[0][:T])
+        self.k_linear.embed_rows(out, table, st[1][:T])
+
+    def layer(self, family):
+        from .families import llama
+        if family.decoder_layer is not llama.decoder_layer:
+            raise TinyhunError(f"device 'cuda': model family {family.MODEL_TYPE!r} is not supported on the GPU yet "
+                               "(supported: llama, hunyuan_v1_dense)")
+        linear, rope_qk_store, attention_rows = (self.k_linear.linear, self.k_attn.rope_qk_store,
+                                                 self.k_attn.attention_rows)
+
+        def decoder_layer(lw, s, k_cache, v_cache, rows, dims):
+            # llama.decoder_layer's block order, fused into six launches (module docstring)
+            eps, S = dims.eps, k_cache.shape[2]
+            linear(s.qkv, s.x, lw.qkv, norm=lw.attn_norm, eps=eps)
+            rope_qk_store(s.q, s.qkv, k_cache, v_cache, rows.cos, rows.sin, rows.slots, rows.positions,
+                          lw.q_norm, lw.k_norm, eps)
+            attention_rows(s.attn, s.q, k_cache, v_cache, rows.slots, rows.positions,
+                           split=max(self.k_attn.SPLIT, -(-S // MAX_SPLITS)), partials=s.part)
+            linear(s.x, s.attn2, lw.wo, resid=s.x)
+            linear(s.h, s.x, lw.gate_up, norm=lw.mlp_norm, eps=eps, pairs=True)
+            linear(s.x, s.h, lw.down, resid=s.x)
+        return decoder_layer
+
+    def logits(self):
+        linear = self.k_linear.linear
+
+        def logits(out, x, norm, lm_head, xn, acts, eps):
+            linear(out, x, lm_head, norm=norm, eps=eps)
+        return logits
+
+    def first_run(self):
+        return _Quiet()
