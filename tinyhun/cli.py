@@ -90,6 +90,37 @@ def cmd_bench(args):
     print(json.dumps(r) if args.json else format_report(r))
 
 
+def env_int(name, default):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if not value.strip().isdigit() or int(value) < 1:
+        raise TinyhunError(f"${name}={value!r}: expected a positive integer")
+    return int(value)
+
+
+def cmd_serve(args):
+    import tinyhun
+    from .hub import resolve_model
+    from .server import Settings, serve
+    if not 1 <= args.port <= 65535:
+        raise TinyhunError(f"--port {args.port}: expected 1..65535")
+    for name in ("slots", "queue", "max_body"):
+        if getattr(args, name) < (0 if name == "queue" else 1):
+            raise TinyhunError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
+    max_tokens = args.max_tokens if args.max_tokens is not None else env_int("MAX_TOKENS", 512)
+    if max_tokens < 1:
+        raise TinyhunError(f"--max-tokens {max_tokens}: expected a positive integer")
+    settings = Settings(model_name=args.served_model_name, max_tokens=max_tokens, slots=args.slots, queue=args.queue,
+                        max_context=args.context, api_key=os.environ.get("TINYHUN_API_KEY") or None,
+                        max_body=args.max_body)
+
+    def load():
+        path = resolve_model(args.model, progress=not args.quiet)
+        return tinyhun.load(path, max_context=args.context, progress=not args.quiet), Path(path).name
+    serve(load, settings, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +169,17 @@ def build_parser():
     b.add_argument("--repetitions", type=int, default=3)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
+
+    s = with_model(sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming)"))
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--slots", type=int, default=4, help="sequences generated at once, batched (default 4)")
+    s.add_argument("--queue", type=int, default=16, help="requests waiting for a slot before 429 (default 16)")
+    s.add_argument("--context", type=int, help="tokens per slot (default: the model's, at most 4096)")
+    s.add_argument("--max-tokens", type=int, help="most tokens a request may generate (default $MAX_TOKENS, 512)")
+    s.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
+    s.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
+    s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("quantize", help="write an INT4 copy of a model folder")
     q.add_argument("src")
