@@ -342,3 +342,77 @@ class _Bare:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+# ---- styles, thinking, the content filter (chat endpoint) ----
+
+class Scripted:
+    """A sampler that 'generates' the tokens of a fixed text, then the end-of-turn token."""
+
+    def __init__(self, tok, text):
+        self.ids = tok.encode(text, add_special_tokens=False) + [min(tok.stop_ids)]
+        self.i = 0
+
+    def __call__(self, logits, history):
+        self.i += 1
+        return self.ids[min(self.i, len(self.ids)) - 1]
+
+
+@pytest.fixture
+def scripted(monkeypatch, model):
+    def use(text):
+        monkeypatch.setattr("tinyhun.server.openai_api.make_sampler", lambda **kw: Scripted(model.tokenizer, text))
+    return use
+
+
+def test_reasoning_content_is_separate_from_content(client, scripted):
+    scripted("<think>\nThe user greets me.\n</think>\n<answer>\nHello, how can I help?\n</answer>")
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=LIMIT)
+    msg = whole.choices[0].message
+    assert (msg.reasoning_content, msg.content) == ("The user greets me.", "Hello, how can I help?")
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=LIMIT, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "The user greets me."
+    assert "".join(d.content or "" for d in deltas) == "Hello, how can I help?"
+    assert not any("<think>" in (d.content or "") for d in deltas)
+
+
+def test_blocked_terms_are_masked_in_the_stream(client, scripted):
+    scripted("well, this is bullshit, sorry")
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=LIMIT)
+    assert whole.choices[0].message.content == "well, this is ********, sorry"
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=LIMIT, stream=True) if c.choices]
+    assert "".join(pieces) == "well, this is ********, sorry"
+
+
+def test_blocked_prompt_is_refused_without_running_the_model(live, client):
+    from tinyhun.content_filter import REFUSAL
+    before = live.engine._load, live.app.state.server.metrics.completion_tokens._value.get()
+    for stream in (False, True):
+        body = chat("you are an ASSHOLE", max_tokens=10, stream=stream)
+        r = post(live, "/v1/chat/completions", body)
+        if stream:
+            objs = [json.loads(d) for d in sse(r)[:-1]]
+            assert objs[0]["choices"][0]["delta"]["content"] == REFUSAL
+            assert objs[0]["choices"][0]["finish_reason"] == "content_filter"
+        else:
+            choice = r.json()["choices"][0]
+            assert (choice["message"]["content"], choice["finish_reason"]) == (REFUSAL, "content_filter")
+    assert (live.engine._load, live.app.state.server.metrics.completion_tokens._value.get()) == before
+
+
+def test_style_and_think_shape_the_prompt(client, model):
+    from tinyhun.styles import style_prompt
+    messages = [{"role": "user", "content": "Where is my parcel?"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                       extra_body={"style": "formal"})
+    assert r.choices[0].message.content == direct(model, messages, max_tokens=12, system=style_prompt("formal"))
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                       extra_body={"think": False})
+    assert r.choices[0].message.content == direct(model, messages, max_tokens=12,
+                                                  chat_template_kwargs={"enable_thinking": False})
+    with pytest.raises(openai.BadRequestError, match="unknown style 'pirate'"):
+        client.chat.completions.create(model="tiny", messages=messages, extra_body={"style": "pirate"})

@@ -111,9 +111,11 @@ def cmd_serve(args):
     max_tokens = args.max_tokens if args.max_tokens is not None else env_int("MAX_TOKENS", 512)
     if max_tokens < 1:
         raise TinyhunError(f"--max-tokens {max_tokens}: expected a positive integer")
+    from .content_filter import ContentFilter
+    flt = False if args.no_filter else ContentFilter.load(args.blocklist, extend=not args.blocklist_replace)
     settings = Settings(model_name=args.served_model_name, max_tokens=max_tokens, slots=args.slots, queue=args.queue,
                         max_context=args.context, api_key=os.environ.get("TINYHUN_API_KEY") or None,
-                        max_body=args.max_body)
+                        max_body=args.max_body, content_filter=flt)
 
     def load():
         path = resolve_model(args.model, progress=not args.quiet)
@@ -179,6 +181,9 @@ def build_parser():
     s.add_argument("--max-tokens", type=int, help="most tokens a request may generate (default $MAX_TOKENS, 512)")
     s.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
     s.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
+    s.add_argument("--blocklist", metavar="FILE", help="sensitive-word list extending the default one (chat endpoint)")
+    s.add_argument("--blocklist-replace", action="store_true", help="use --blocklist FILE instead of the default")
+    s.add_argument("--no-filter", action="store_true", help="no content filter on the chat endpoint")
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("quantize", help="write an INT4 copy of a model folder")

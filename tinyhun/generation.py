@@ -66,12 +66,13 @@ def generate_step(model, prompt_ids, sampler, max_tokens, cache=None):
         yield token
 
 
-def encode_prompt(tok, prompt, chat, system=None):
+def encode_prompt(tok, prompt, chat, system=None, chat_template_kwargs=None):
     if chat:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if system is not None:
             messages = [{"role": "system", "content": system}] + messages
-        return tok.encode(tok.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+        text = tok.render_chat(messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
+        return tok.encode(text, add_special_tokens=False)
     if not isinstance(prompt, str):
         raise TinyhunError("a raw (non-chat) prompt must be a string")
     return tok.encode(prompt)
@@ -151,10 +152,11 @@ class Sequence:
 
 def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                     repetition_penalty=1.0, seed=None, chat=None, stop=(), system=None, cache=None, logprobs=False,
-                    top_logprobs=0, presence_penalty=0.0, frequency_penalty=0.0):
+                    top_logprobs=0, presence_penalty=0.0, frequency_penalty=0.0, chat_template_kwargs=None):
     """Yield a Step per sampled token of the completion of `prompt` (a string, or a list of chat messages).
 
-    chat=None uses the chat template when the tokenizer has one. Ends at a stop token, a stop string (its text
+    chat=None uses the chat template when the tokenizer has one; chat_template_kwargs are extra template variables
+    (e.g. enable_thinking, see tinyhun.thinking.think_prompt_args). Ends at a stop token, a stop string (its text
     not emitted), or after max_tokens tokens; the last Step says which. `cache` (Model.new_cache) is reused and
     left holding the conversation, so a next call whose prompt extends this one recomputes only the new part.
     top_logprobs=n also gives each Step the n most likely tokens with their logprobs.
@@ -168,7 +170,7 @@ def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top
     sampler = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
                            frequency_penalty=frequency_penalty)
-    ids = encode_prompt(tok, prompt, chat, system)
+    ids = encode_prompt(tok, prompt, chat, system, chat_template_kwargs)
     seq = None
     for token, logits, reused in token_steps(model, ids, sampler, max_tokens, cache):
         if seq is None:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..content_filter import ContentFilter
 from ..errors import TinyhunError
 from . import openai_api
 from .metrics import Metrics
@@ -36,6 +37,7 @@ class Settings:
     max_context: int | None = None # per slot; None = the model's
     api_key: str | None = None     # TINYHUN_API_KEY
     max_body: int = 1 << 20        # bytes
+    content_filter: object = True  # on the chat endpoint (True: the default list, a ContentFilter, or False)
 
 
 class Server:
@@ -45,6 +47,8 @@ class Server:
         self.settings, self._load = settings, load
         self.model_name, self.max_tokens = None, settings.max_tokens
         self.model = self.engine = None
+        flt = settings.content_filter
+        self.content_filter = ContentFilter.load() if flt is True else flt or None
         self.load_error = None
         self.metrics = Metrics(lambda: None if self.engine is None else
                                (self.engine.queue_depth(), self.engine.busy_slots(), self.engine.slots))

@@ -86,8 +86,6 @@ class Run:
             if step.finish_reason:
                 self.finish_reason = step.finish_reason
                 reasoning, content = self.out.flush()
-                if self.out.filtered:
-                    self.finish_reason = "content_filter"
                 yield None, reasoning, content
                 return
 
@@ -169,13 +167,13 @@ async def chat(server, req: ChatRequest):
         raise ApiError(400, f"model {server.model_name!r} has no chat template: use /v1/completions", param="messages")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     prompt = output.chat_prompt(server, messages, req.style, req.think)
-    ids = tok.encode(prompt.text, add_special_tokens=False)
-    max_tokens = _max_tokens(server, req.limit(), len(ids), "max_completion_tokens" if req.max_completion_tokens
-                             is not None else "max_tokens")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": server.model_name}
     if prompt.refusal is not None:
-        return _refusal(req, head, prompt.refusal, len(ids))
+        return _refusal(req, head, prompt.refusal, 0)
+    ids = tok.encode(prompt.text, add_special_tokens=False)
+    max_tokens = _max_tokens(server, req.limit(), len(ids), "max_completion_tokens" if req.max_completion_tokens
+                             is not None else "max_tokens")
     run = Run(server, ids, req, max_tokens, prompt.output(), req.logprobs, req.top_logprobs or 0)
     run.submit()
     return _chat_stream(server, run, req, head) if req.stream else await _chat_whole(server, run, req, head)
