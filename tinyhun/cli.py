@@ -117,8 +117,11 @@ def cmd_serve(args):
                         max_context=args.context, api_key=os.environ.get("TINYHUN_API_KEY") or None,
                         max_body=args.max_body, content_filter=flt)
 
+    # a named model folder is checked now (a typo exits at once); the default model is fetched in the background
+    named = resolve_model(args.model) if args.model or os.environ.get("MODEL_PATH") else None
+
     def load():
-        path = resolve_model(args.model, progress=not args.quiet)
+        path = named or resolve_model(None, progress=not args.quiet)
         return tinyhun.load(path, max_context=args.context, progress=not args.quiet), Path(path).name
     serve(load, settings, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
 
