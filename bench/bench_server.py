@@ -109,19 +109,31 @@ async def clients(url, n, gen, per_client):
         return time.perf_counter() - t0, results
 
 
+def library_rate(model, gen):
+    """The peer: one stream_generate in this process (prefill included, as a request's is), tokens/s."""
+    import tinyhun
+    t0 = time.perf_counter()
+    n = sum(1 for _ in tinyhun.stream_generate(model, [{"role": "user", "content": PROMPTS[0]}], max_tokens=gen))
+    return n / (time.perf_counter() - t0)
+
+
 def bench_http(model, gen, concurrency=(1, 4, 16)):
     url, server = start_server(model, max(concurrency), gen)
     asyncio.run(clients(url, 2, 4, 1))   # warm-up
-    print(f"HTTP, {gen} greedy tokens per request, server with {max(concurrency)} slots:")
-    print(f"{'clients':>8} {'requests':>9} {'tok/s total':>12} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12}")
+    print(f"HTTP, {gen} greedy tokens per request, server with {max(concurrency)} slots; peer: the library's "
+          "stream_generate alone, measured just before each row:")
+    print(f"{'clients':>8} {'requests':>9} {'tok/s total':>12} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} "
+          f"{'peer tok/s':>11} {'ratio':>6}")
     for n in concurrency:
         per_client = max(1, 4 // n) if n < 4 else 1
+        peer = library_rate(model, gen)
         wall, results = asyncio.run(clients(url, n, gen, per_client))
         ttfts = sorted(t for t, _ in results if t is not None)
         p50 = ttfts[len(ttfts) // 2] * 1000
         p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))] * 1000
         total = sum(k for _, k in results)
-        print(f"{n:>8} {len(results):>9} {total / wall:>12.1f} {p50:>12.0f} {p95:>12.0f}")
+        print(f"{n:>8} {len(results):>9} {total / wall:>12.1f} {p50:>12.0f} {p95:>12.0f} {peer:>11.1f} "
+              f"{total / wall / peer:>6.2f}")
     server.should_exit = True
 
 
