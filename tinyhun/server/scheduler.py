@@ -4,7 +4,7 @@ one pool each) and a bounded queue of jobs waiting for a slot.
 Decode is bound by streaming the weights, so every step runs the next token of all active slots through one
 Model.forward_batch (each row at its own cache's position); a new job joins between steps (its prompt is
 prefilled, then it decodes with the others) and a finished or cancelled one leaves between steps, so a cancel
-costs at most the token in flight. Each job's tokens go through a generation.Sequence, the same per-sequence
+costs at most the token in flight. A joiner's first token is sampled right after its own prefill. Each job's tokens go through a generation.Sequence, the same per-sequence
 state the single-stream loop uses: a job's Steps do not depend on what else is running (greedy outputs equal).
 
 A free slot keeps the tokens it last held: a job goes to the free slot sharing the longest prefix with its prompt,
@@ -140,7 +140,9 @@ class Engine:
             return self._done(job)
         seq = Sequence(self.model.tokenizer, job.ids, job.sampler, job.max_tokens, job.stop, job.logprobs,
                        job.top_logprobs, reused, self.model.config.vocab_size)
-        self._active.append(_Running(job, cache, seq))
+        r = _Running(job, cache, seq)
+        if self._sample(r):   # its first token goes out now, not after the other joiners' prefills
+            self._active.append(r)
 
     def _prefill_scored(self, cache, job):
         """Prefill from scratch, scoring every prompt token against the logits before it; return the last
@@ -162,17 +164,27 @@ class Engine:
         job.emit(PromptLogprobs(logprobs, top))
         return rows[len(part) - 1]
 
-    def _step(self):
-        running = []
-        for r in self._active:
-            if r.job.cancelled:
-                self._release(r)
-                continue
-            logits = self._next[r.cache.slot]
+    def _sample(self, r):
+        """Sample r's next token from its slot's logits and hand its Step out; False when r is done."""
+        logits = self._next[r.cache.slot]
+        try:
             r.token = r.seq.sample(logits)
             step = r.seq.advance(r.token, logits)
             r.job.emit(step)
-            if step.finish_reason:
+        except Exception as e:   # noqa: BLE001 - this job ends with the error; the others go on
+            r.job.emit(e)
+            self._release(r)
+            return False
+        if step.finish_reason:
+            self._release(r)
+            return False
+        return True
+
+    def _step(self):
+        """One forward for every active slot's last token, then each slot's next token."""
+        running = []
+        for r in self._active:
+            if r.job.cancelled:
                 self._release(r)
             else:
                 running.append(r)
@@ -190,6 +202,7 @@ class Engine:
             return
         for r, row in zip(running, logits):
             self._next[r.cache.slot] = row
+        self._active = [r for r in running if self._sample(r)]
 
     def _release(self, r):
         self._free.append(r.cache)
