@@ -6,7 +6,9 @@
    (1, B, 1, B, ...), total decode tokens/s and the ratio; every batched stream's greedy tokens must equal its
    tokens decoded alone.
 2. HTTP: the server on 127.0.0.1 with 16 slots, 1, 4 and 16 concurrent streaming clients (greedy, a fixed number
-   of tokens each): total completion tokens/s and time to first token p50/p95.
+   of tokens each): total completion tokens/s and time to first token p50/p95, beside the library's single
+   stream measured just before.
+3. A 10-turn chat through the server: the prompt tokens the slot's cache reused (prefill saved).
 """
 import argparse
 import asyncio
@@ -137,6 +139,23 @@ def bench_http(model, gen, concurrency=(1, 4, 16)):
     server.should_exit = True
 
 
+def bench_conversation(model, turns=10, gen=32):
+    """A conversation of `turns` turns through the server: the prompt tokens its slot's cache saved."""
+    import httpx
+    url, server = start_server(model, 2, gen)
+    history, total, cached, t0 = [], 0, 0, time.perf_counter()
+    for i in range(turns):
+        history.append({"role": "user", "content": PROMPTS[i % len(PROMPTS)]})
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "bench", "messages": history,
+                                                           "max_tokens": gen, "temperature": 0}, timeout=600).json()
+        history.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+        total += r["usage"]["prompt_tokens"]
+        cached += r["usage"]["prompt_tokens_details"]["cached_tokens"]
+    server.should_exit = True
+    print(f"{turns}-turn chat: {cached} of {total} prompt tokens reused from the slot's cache "
+          f"({100 * cached / total:.0f}% of the prefill saved), {time.perf_counter() - t0:.1f} s")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", help="model folder (default: the default model, SmolLM2-135M-Instruct INT4)")
@@ -152,6 +171,7 @@ def main():
     bench_decode(model, args.batch, args.gen_tokens, args.rounds)
     if not args.skip_http:
         bench_http(model, args.gen_tokens)
+        bench_conversation(model)
 
 
 if __name__ == "__main__":

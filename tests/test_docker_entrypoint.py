@@ -61,6 +61,12 @@ def test_dockerfile_promises():
     assert warm, "the image warms the Numba cache at build time"
 
 
+def test_dockerfile_lints_clean():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    r = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
