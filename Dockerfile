@@ -35,6 +35,6 @@ RUN tinyhun quantize weights/tiny-hunyuan /tmp/tiny-q4 --quiet \
  && rm -rf /tmp/tiny-q4
 
 EXPOSE 8080
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/health', timeout=4)"]
 CMD ["tinyhun", "serve", "--host", "0.0.0.0"]

@@ -11,7 +11,7 @@ from tinyhun.server import Settings, create_app
 
 
 class LiveServer:
-    def __init__(self, model, name="tiny", timeout=120, **settings):
+    def __init__(self, model, name="tiny", timeout=600, **settings):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))

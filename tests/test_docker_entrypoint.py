@@ -107,7 +107,7 @@ def test_the_image_command_serves(app_dir, tmp_path):
     proc = subprocess.Popen(cmd, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, 180)
+        wait_healthy(url, 600)
         check = [c.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for c in img["health"]]
         assert subprocess.run(check, env=env, timeout=30).returncode == 0
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)

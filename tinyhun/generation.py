@@ -94,7 +94,7 @@ class _LogProb:
         return float(logits[token]) - self._log_total(logits)
 
     def top(self, logits, n):
-        """(logprob of nothing, [(id, logprob)] of the n most likely ids, most likely first)."""
+        """[(id, logprob)] of the n most likely ids, most likely first."""
         total = self._log_total(logits)
         ids = np.argpartition(-logits, n - 1)[:n] if n < len(logits) else np.arange(len(logits))
         ids = ids[np.lexsort((ids, -logits[ids]))]   # most likely first, ties by the lower id
@@ -164,7 +164,8 @@ def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top
     tok = model.tokenizer
     if tok is None:
         raise TinyhunError("this model folder has no tokenizer (tokenizer.json or hy.tiktoken)")
-    check_max_tokens(max_tokens)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise TinyhunError(f"max_tokens={max_tokens!r}: expected an integer >= 1")
     if chat is None:
         chat = tok.has_chat_template
     sampler = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -180,11 +181,6 @@ def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top
         yield step
         if step.finish_reason:
             return
-
-
-def check_max_tokens(max_tokens):
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise TinyhunError(f"max_tokens={max_tokens!r}: expected an integer >= 1")
 
 
 def generate(model, prompt, **kwargs):

@@ -56,6 +56,7 @@ class Server:
     def load(self):
         try:
             model, name = self._load()
+            _warm(model)
             self.engine = Engine(model, self.settings.slots, self.settings.queue, self.settings.max_context)
             self.model_name = self.settings.model_name or name
             self.model = model
@@ -68,6 +69,14 @@ class Server:
         if self.model is None:
             raise ApiError(503, "the model is loading; retry shortly", code="model_loading",
                            headers={"Retry-After": "2"})
+
+
+def _warm(model):
+    """A prefill and a decode step, so that /health says ready only once the kernels are compiled (or loaded
+    from the Numba cache) and the first request does not wait for them."""
+    cache = model.new_cache(3)
+    model.forward(cache, [0, 0])
+    model.forward(cache, [0])
 
 
 def _json(obj, status=200, headers=None):

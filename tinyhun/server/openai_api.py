@@ -35,9 +35,10 @@ class Events:
 
     async def next(self):
         event = await self.queue.get()
+        if isinstance(event, TinyhunError):
+            raise ApiError(400, str(event))
         if isinstance(event, Exception):
-            raise ApiError(500, f"generation failed: {event}") if not isinstance(event, TinyhunError) else \
-                ApiError(400, str(event))
+            raise ApiError(500, f"generation failed: {type(event).__name__}: {event}")
         return event
 
 
