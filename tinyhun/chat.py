@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .errors import TinyhunError
 from .generation import stream_generate
 from .styles import DEFAULT_TEMPERATURE, STYLES, check_temperature, style_prompt, system_prompt
-from .thinking import ThinkSplitter, think_prompt_args
+from .thinking import ThinkSplitter, think_prompt_args, thinking_switch
 
 REASONING, CONTENT, REFUSED = "reasoning", "content", "refused"
 # Control characters in model text would drive the terminal (cursor moves, colours, clearing): dropped on the
@@ -190,7 +190,8 @@ def command(conv, line, term):
         if arg not in choices:
             raise TinyhunError(f"/think {arg}: expected on, off or default")
         conv.think = choices[arg]
-        term.line(f"(thinking: {arg})", dim=True)
+        note = "" if arg == "default" or thinking_switch(conv.model.tokenizer) else "; this model has no switch for it"
+        term.line(f"(thinking: {arg}{note})", dim=True)
     elif name == "help":
         term.line(HELP.format(styles=", ".join(STYLES)))
     else:
