@@ -30,6 +30,8 @@ def flt():
     ("fire away", ["ﬁre away"]),                     # an entry is normalised too
     ("kill傻逼", ["kill", "傻逼"]),                   # CJK next to a word is a boundary
     ("nothing here", []),
+    ("fuc\u200bk off", ["fuck*"]),                  # a zero-width space does not hide a term
+    ("傻\u00ad逼", ["傻逼"]),                        # nor does a soft hyphen
 ])
 def test_find(flt, text, found):
     assert flt.find(text) == found
@@ -45,6 +47,7 @@ def test_find(flt, text, found):
     ("ﬁre away", "********"),                        # the ligature: two folded characters, one mask
     ("你个傻逼啊", "你个**啊"),
     ("Ｋ\u0301ill", "Ｋ\u0301ill"),                   # K + mark is not k
+    ("ki\u200bll!", "*****!"),                      # the zero-width space inside is masked with the term
 ])
 def test_mask_maps_normalised_spans_back(flt, text, masked):
     assert flt.mask(text) == masked
@@ -55,11 +58,14 @@ def test_cluster_folding_equals_whole_text_folding():
         cl = _Clusters()
         cl.extend(text)
         assert cl.folded == unicodedata.normalize("NFKC", text).casefold(), text
+    cl = _Clusters()
+    cl.extend("a\u200bb\u00ad")
+    assert cl.folded == "ab" and cl.span(0, 2) == (0, 3)
 
 
 PIECES = st.sampled_from(["kill", "KI", "ll", "ｋ", "ｉ", "l", "fuck", "Fu", "ing", "bomb", "bo", "mb", "傻", "逼",
                           "piece", " of ", "shit", "stra", "ß", "SS", "e", "\u0301", "ﬁ", "re", " away", " ", ".",
-                          "s", "x", "*", "\n", "好"])
+                          "s", "x", "*", "\n", "好", "\u200b", "\u00ad"])
 
 
 def split(text, data):
@@ -139,3 +145,17 @@ def test_empty_filter_passes_everything():
     flt = ContentFilter([])
     s = flt.stream()
     assert s.push("any text") + s.flush() == "any text" and not flt.blocks("kill")
+
+
+def test_labelled_list_is_classified_as_labelled_where_nfkc_can_see_it():
+    """bench/data/filter_labelled.jsonl (bench/bench_filter.py reports the rates): every row is right but the kinds
+    that NFKC + casefold cannot see through (separators, leetspeak, homoglyphs) or a word list cannot tell apart
+    (a term mentioned, not used)."""
+    import json
+    from oracle import ROOT
+    blind = {"spaced / dotted", "leetspeak", "homoglyph / marks", "mention not use"}
+    flt = ContentFilter.load()
+    rows = [json.loads(line) for line in (ROOT / "bench/data/filter_labelled.jsonl").read_text("utf-8").splitlines()]
+    assert len(rows) > 100 and {r["kind"] for r in rows} >= blind
+    wrong = [r for r in rows if r["kind"] not in blind and flt.blocks(r["text"]) != r["blocked"]]
+    assert wrong == []

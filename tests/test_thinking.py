@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from oracle import ROOT
 from tinyhun.thinking import NO_THINK_PREFIX, THINK_PREFIX, ThinkSplitter, template_switches_thinking, \
-    think_prompt_args
+    think_prompt_args, thinking_switch
 from tinyhun.tokenizer import Tokenizer
 
 TINY = ROOT / "weights" / "tiny-hunyuan"
@@ -92,7 +92,7 @@ def tok():
 
 def test_template_with_enable_thinking_gets_the_variable(tok):
     chat = [{"role": "user", "content": "hello"}]
-    assert template_switches_thinking(tok)
+    assert template_switches_thinking(tok) and thinking_switch(tok) == "template"
     msgs, kw = think_prompt_args(tok, chat, False)
     assert msgs == chat and kw == {"enable_thinking": False}
     assert tok.render_chat(msgs, **kw).endswith("<｜hy_Assistant｜><think>\n\n</think>\n")
@@ -108,7 +108,7 @@ def test_template_without_the_variable_gets_the_prefix(tmp_path, tok):
     cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     plain = Tokenizer.from_dir(folder)
-    assert not template_switches_thinking(plain)
+    assert not template_switches_thinking(plain) and thinking_switch(plain) == "prefix"
     chat = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "second"}]
     msgs, kw = think_prompt_args(plain, chat, False)
@@ -117,3 +117,16 @@ def test_template_without_the_variable_gets_the_prefix(tmp_path, tok):
     assert think_prompt_args(plain, chat, True)[0][2]["content"] == THINK_PREFIX + "second"
     again, _ = think_prompt_args(plain, msgs, False)          # a prefixed message is not prefixed twice
     assert again == msgs
+
+
+def test_a_model_without_a_switch_gets_no_hunyuan_prefix(tmp_path):
+    """A Llama-style vocabulary without Hunyuan's control tokens: /no_think would only be noise in the prompt."""
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+    backend = Backend(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}')
+    tok = Tokenizer.from_dir(tmp_path)
+    chat = [{"role": "user", "content": "hi"}]
+    assert thinking_switch(tok) is None and think_prompt_args(tok, chat, False) == (chat, {})

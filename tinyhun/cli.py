@@ -90,6 +90,38 @@ def cmd_bench(args):
     print(json.dumps(r) if args.json else format_report(r))
 
 
+def content_filter_of(args):
+    """--blocklist FILE / --replace-blocklist / --no-filter -> a ContentFilter, or None for no filter."""
+    if args.no_filter:
+        if args.blocklist:
+            raise TinyhunError("--blocklist and --no-filter: choose one")
+        return None
+    if args.replace_blocklist and not args.blocklist:
+        raise TinyhunError("--replace-blocklist needs --blocklist FILE")
+    from .content_filter import ContentFilter
+    return ContentFilter.load(args.blocklist, extend=not args.replace_blocklist)
+
+
+def cmd_chat(args):
+    from .chat import Conversation, Terminal, make_session, repl
+    from .styles import STYLES, check_temperature, style_prompt
+    if args.list_styles:
+        for name, prompt in STYLES.items():
+            print(f"{name}\t{prompt}")
+        return
+    system = None if args.system is None else text_arg(args.system, "--system")
+    check_temperature(args.temperature)
+    if args.style is not None:
+        style_prompt(args.style)
+    if args.max_tokens < 1:
+        raise TinyhunError(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
+    flt = content_filter_of(args)
+    model = load_model(args)
+    conv = Conversation(model, style=args.style, system=system, think=args.think, temperature=args.temperature,
+                        max_tokens=args.max_tokens, content_filter=flt, seed=args.seed)
+    repl(conv, Terminal(hide_thinking=args.hide_thinking), make_session())
+
+
 def env_int(name, default):
     value = os.environ.get(name)
     if value is None or value == "":
@@ -111,11 +143,9 @@ def cmd_serve(args):
     max_tokens = args.max_tokens if args.max_tokens is not None else env_int("MAX_TOKENS", 512)
     if max_tokens < 1:
         raise TinyhunError(f"--max-tokens {max_tokens}: expected a positive integer")
-    from .content_filter import ContentFilter
-    flt = False if args.no_filter else ContentFilter.load(args.blocklist, extend=not args.blocklist_replace)
     settings = Settings(model_name=args.served_model_name, max_tokens=max_tokens, slots=args.slots, queue=args.queue,
                         max_context=args.context, api_key=os.environ.get("TINYHUN_API_KEY") or None,
-                        max_body=args.max_body, content_filter=flt)
+                        max_body=args.max_body, content_filter=content_filter_of(args) or False)
 
     # a named model folder is checked now (a typo exits at once); the default model is fetched in the background
     named = resolve_model(args.model) if args.model or os.environ.get("MODEL_PATH") else None
@@ -127,6 +157,7 @@ def cmd_serve(args):
 
 
 def build_parser():
+    from .styles import DEFAULT_TEMPERATURE
     p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -151,6 +182,24 @@ def build_parser():
                       help="wrap the prompt in the chat template (default when the model has one)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="complete the prompt as plain text")
     g.set_defaults(func=cmd_generate)
+
+    ch = with_model(sub.add_parser("chat", help="chat with the model in the terminal (streaming, multi-turn)"))
+    ch.add_argument("--system", help="system prompt (after the style's preset when both are given)")
+    ch.add_argument("--style", help="reply style preset: formal, casual, friendly (see --list-styles)")
+    ch.add_argument("--list-styles", action="store_true", help="print the styles and their prompts, then exit")
+    think = ch.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None,
+                       help="let a thinking model reason first (Hunyuan's default)")
+    think.add_argument("--no-think", dest="think", action="store_false", help="answer without reasoning first")
+    ch.add_argument("--hide-thinking", action="store_true", help="do not show the reasoning (default: dimmed)")
+    ch.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                    help="0.1-1.0 (default 0.3, for steady customer-service replies); 0 = greedy")
+    ch.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    ch.add_argument("--seed", type=int)
+    ch.add_argument("--blocklist", metavar="FILE", help="more sensitive words, one a line (added to the default list)")
+    ch.add_argument("--replace-blocklist", action="store_true", help="use --blocklist FILE instead of the default list")
+    ch.add_argument("--no-filter", action="store_true", help="no content filter")
+    ch.set_defaults(func=cmd_chat)
 
     i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"))
     i.add_argument("path", nargs="?", help="model folder")
@@ -185,7 +234,7 @@ def build_parser():
     s.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
     s.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
     s.add_argument("--blocklist", metavar="FILE", help="sensitive-word list extending the default one (chat endpoint)")
-    s.add_argument("--blocklist-replace", action="store_true", help="use --blocklist FILE instead of the default")
+    s.add_argument("--replace-blocklist", action="store_true", help="use --blocklist FILE instead of the default")
     s.add_argument("--no-filter", action="store_true", help="no content filter on the chat endpoint")
     s.set_defaults(func=cmd_serve)
 

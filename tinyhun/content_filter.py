@@ -1,7 +1,7 @@
 """The content filter: a sensitive-word list matched after Unicode NFKC + case folding, English and Chinese.
 
 Matching runs on a normalised copy of the text (NFKC, then casefold: full-width letters, ligatures, compatibility
-forms and case all fold away) with an Aho-Corasick automaton (pyahocorasick) over every entry at once. The copy is
+forms and case all fold away; format characters such as the zero-width space are dropped) with an Aho-Corasick automaton (pyahocorasick) over every entry at once. The copy is
 built one character cluster at a time (a character and the marks that compose with it), each cluster remembering
 the original characters it came from: normalisation may change lengths (`ﬁ` -> `fi`, `ß` -> `ss`, `e` + U+0301
 -> `é`), and a match is masked by replacing every original character of every cluster it touches.
@@ -28,7 +28,12 @@ MASK = "*"
 
 
 def _fold(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).casefold()
+    """NFKC, casefold, and no format characters (zero-width space and joiners, soft hyphen, bidi marks: category
+    Cf), which render as nothing and would otherwise hide a term."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    if folded.isascii():
+        return folded
+    return "".join(c for c in folded if unicodedata.category(c) != "Cf")
 
 
 def _joins(cluster: str, c: str) -> bool:
@@ -48,20 +53,26 @@ class _Clusters:
 
     def extend(self, text):
         for c in text:
-            if self.starts and _joins(self.text[self.starts[-1]:], c):
-                self._pop()
+            if c >= "\u0300" and self.starts and _joins(self.text[self.starts[-1]:], c):
+                part = self.parts.pop()
+                del self.owner[len(self.owner) - len(part):]
             else:
                 self.starts.append(len(self.text))
             self.text += c
-            part = _fold(self.text[self.starts[-1]:])
+            start = self.starts[-1]
+            part = c.lower() if start == len(self.text) - 1 and c.isascii() else _fold(self.text[start:])
             self.parts.append(part)
-            self.folded += part
             self.owner.extend([len(self.starts) - 1] * len(part))
+        self.folded = "".join(self.parts)
 
-    def _pop(self):
-        part = self.parts.pop()
-        self.folded = self.folded[:len(self.folded) - len(part)]
-        del self.owner[len(self.owner) - len(part):]
+    def drop(self, n):
+        """Forget the first n clusters (released text)."""
+        off = self.starts[n] if n < len(self.starts) else len(self.text)
+        nf = sum(map(len, self.parts[:n]))
+        self.text, self.folded = self.text[off:], self.folded[nf:]
+        self.starts = [s - off for s in self.starts[n:]]
+        self.parts = self.parts[n:]
+        self.owner = [o - n for o in self.owner[nf:]]
 
     def span(self, a, b):
         """Original-text [start, end) of the clusters that folded characters a..b-1 came from."""
@@ -222,7 +233,6 @@ class FilterStream:
         out = _mask_spans(cl.text[:upto], spans)
         # a term found whole that runs on into the held text: the rest of it is masked when it is released
         self._carry = max((e - upto for s, e in spans if s < upto < e), default=0)
-        self._before = "".join(cl.parts[:n])[-1:]
-        self._cl = _Clusters()
-        self._cl.extend(cl.text[upto:])
+        self._before = "".join(cl.parts[:n])[-1:] or self._before
+        cl.drop(n)
         return out

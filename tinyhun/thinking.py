@@ -94,6 +94,10 @@ class ThinkSplitter:
         self._state, self._buf, self._fresh = state, buf, True
 
 
+# A control token of each Hunyuan vocabulary (spec 4.1): the models trained on the /think, /no_think prefixes.
+HUNYUAN_MARKERS = ("<｜hy_User｜>", "<|extra_0|>")
+
+
 def template_switches_thinking(tokenizer) -> bool:
     """Whether the chat template reads `enable_thinking` (its render changes with it)."""
     probe = [{"role": "user", "content": "hi"}]
@@ -104,22 +108,33 @@ def template_switches_thinking(tokenizer) -> bool:
         return False
 
 
+def thinking_switch(tokenizer) -> str | None:
+    """How thinking is switched for this tokenizer: "template" (its enable_thinking variable), "prefix"
+    (a Hunyuan vocabulary whose template lacks the variable: /think, /no_think), or None (no switch known: a model
+    that does not think, e.g. SmolLM2, whose user text must not get Hunyuan's prefixes)."""
+    if template_switches_thinking(tokenizer):
+        return "template"
+    if any(len(tokenizer.encode(m, add_special_tokens=False)) == 1 for m in HUNYUAN_MARKERS):
+        return "prefix"
+    return None
+
+
 def think_prompt_args(tokenizer, messages: list[dict], think: bool | None) -> tuple[list[dict], dict]:
     """(messages, template variables) that turn thinking on (True) or off (False), or leave the model's default
-    (None): the template's `enable_thinking` variable when it has one, else Hunyuan's `/think` / `/no_think`
-    prefix on the last user message (the other messages are left as they are, so a conversation renders the same
-    way turn after turn and its KV cache stays reusable)."""
+    (None): the template's `enable_thinking` variable when it has one, else for a Hunyuan vocabulary the `/think` /
+    `/no_think` prefix on the last user message (the other messages are left as they are, so a conversation
+    renders the same way turn after turn and its KV cache stays reusable); unchanged when the model has no switch."""
     messages = list(messages)
-    if think is None:
-        return messages, {}
-    if template_switches_thinking(tokenizer):
+    switch = None if think is None else thinking_switch(tokenizer)
+    if switch == "template":
         return messages, {"enable_thinking": bool(think)}
-    prefix = THINK_PREFIX if think else NO_THINK_PREFIX
-    for i in range(len(messages) - 1, -1, -1):
-        m = messages[i]
-        if m.get("role") == "user":
-            text = m.get("content") or ""
-            if not text.startswith((THINK_PREFIX, NO_THINK_PREFIX)):
-                messages[i] = {**m, "content": prefix + text}
-            break
+    if switch == "prefix":
+        prefix = THINK_PREFIX if think else NO_THINK_PREFIX
+        for i in range(len(messages) - 1, -1, -1):
+            m = messages[i]
+            if m.get("role") == "user":
+                text = m.get("content") or ""
+                if not text.startswith((THINK_PREFIX, NO_THINK_PREFIX)):
+                    messages[i] = {**m, "content": prefix + text}
+                break
     return messages, {}
