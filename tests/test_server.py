@@ -416,3 +416,13 @@ def test_style_and_think_shape_the_prompt(client, model):
                                                   chat_template_kwargs={"enable_thinking": False})
     with pytest.raises(openai.BadRequestError, match="unknown style 'pirate'"):
         client.chat.completions.create(model="tiny", messages=messages, extra_body={"style": "pirate"})
+
+
+def test_an_internal_error_is_a_json_500(live, monkeypatch):
+    async def broken(server, req):
+        raise RuntimeError("boom")
+    monkeypatch.setattr("tinyhun.server.openai_api.chat", broken)
+    r = post(live, "/v1/chat/completions", chat("hi"))
+    assert r.status_code == 500 and r.json()["error"] == {"message": "internal error: RuntimeError: boom",
+                                                          "type": "server_error", "param": None, "code": None}
+    assert post(live, "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2}).status_code == 200
