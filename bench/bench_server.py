@@ -62,14 +62,14 @@ def bench_decode(model, batch, steps, rounds):
     return b / s
 
 
-def start_server(model, slots, max_tokens):
+def start_server(model, slots, max_tokens, max_context=512):
     import uvicorn
 
     from tinyhun.server import Settings, create_app
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     app = create_app(lambda: (model, "bench"), Settings(slots=slots, queue=64, max_tokens=max_tokens,
-                                                        max_context=512, content_filter=False))
+                                                        max_context=max_context, content_filter=False))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -142,12 +142,14 @@ def bench_http(model, gen, concurrency=(1, 4, 16)):
 def bench_conversation(model, turns=10, gen=32):
     """A conversation of `turns` turns through the server: the prompt tokens its slot's cache saved."""
     import httpx
-    url, server = start_server(model, 2, gen)
+    url, server = start_server(model, 2, gen, max_context=2048)
     history, total, cached, t0 = [], 0, 0, time.perf_counter()
     for i in range(turns):
         history.append({"role": "user", "content": PROMPTS[i % len(PROMPTS)]})
         r = httpx.post(url + "/v1/chat/completions", json={"model": "bench", "messages": history,
-                                                           "max_tokens": gen, "temperature": 0}, timeout=600).json()
+                                                           "max_tokens": gen, "temperature": 0}, timeout=600)
+        r.raise_for_status()
+        r = r.json()
         history.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
         total += r["usage"]["prompt_tokens"]
         cached += r["usage"]["prompt_tokens_details"]["cached_tokens"]
@@ -167,7 +169,7 @@ def main():
 
     import tinyhun
     from tinyhun.hub import resolve_model
-    model = tinyhun.load(resolve_model(args.model, progress=False), max_context=512)
+    model = tinyhun.load(resolve_model(args.model, progress=False), max_context=2048)
     bench_decode(model, args.batch, args.gen_tokens, args.rounds)
     if not args.skip_http:
         bench_http(model, args.gen_tokens)

@@ -53,11 +53,12 @@ class Server:
         self.metrics = Metrics(lambda: None if self.engine is None else
                                (self.engine.queue_depth(), self.engine.busy_slots(), self.engine.slots))
 
-    def load(self):
+    def load(self, engine_thread=True):
         try:
             model, name = self._load()
             _warm(model)
-            self.engine = Engine(model, self.settings.slots, self.settings.queue, self.settings.max_context)
+            self.engine = Engine(model, self.settings.slots, self.settings.queue, self.settings.max_context,
+                                 thread=engine_thread)
             self.model_name = self.settings.model_name or name
             self.model = model
         except Exception as e:   # noqa: BLE001 - /health reports it; the process stays up to say so
@@ -125,8 +126,9 @@ async def _answer(request, coro):
     return task.result()
 
 
-def create_app(load, settings: Settings) -> Starlette:
-    """The ASGI app. load() -> (Model, its name) runs in a background thread at startup."""
+def create_app(load, settings: Settings, background=True) -> Starlette:
+    """The ASGI app. load() -> (Model, its name) and the engine run in background threads started at startup;
+    background=False leaves both to the caller (app.state.server.load(engine_thread=False), then .engine.run())."""
     server = Server(load, settings)
 
     def endpoint(route, handler, needs_model=True):
@@ -221,7 +223,8 @@ def create_app(load, settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app):
-        threading.Thread(target=server.load, name="tinyhun-load", daemon=True).start()
+        if background:
+            threading.Thread(target=server.load, name="tinyhun-load", daemon=True).start()
         yield
         if server.engine is not None:
             server.engine.close()

@@ -54,7 +54,9 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, model, slots, queue_size, max_context=None):
+    def __init__(self, model, slots, queue_size, max_context=None, thread=True):
+        """thread=False: the caller runs the loop itself (run()), e.g. on the main thread, where the Numba
+        kernels run fastest (bench/bench_server.py measures a forward from another thread 2-4x slower)."""
         if model.tokenizer is None:
             raise TinyhunError("this model folder has no tokenizer (tokenizer.json or hy.tiktoken)")
         if not 1 <= slots <= CHUNK:
@@ -69,8 +71,14 @@ class Engine:
         self._load = 0                          # jobs waiting or running
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="tinyhun-engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if thread:
+            self._thread = threading.Thread(target=self._loop, name="tinyhun-engine", daemon=True)
+            self._thread.start()
+
+    def run(self):
+        """The engine loop in the calling thread, until close()."""
+        self._loop()
 
     # ---- any thread ----
 
@@ -102,7 +110,8 @@ class Engine:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     # ---- the engine thread ----
 
