@@ -82,3 +82,15 @@ def test_bad_parameters_name_the_parameter(model, kw, match):
 def test_token_ids_out_of_range(model):
     with pytest.raises(TinyhunError, match="token id out of range"):
         model.logits([1, 2, 10_000])
+
+
+def test_top_logprobs_rank_the_distribution(model):
+    ids = model.tokenizer.encode("The quick brown fox")
+    steps = list(tinyhun.stream_generate(model, "The quick brown fox", chat=False, max_tokens=4, top_logprobs=3))
+    logits = model.logits(ids + [s.token for s in steps[:-1]]).astype(np.float64)[len(ids) - 1:]
+    for s, row in zip(steps, logits):
+        ref = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        want = sorted(range(len(row)), key=lambda i: (-ref[i], i))[:3]
+        assert [i for i, _ in s.top_logprobs] == want
+        np.testing.assert_allclose([lp for _, lp in s.top_logprobs], ref[want], atol=1e-4)
+        assert s.logprob == pytest.approx(ref[s.token], abs=1e-4) and s.token == want[0]   # greedy

@@ -206,11 +206,12 @@ def test_full_vocab_draw_spans_blocks_and_skips_zero_mass():
 
 GOOD = dict(temperature=[0, 0.0, 100, np.float32(0.5)], top_k=[0, 1, 10**6, np.int64(20)],
             top_p=[1, 1.0, 1e-9, 0.5], min_p=[0, 0.0, 0.999], repetition_penalty=[10, 1e-6, 1.0],
-            seed=[None, 0, 2**63 - 1, np.uint32(7)])
+            seed=[None, 0, 2**63 - 1, np.uint32(7)], presence_penalty=[-2, 0, 2.0], frequency_penalty=[-2.0, 0.5, 2])
 BAD = dict(temperature=[-0.1, 100.01, float("nan"), float("inf"), "1", True, None],
            top_k=[-1, 2.0, True, "3", None], top_p=[0, 0.0, 1.5, -0.1, float("nan"), None],
            min_p=[-0.01, 1, 1.0, float("nan")], repetition_penalty=[0, -1.0, 10.5, float("nan"), None],
-           seed=[-1, 2**63, 1.5, "x", True])
+           seed=[-1, 2**63, 1.5, "x", True], presence_penalty=[2.01, -3, float("nan"), None],
+           frequency_penalty=[-2.5, 3, "1", True])
 
 
 @pytest.mark.parametrize("name,value", [(k, v) for k, vs in GOOD.items() for v in vs])
@@ -228,3 +229,18 @@ def test_error_message_names_value_and_range():
     with pytest.raises(TinyhunError) as err:
         make_sampler(top_p=1.5)
     assert str(err.value) == "top_p=1.5: expected a number in (0, 1]"
+
+
+@given(st.lists(st.integers(0, 63), max_size=40), st.floats(-2, 2), st.floats(-2, 2), st.floats(0.2, 2))
+@settings(max_examples=40, deadline=None)
+def test_presence_and_frequency_penalties_follow_openai(history, presence, frequency, temperature):
+    """logit[j] -= presence * [c_j > 0] + frequency * c_j, c_j the count of j in the history, before temperature."""
+    logits = np.random.default_rng(len(history)).normal(size=64).astype(np.float32)
+    counts = np.bincount(np.asarray(history, dtype=np.int64), minlength=64)
+    want = (logits - presence * (counts > 0) - frequency * counts) / temperature
+    want = np.exp(want - want.max())
+    got = make_sampler(temperature=temperature, presence_penalty=presence, frequency_penalty=frequency)
+    np.testing.assert_allclose(got.probs(logits, history), want / want.sum(), rtol=1e-4, atol=1e-7)
+    greedy = make_sampler(presence_penalty=presence, frequency_penalty=frequency)
+    assert greedy(logits, history) == int(np.argmax((logits - presence * (counts > 0) - frequency * counts)
+                                                    .astype(np.float32)))

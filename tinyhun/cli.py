@@ -98,30 +98,77 @@ def cmd_bench(args):
     print(json.dumps(r) if args.json else format_report(r))
 
 
-def cmd_merge(args):
-    from .merge import merge_adapter
-    merge_adapter(args.base, args.adapter_dir, args.out, progress=not args.quiet, overwrite=args.overwrite)
-    print(f"wrote {args.out}")
+def content_filter_of(args):
+    """--blocklist FILE / --replace-blocklist / --no-filter -> a ContentFilter, or None for no filter."""
+    if args.no_filter:
+        if args.blocklist:
+            raise TinyhunError("--blocklist and --no-filter: choose one")
+        return None
+    if args.replace_blocklist and not args.blocklist:
+        raise TinyhunError("--replace-blocklist needs --blocklist FILE")
+    from .content_filter import ContentFilter
+    return ContentFilter.load(args.blocklist, extend=not args.replace_blocklist)
 
 
-def cmd_eval(args):
-    from . import evaluate
+def cmd_chat(args):
+    from .chat import Conversation, Terminal, make_session, repl
+    from .styles import STYLES, check_temperature, style_prompt
+    if args.list_styles:
+        for name, prompt in STYLES.items():
+            print(f"{name}\t{prompt}")
+        return
+    system = None if args.system is None else text_arg(args.system, "--system")
+    check_temperature(args.temperature)
+    if args.style is not None:
+        style_prompt(args.style)
+    if args.max_tokens < 1:
+        raise TinyhunError(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
+    flt = content_filter_of(args)
     model = load_model(args)
-    path = evaluate.task_path(args.file, args.task)
-    progress = not args.quiet
-    if args.task == "perplexity":
-        r = evaluate.perplexity(model, evaluate.read_text(path), window=args.window, stride=args.stride,
-                                limit=args.limit, progress=progress)
-    elif args.task == "choice":
-        r = evaluate.choice(model, evaluate.read_jsonl(path, "choice"), limit=args.limit, progress=progress)
-    else:
-        r = evaluate.generate(model, evaluate.read_jsonl(path, "generate"), max_tokens=args.max_tokens,
-                              chat=args.chat, limit=args.limit, progress=progress)
-    r = {"file": str(path), **r}
-    print(json.dumps(r) if args.json else evaluate.format_result(r))
+    conv = Conversation(model, style=args.style, system=system, think=args.think, temperature=args.temperature,
+                        max_tokens=args.max_tokens, content_filter=flt, seed=args.seed)
+    repl(conv, Terminal(hide_thinking=args.hide_thinking), make_session())
+
+
+def env_int(name, default):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if not value.strip().isdigit() or int(value) < 1:
+        raise TinyhunError(f"${name}={value!r}: expected a positive integer")
+    return int(value)
+
+
+def cmd_serve(args):
+    import tinyhun
+    from .hub import resolve_model
+    from .server import Settings, serve
+    if not 1 <= args.port <= 65535:
+        raise TinyhunError(f"--port {args.port}: expected 1..65535")
+    for name in ("slots", "queue", "max_body"):
+        if getattr(args, name) < (0 if name == "queue" else 1):
+            raise TinyhunError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
+    max_tokens = args.max_tokens if args.max_tokens is not None else env_int("MAX_TOKENS", 512)
+    if max_tokens < 1:
+        raise TinyhunError(f"--max-tokens {max_tokens}: expected a positive integer")
+    settings = Settings(model_name=args.served_model_name, max_tokens=max_tokens, slots=args.slots, queue=args.queue,
+                        max_context=args.context, api_key=os.environ.get("TINYHUN_API_KEY") or None,
+                        max_body=args.max_body, content_filter=content_filter_of(args) or False)
+
+    # a named model folder is checked now (a typo exits at once); the default model is fetched in the background
+    named = resolve_model(args.model) if args.model or os.environ.get("MODEL_PATH") else None
+
+    def load():
+        path = named or resolve_model(None, progress=not args.quiet)
+        adapter = args.adapter
+        model = tinyhun.load(path, device=args.device, max_context=args.context, progress=not args.quiet,
+                             adapter=adapter, adapter_mode=args.adapter_mode if adapter else None)
+        return model, Path(path).name
+    serve(load, settings, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
 
 
 def build_parser():
+    from .styles import DEFAULT_TEMPERATURE
     p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU or an NVIDIA GPU.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -157,6 +204,24 @@ def build_parser():
     mode.add_argument("--raw", dest="chat", action="store_false", help="complete the prompt as plain text")
     g.set_defaults(func=cmd_generate)
 
+    ch = with_model(sub.add_parser("chat", help="chat with the model in the terminal (streaming, multi-turn)"))
+    ch.add_argument("--system", help="system prompt (after the style's preset when both are given)")
+    ch.add_argument("--style", help="reply style preset: formal, casual, friendly (see --list-styles)")
+    ch.add_argument("--list-styles", action="store_true", help="print the styles and their prompts, then exit")
+    think = ch.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None,
+                       help="let a thinking model reason first (Hunyuan's default)")
+    think.add_argument("--no-think", dest="think", action="store_false", help="answer without reasoning first")
+    ch.add_argument("--hide-thinking", action="store_true", help="do not show the reasoning (default: dimmed)")
+    ch.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                    help="0.1-1.0 (default 0.3, for steady customer-service replies); 0 = greedy")
+    ch.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    ch.add_argument("--seed", type=int)
+    ch.add_argument("--blocklist", metavar="FILE", help="more sensitive words, one a line (added to the default list)")
+    ch.add_argument("--replace-blocklist", action="store_true", help="use --blocklist FILE instead of the default list")
+    ch.add_argument("--no-filter", action="store_true", help="no content filter")
+    ch.set_defaults(func=cmd_chat)
+
     i = with_model(sub.add_parser("info", help="print a model's config, parameter count and bytes"), runs=False)
     i.add_argument("path", nargs="?", help="model folder")
     i.set_defaults(func=lambda a: cmd_info(argparse.Namespace(**{**vars(a), "model": a.path or a.model})))
@@ -180,34 +245,19 @@ def build_parser():
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
 
-    ev = sub.add_parser("eval", help="evaluate a model: perplexity, multiple choice, generation")
-    tasks = ev.add_subparsers(dest="task", required=True)
-    for task, what in (("perplexity", "perplexity of raw text (sliding window)"),
-                       ("choice", "multiple choice by log-likelihood (JSONL: context, choices, answer)"),
-                       ("generate", "greedy answers scored by exact match / contains (JSONL: prompt, answer)")):
-        t = with_model(tasks.add_parser(task, help=what))
-        t.add_argument("file", help="task file, or `sample` for the one tinyhun ships")
-        t.add_argument("--limit", type=int, help="only the first N items (perplexity: N tokens scored)")
-        t.add_argument("--json", action="store_true", help="print one JSON object")
-        if task == "perplexity":
-            t.add_argument("--window", type=int, help="tokens per window (default min(1024, context))")
-            t.add_argument("--stride", type=int, help="tokens between window starts (default window/2)")
-        if task == "generate":
-            t.add_argument("--max-tokens", type=int, default=64, help="per answer, unless the item sets one")
-            mode = t.add_mutually_exclusive_group()
-            mode.add_argument("--chat", dest="chat", action="store_true", default=None,
-                              help="wrap prompts in the chat template (default when the model has one)")
-            mode.add_argument("--raw", dest="chat", action="store_false", help="prompts as plain text")
-        t.set_defaults(func=cmd_eval)
-
-    mg = sub.add_parser("merge", help="write a model folder with a peft LoRA adapter merged into its weights")
-    mg.add_argument("base", help="float model folder")
-    mg.add_argument("adapter_dir", metavar="adapter", help="peft adapter folder (adapter_config.json + "
-                    "adapter_model.safetensors)")
-    mg.add_argument("out", help="new folder (fp32; `tinyhun quantize` takes it)")
-    mg.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
-    mg.add_argument("--quiet", action="store_true")
-    mg.set_defaults(func=cmd_merge)
+    s = with_model(sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming)"))
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--slots", type=int, default=4, help="sequences generated at once, batched (default 4)")
+    s.add_argument("--queue", type=int, default=16, help="requests waiting for a slot before 429 (default 16)")
+    s.add_argument("--context", type=int, help="tokens per slot (default: the model's, at most 4096)")
+    s.add_argument("--max-tokens", type=int, help="most tokens a request may generate (default $MAX_TOKENS, 512)")
+    s.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
+    s.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
+    s.add_argument("--blocklist", metavar="FILE", help="sensitive-word list extending the default one (chat endpoint)")
+    s.add_argument("--replace-blocklist", action="store_true", help="use --blocklist FILE instead of the default")
+    s.add_argument("--no-filter", action="store_true", help="no content filter on the chat endpoint")
+    s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("quantize", help="write an INT4 copy of a model folder")
     q.add_argument("src")

@@ -21,6 +21,7 @@ class Step:
     prompt_tokens: int
     completion_tokens: int     # tokens sampled so far, this one included
     cached_tokens: int         # prompt tokens whose keys/values were reused from the cache
+    top_logprobs: tuple | None = None   # ((id, logprob), ...) of the most likely tokens (top_logprobs=n)
 
 
 def prefill(model, cache, ids):
@@ -65,37 +66,100 @@ def generate_step(model, prompt_ids, sampler, max_tokens, cache=None):
         yield token
 
 
-def encode_prompt(tok, prompt, chat, system=None):
+def encode_prompt(tok, prompt, chat, system=None, chat_template_kwargs=None):
     if chat:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if system is not None:
             messages = [{"role": "system", "content": system}] + messages
-        return tok.encode(tok.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+        text = tok.render_chat(messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
+        return tok.encode(text, add_special_tokens=False)
     if not isinstance(prompt, str):
         raise TinyhunError("a raw (non-chat) prompt must be a string")
     return tok.encode(prompt)
 
 
 class _LogProb:
-    """log softmax at one id, in a buffer allocated once per stream."""
+    """log softmax at one id (and the n most likely ids), in a buffer allocated once per stream."""
 
     def __init__(self, vocab):
         self.buf = np.empty(vocab, np.float32)
 
-    def __call__(self, logits, token):
+    def _log_total(self, logits):
         m = float(logits.max())
         np.subtract(logits, m, out=self.buf)
         np.exp(self.buf, out=self.buf)
-        return float(logits[token]) - m - float(np.log(self.buf.sum(dtype=np.float64)))
+        return m + float(np.log(self.buf.sum(dtype=np.float64)))
+
+    def __call__(self, logits, token):
+        return float(logits[token]) - self._log_total(logits)
+
+    def top(self, logits, n):
+        """[(id, logprob)] of the n most likely ids, most likely first."""
+        total = self._log_total(logits)
+        ids = np.argpartition(-logits, n - 1)[:n] if n < len(logits) else np.arange(len(logits))
+        ids = ids[np.lexsort((ids, -logits[ids]))]   # most likely first, ties by the lower id
+        return [(int(i), float(logits[i]) - total) for i in ids]
+
+
+class Sequence:
+    """One sequence's decode state after its prompt: the history the sampler sees, the streaming detokenizer,
+    the text held back while it may start a stop string, and the counts. `advance(token, logits)` turns each
+    sampled token into its Step. stream_generate and the server's batching scheduler both drive one, so a
+    sequence decoded alone or among others yields the same Steps."""
+
+    def __init__(self, tok, prompt_ids, sampler, max_tokens, stop=(), logprobs=False, top_logprobs=0,
+                 reused=0, vocab=None):
+        self.tok, self.sampler, self.max_tokens = tok, sampler, max_tokens
+        self.prompt_tokens, self.reused = len(prompt_ids), reused
+        self.history = [int(i) for i in prompt_ids]
+        self.stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+        self.top_logprobs = top_logprobs
+        self.logprob = _LogProb(vocab) if logprobs or top_logprobs else None
+        self.stream = tok.stream()
+        self.pending = ""   # text held back because it may be the start of a stop string
+        self.n = 0
+        self.finish_reason = None
+
+    def sample(self, logits):
+        return self.sampler(logits, self.history)
+
+    def advance(self, token, logits):
+        """The Step of `token`, sampled from `logits` (the last one has a finish_reason; advance no further)."""
+        tok = self.tok
+        self.n += 1
+        self.history.append(token)
+        last = token in tok.stop_ids or self.n == self.max_tokens
+        if token not in tok.stop_ids:
+            self.pending += self.stream.push(token)
+        if last:
+            self.pending += self.stream.flush()
+        cut = first_stop(self.pending, self.stops)
+        if cut is not None or last:
+            self.finish_reason = "length" if cut is None and token not in tok.stop_ids else "stop"
+            return self._step(token, logits, self.pending if cut is None else self.pending[:cut])
+        keep = held_back(self.pending, self.stops)
+        text, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return self._step(token, logits, text)
+
+    def _step(self, token, logits, text):
+        lp = top = None
+        if self.logprob is not None:
+            lp = self.logprob(logits, token)
+            if self.top_logprobs:
+                top = tuple(self.logprob.top(logits, self.top_logprobs))
+        return Step(token, text, lp, self.finish_reason, self.prompt_tokens, self.n, self.reused, top)
 
 
 def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                    repetition_penalty=1.0, seed=None, chat=None, stop=(), system=None, cache=None, logprobs=False):
+                    repetition_penalty=1.0, seed=None, chat=None, stop=(), system=None, cache=None, logprobs=False,
+                    top_logprobs=0, presence_penalty=0.0, frequency_penalty=0.0, chat_template_kwargs=None):
     """Yield a Step per sampled token of the completion of `prompt` (a string, or a list of chat messages).
 
-    chat=None uses the chat template when the tokenizer has one. Ends at a stop token, a stop string (its text
+    chat=None uses the chat template when the tokenizer has one; chat_template_kwargs are extra template variables
+    (e.g. enable_thinking, see tinyhun.thinking.think_prompt_args). Ends at a stop token, a stop string (its text
     not emitted), or after max_tokens tokens; the last Step says which. `cache` (Model.new_cache) is reused and
     left holding the conversation, so a next call whose prompt extends this one recomputes only the new part.
+    top_logprobs=n also gives each Step the n most likely tokens with their logprobs.
     """
     tok = model.tokenizer
     if tok is None:
@@ -105,31 +169,18 @@ def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top
     if chat is None:
         chat = tok.has_chat_template
     sampler = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           repetition_penalty=repetition_penalty, seed=seed)
-    stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
-    ids = encode_prompt(tok, prompt, chat, system)
-    logprob = _LogProb(model.config.vocab_size) if logprobs else None
-    stream = tok.stream()
-    pending = ""   # text held back because it may be the start of a stop string
-    n = 0
+                           repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
+                           frequency_penalty=frequency_penalty)
+    ids = encode_prompt(tok, prompt, chat, system, chat_template_kwargs)
+    seq = None
     for token, logits, reused in token_steps(model, ids, sampler, max_tokens, cache):
-        n += 1
-
-        def step(text, finish):
-            return Step(token, text, logprob(logits, token) if logprob else None, finish, len(ids), n, reused)
-        last = token in tok.stop_ids or n == max_tokens
-        if token not in tok.stop_ids:
-            pending += stream.push(token)
-        if last:
-            pending += stream.flush()
-        cut = first_stop(pending, stops)
-        if cut is not None or last:
-            finish = "length" if cut is None and token not in tok.stop_ids else "stop"
-            yield step(pending if cut is None else pending[:cut], finish)
+        if seq is None:
+            seq = Sequence(tok, ids, sampler, max_tokens, stop, logprobs, top_logprobs, reused,
+                           model.config.vocab_size)
+        step = seq.advance(token, logits)
+        yield step
+        if step.finish_reason:
             return
-        keep = held_back(pending, stops)
-        yield step(pending[:len(pending) - keep], None)
-        pending = pending[len(pending) - keep:]
 
 
 def generate(model, prompt, **kwargs):

@@ -1,7 +1,9 @@
 """Next-token sampling with the semantics of HF transformers' logits processors.
 
-Order (as in `GenerationMixin._get_logits_processor`): repetition penalty, then either greedy argmax
-(temperature 0) or temperature -> top-k -> top-p -> min-p -> softmax -> draw. Every filter keeps at
+Order (as in `GenerationMixin._get_logits_processor`): repetition penalty, then OpenAI's presence and
+frequency penalties (logit -= presence * [count > 0] + frequency * count, counting the ids of the history given,
+as llama.cpp does), then either greedy argmax (temperature 0) or temperature -> top-k -> top-p -> min-p ->
+softmax -> draw. Every filter keeps at
 least the most likely token, so a draw always has something to pick.
 
 Vocabularies are ~120k and this runs once per generated token, so the expensive steps are avoided:
@@ -62,12 +64,15 @@ class Sampler:
     """Picks the next token from float32[V] logits; holds its RNG and per-vocabulary scratch buffers."""
 
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed: int | None = None):
+                 repetition_penalty: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0):
         self.temperature = _real("temperature", temperature, 0.0, 100.0, False, False)
         self.top_k = _integer("top_k", top_k, 0, None, ">= 0 (0 = off)")
         self.top_p = _real("top_p", top_p, 0.0, 1.0, True, False)
         self.min_p = _real("min_p", min_p, 0.0, 1.0, False, True)
         self.repetition_penalty = _real("repetition_penalty", repetition_penalty, 0.0, 10.0, True, False)
+        self.presence_penalty = _real("presence_penalty", presence_penalty, -2.0, 2.0, False, False)
+        self.frequency_penalty = _real("frequency_penalty", frequency_penalty, -2.0, 2.0, False, False)
         self.seed = None if seed is None else _integer("seed", seed, 0, 2**63, "in [0, 2**63)")
         self.rng = np.random.default_rng(self.seed)
         self._x = np.empty(0, np.float32)  # [V] processed logits
@@ -94,7 +99,8 @@ class Sampler:
     def _survivors(self, logits: np.ndarray, history):
         """(ids int64[n] or None for all V, unnormalised weights [n]); weights None means greedy ids[0]."""
         vocab = logits.shape[-1]
-        if self.repetition_penalty == 1.0 and self.temperature == 0.0:
+        penalised = self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        if not penalised and self.temperature == 0.0:
             return np.array([np.argmax(logits)]), None  # argmax ties -> lowest id; no copy needed
         if self._x.size != vocab:
             self._x = np.empty(vocab, np.float32)
@@ -104,6 +110,8 @@ class Sampler:
         np.copyto(x, logits)
         if self.repetition_penalty != 1.0:
             self._penalise(x, logits, history)
+        if self.presence_penalty != 0.0 or self.frequency_penalty != 0.0:
+            self._count_penalties(x, history)
         if self.temperature == 0.0:
             return np.array([np.argmax(x)]), None
         np.divide(x, self.temperature, out=x)
@@ -130,6 +138,11 @@ class Sampler:
         # Reading the caller's logits (not x) makes repeated ids harmless: each write stores the same value.
         s = logits[ids].astype(np.float32)
         x[ids] = np.where(s > 0, s / np.float32(self.repetition_penalty), s * np.float32(self.repetition_penalty))
+
+    def _count_penalties(self, x, history) -> None:
+        ids = np.asarray(history, dtype=np.int64).reshape(-1)
+        ids, counts = np.unique(ids[(ids >= 0) & (ids < x.size)], return_counts=True)
+        x[ids] -= np.float32(self.presence_penalty) + np.float32(self.frequency_penalty) * counts.astype(np.float32)
 
     def _top_k(self, x) -> np.ndarray:
         y = self._y
@@ -166,6 +179,7 @@ class Sampler:
 
 
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed: int | None = None) -> Sampler:
-    """Validated sampler; temperature 0 is greedy, top_k 0 / top_p 1 / min_p 0 / penalty 1 are off."""
-    return Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+                 repetition_penalty: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0) -> Sampler:
+    """Validated sampler; temperature 0 is greedy, top_k 0 / top_p 1 / min_p 0 / penalties 1, 0, 0 are off."""
+    return Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty, frequency_penalty)

@@ -1,0 +1,389 @@
+"""POST /v1/chat/completions and /v1/completions: a checked request becomes engine Jobs, whose events become
+OpenAI's response objects, whole or as server-sent-event chunks.
+
+Both answers come from the same events, so a streamed and a non-streamed request with the same seed say the same
+thing. Text goes through one Output per choice on its way out (thinking split from the answer, the content
+filter's masking), which holds back only what it must.
+"""
+import asyncio
+import json
+import time
+import uuid
+
+from ..errors import TinyhunError
+from ..generation import Step
+from ..sampling import make_sampler
+from . import output
+from .scheduler import Job, PromptLogprobs, QueueFull
+from .schemas import ApiError, ChatRequest, CompletionRequest
+
+DEFAULT_TEMPERATURE = output.DEFAULT_TEMPERATURE
+RETRY_AFTER_S = 1
+
+
+class Events:
+    """The engine thread's events for one job, handed to the event loop."""
+
+    def __init__(self, loop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def __call__(self, event):
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:   # the loop is closed: the server is shutting down
+            pass
+
+    async def next(self):
+        event = await self.queue.get()
+        if isinstance(event, TinyhunError):
+            raise ApiError(400, str(event))
+        if isinstance(event, Exception):
+            raise ApiError(500, f"generation failed: {type(event).__name__}: {event}")
+        return event
+
+
+class Run:
+    """One job: its events, its Output, the counts the usage and the metrics need."""
+
+    def __init__(self, server, ids, req, max_tokens, text_out, logprobs, top_logprobs, prompt_logprobs=None):
+        self.server, self.ids, self.out = server, ids, text_out
+        self.started = time.monotonic()
+        self.first_token_at = None
+        self.events = Events(asyncio.get_running_loop())
+        try:
+            sampler = make_sampler(temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+                                   top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+                                   repetition_penalty=req.repetition_penalty, seed=req.seed,
+                                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+        except TinyhunError as e:
+            raise ApiError(400, str(e)) from None
+        self.job = Job(ids, sampler, max_tokens, self.events, req.stops(), logprobs, top_logprobs, prompt_logprobs)
+        self.steps, self.prompt_scores = [], None
+        self.finish_reason = None
+
+    def submit(self):
+        try:
+            self.server.engine.submit(self.job)
+        except QueueFull:
+            self.server.metrics.rejected.inc()
+            raise ApiError(429, "the server is busy: every slot is generating and the queue is full; retry shortly",
+                           code="server_busy", type_="rate_limit_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    async def deltas(self):
+        """Yield (step, reasoning text, content text) per token, then the flush at the end as (None, r, c)."""
+        while True:
+            event = await self.events.next()
+            if isinstance(event, PromptLogprobs):
+                self.prompt_scores = event
+                continue
+            step: Step = event
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+                self.server.metrics.ttft.observe(self.first_token_at - self.started)
+            self.steps.append(step)
+            reasoning, content = self.out.push(step.text)
+            yield step, reasoning, content
+            if step.finish_reason:
+                self.finish_reason = step.finish_reason
+                reasoning, content = self.out.flush()
+                yield None, reasoning, content
+                return
+
+    def cancel(self):
+        """Called in every case when the run ends: a no-op for a finished job, frees the slot for one still
+        going (the client went away)."""
+        if self.finish_reason is None:
+            self.server.metrics.cancelled.inc()
+        self.server.engine.cancel(self.job)
+        m = self.server.metrics
+        m.latency.observe(time.monotonic() - self.started)
+        if self.steps:
+            m.prompt_tokens.inc(self.steps[-1].prompt_tokens)
+            m.cached_tokens.inc(self.steps[-1].cached_tokens)
+            m.completion_tokens.inc(len(self.steps))
+
+    def usage(self):
+        s = self.steps[-1] if self.steps else None
+        prompt = len(self.ids)
+        done = s.completion_tokens if s else 0
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": s.cached_tokens if s else 0}}
+
+
+def _check_model(server, name):
+    if name != server.model_name:
+        raise ApiError(404, f"model {name!r} not found: this server serves {server.model_name!r} (GET /v1/models)",
+                       param="model", code="model_not_found")
+
+
+def _max_tokens(server, requested, n_prompt, param):
+    ctx = server.engine.max_context
+    if requested is not None and requested > server.max_tokens:
+        raise ApiError(400, f"{param}={requested}: above this server's limit of {server.max_tokens} (MAX_TOKENS)",
+                       param=param)
+    if n_prompt >= ctx:
+        raise ApiError(400, f"the prompt is {n_prompt} tokens, the context is {ctx}: no room to generate; "
+                       "shorten the prompt", param="messages", code="exceed_context_size")
+    if requested is None:
+        return min(server.max_tokens, ctx - n_prompt)
+    if n_prompt + requested > ctx:
+        raise ApiError(400, f"prompt ({n_prompt} tokens) + {param} ({requested}) = {n_prompt + requested} exceeds "
+                       f"the context of {ctx} tokens; shorten the prompt or lower {param}", param=param,
+                       code="exceed_context_size")
+    return requested
+
+
+def _n(req):
+    if req.n != 1:
+        raise ApiError(400, f"n={req.n}: only n=1 is supported (send n requests)", param="n")
+
+
+def _sse(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _error_chunks(e):
+    yield _sse(e.body())
+    yield "data: [DONE]\n\n"
+
+
+# ---- chat ----
+
+def _token_entry(tok, token, logprob, top):
+    text = tok.decode([token], skip_special_tokens=False)
+    entry = {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    entry["top_logprobs"] = [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                             for t, lp in ((tok.decode([i], skip_special_tokens=False), lp) for i, lp in top or ())]
+    return entry
+
+
+async def chat(server, req: ChatRequest):
+    _check_model(server, req.model)
+    _n(req)
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    tok = server.model.tokenizer
+    if not tok.has_chat_template:
+        raise ApiError(400, f"model {server.model_name!r} has no chat template: use /v1/completions", param="messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    prompt = output.chat_prompt(server, messages, req.style, req.think)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "created": created, "model": server.model_name}
+    if prompt.refusal is not None:
+        return _refusal(req, head, prompt.refusal, 0)
+    ids = tok.encode(prompt.text, add_special_tokens=False)
+    max_tokens = _max_tokens(server, req.limit(), len(ids), "max_completion_tokens" if req.max_completion_tokens
+                             is not None else "max_tokens")
+    run = Run(server, ids, req, max_tokens, prompt.output(), req.logprobs, req.top_logprobs or 0)
+    run.submit()
+    return _chat_stream(server, run, req, head) if req.stream else await _chat_whole(server, run, req, head)
+
+
+def _refusal(req, head, text, n_prompt):
+    usage = {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    if not req.stream:
+        return {**head, "object": "chat.completion", "usage": usage, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+             "finish_reason": "content_filter"}]}
+
+    async def chunks():
+        chunk = {**head, "object": "chat.completion.chunk"}
+        yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+                                          "logprobs": None, "finish_reason": "content_filter"}]})
+        if req.stream_options and req.stream_options.include_usage:
+            yield _sse({**chunk, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+    return chunks()
+
+
+async def _chat_whole(server, run, req, head):
+    reasoning, content, entries = [], [], []
+    tok = server.model.tokenizer
+    try:
+        async for step, r, c in run.deltas():
+            reasoning.append(r)
+            content.append(c)
+            if step is not None and req.logprobs:
+                entries.append(_token_entry(tok, step.token, step.logprob, step.top_logprobs))
+    finally:
+        run.cancel()
+    message = {"role": "assistant", "content": "".join(content)}
+    if any(reasoning):
+        message["reasoning_content"] = "".join(reasoning)
+    return {**head, "object": "chat.completion", "usage": run.usage(), "choices": [
+        {"index": 0, "message": message, "logprobs": {"content": entries} if req.logprobs else None,
+         "finish_reason": run.finish_reason}]}
+
+
+async def _chat_stream(server, run, req, head):
+    tok = server.model.tokenizer
+    usage = req.stream_options is not None and req.stream_options.include_usage
+    chunk = {**head, "object": "chat.completion.chunk"}
+    if usage:
+        chunk["usage"] = None
+
+    def choice(delta, step=None, finish=None):
+        lp = None
+        if step is not None and req.logprobs:
+            lp = {"content": [_token_entry(tok, step.token, step.logprob, step.top_logprobs)]}
+        return _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+
+    try:
+        yield choice({"role": "assistant", "content": ""})
+        try:
+            async for step, r, c in run.deltas():
+                delta = {}
+                if r:
+                    delta["reasoning_content"] = r
+                if c:
+                    delta["content"] = c
+                if delta or (step is not None and req.logprobs):
+                    yield choice(delta, step)
+        except ApiError as e:
+            yield _sse(e.body())
+            yield "data: [DONE]\n\n"
+            return
+        yield choice({}, finish=run.finish_reason)
+        if usage:
+            yield _sse({**chunk, "choices": [], "usage": run.usage()})
+        yield "data: [DONE]\n\n"
+    finally:
+        run.cancel()
+
+
+# ---- legacy completions ----
+
+def _prompt_ids(tok, prompt, vocab):
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "prompt: empty", param="prompt")
+        return tok.encode(prompt)
+    if max(prompt) >= vocab:
+        raise ApiError(400, f"prompt: token id {max(prompt)} out of range [0, {vocab})", param="prompt")
+    return list(prompt)
+
+
+class _Legacy:
+    """The legacy logprobs object {tokens, token_logprobs, top_logprobs, text_offset}, built token by token."""
+
+    def __init__(self, tok, offset=0):
+        self.tok, self.offset = tok, offset
+        self.obj = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(self, token, logprob, top, text_len):
+        o = self.obj
+        o["tokens"].append(self.tok.decode([token], skip_special_tokens=False))
+        o["token_logprobs"].append(logprob)
+        o["top_logprobs"].append(None if top is None else
+                                 {self.tok.decode([i], skip_special_tokens=False): lp for i, lp in top})
+        o["text_offset"].append(self.offset)
+        self.offset += text_len
+
+    def add_prompt(self, ids, scores):
+        stream = self.tok.stream()
+        for i, token in enumerate(ids):
+            piece = stream.push(token) + (stream.flush() if i == len(ids) - 1 else "")
+            if i == 0:
+                self.add(token, None, None, len(piece))
+            else:
+                self.add(token, scores.logprobs[i - 1], scores.top[i - 1], len(piece))
+
+
+async def completions(server, req: CompletionRequest):
+    _check_model(server, req.model)
+    _n(req)
+    tok, vocab = server.model.tokenizer, server.model.config.vocab_size
+    prompts = req.prompts()
+    if req.stream and len(prompts) > 1:
+        raise ApiError(400, "prompt: streaming takes one prompt (send one request per prompt)", param="prompt")
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "created": created, "model": server.model_name}
+    runs = []
+    for p in prompts:
+        ids = _prompt_ids(tok, p, vocab)
+        max_tokens = _max_tokens(server, req.max_tokens, len(ids), "max_tokens")
+        n_top = req.logprobs
+        runs.append((p, Run(server, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
+                            n_top if req.echo and n_top is not None else None)))
+    submitted = []
+    try:
+        for _, run in runs:
+            run.submit()
+            submitted.append(run)
+    except ApiError:
+        for run in submitted:
+            run.finish_reason = "cancelled"
+            run.cancel()
+        raise
+    if req.stream:
+        return _completion_stream(server, runs[0][1], req, head, runs[0][0])
+    choices = []
+    try:
+        for i, (p, run) in enumerate(runs):
+            choices.append(await _completion_choice(server, run, req, i, p))
+    finally:
+        for _, run in runs:
+            run.cancel()
+    usage = {k: sum(r.usage()[k] for _, r in runs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {**head, "object": "text_completion", "choices": choices, "usage": usage}
+
+
+def _echo_text(tok, prompt, ids):
+    return prompt if isinstance(prompt, str) else tok.decode(ids)
+
+
+async def _completion_choice(server, run, req, index, prompt):
+    tok = server.model.tokenizer
+    echo = _echo_text(tok, prompt, run.ids) if req.echo else ""
+    legacy = _Legacy(tok, len(echo)) if req.logprobs is not None else None
+    pieces = [echo]
+    async for step, _, c in run.deltas():
+        if legacy is not None and step is not None:
+            if req.echo and not legacy.obj["tokens"]:
+                legacy.offset = 0
+                legacy.add_prompt(run.ids, run.prompt_scores)
+                legacy.offset = len(echo)
+            legacy.add(step.token, step.logprob, step.top_logprobs if req.logprobs else None, len(step.text))
+        pieces.append(c)
+    return {"index": index, "text": "".join(pieces), "logprobs": None if legacy is None else legacy.obj,
+            "finish_reason": run.finish_reason}
+
+
+async def _completion_stream(server, run, req, head, prompt):
+    tok = server.model.tokenizer
+    usage = req.stream_options is not None and req.stream_options.include_usage
+    chunk = {**head, "object": "text_completion"}
+
+    def choice(text, logprobs=None, finish=None):
+        return _sse({**chunk, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+
+    try:
+        try:
+            echo = _echo_text(tok, prompt, run.ids) if req.echo else ""
+            offset, echoed = len(echo), not req.echo
+            async for step, _, c in run.deltas():
+                lp = None
+                if req.logprobs is not None and step is not None:
+                    legacy = _Legacy(tok, offset)
+                    if not echoed:
+                        legacy.offset = 0
+                        legacy.add_prompt(run.ids, run.prompt_scores)
+                        legacy.offset = len(echo)
+                    legacy.add(step.token, step.logprob, step.top_logprobs, len(step.text))
+                    offset, lp = legacy.offset, legacy.obj
+                if not echoed:
+                    c, echoed = echo + c, True
+                if c or lp is not None:
+                    yield choice(c, lp)
+        except ApiError as e:
+            yield _sse(e.body())
+            yield "data: [DONE]\n\n"
+            return
+        yield choice("", finish=run.finish_reason)
+        if usage:
+            yield _sse({**chunk, "choices": [], "usage": run.usage()})
+        yield "data: [DONE]\n\n"
+    finally:
+        run.cancel()

@@ -1,0 +1,227 @@
+"""The batching engine: one thread that owns the model's forwards, a fixed set of sequence slots (one KV cache of
+one pool each) and a bounded queue of jobs waiting for a slot.
+
+Decode is bound by streaming the weights, so every step runs the next token of all active slots through one
+Model.forward_batch (each row at its own cache's position); a new job joins between steps (its prompt is
+prefilled, then it decodes with the others) and a finished or cancelled one leaves between steps, so a cancel
+costs at most the token in flight. A joiner's first token is sampled right after its own prefill. Each job's tokens go through a generation.Sequence, the same per-sequence
+state the single-stream loop uses: a job's Steps do not depend on what else is running (greedy outputs equal).
+
+A free slot keeps the tokens it last held: a job goes to the free slot sharing the longest prefix with its prompt,
+so the next turn of a conversation recomputes only what is new.
+"""
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import TinyhunError
+from ..generation import Sequence, _LogProb, prefill
+from ..model import CHUNK
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    ids: list               # prompt token ids
+    sampler: object
+    max_tokens: int
+    emit: object            # called from the engine thread with each Step, a PromptLogprobs, or an Exception
+    stop: list = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None   # the top n for every prompt position (legacy echo); None = off
+    cancelled: bool = False
+
+
+@dataclass
+class PromptLogprobs:
+    """For prompt positions 1..T-1: each token's logprob given the ones before it, and the n most likely there."""
+    logprobs: list
+    top: list
+
+
+@dataclass
+class _Running:
+    job: Job
+    cache: object
+    seq: Sequence
+    token: int = 0
+
+
+class Engine:
+    def __init__(self, model, slots, queue_size, max_context=None, thread=True):
+        """thread=False: the caller runs the loop itself (run()), e.g. on the main thread, where the Numba
+        kernels run fastest (bench/bench_server.py measures a forward from another thread 2-4x slower)."""
+        if model.tokenizer is None:
+            raise TinyhunError("this model folder has no tokenizer (tokenizer.json or hy.tiktoken)")
+        if not 1 <= slots <= CHUNK:
+            raise TinyhunError(f"slots={slots}: expected 1..{CHUNK} (one forward decodes at most {CHUNK} rows)")
+        self.model, self.slots, self.queue_size = model, slots, queue_size
+        self.caches = model.new_caches(slots, max_context)
+        self.max_context = self.caches[0].max_context
+        self._free = list(self.caches)          # engine thread only
+        self._active = []                       # engine thread only
+        self._next = np.zeros((slots, model.config.vocab_size), np.float32)   # each slot's next-token logits
+        self._waiting = deque()
+        self._load = 0                          # jobs waiting or running
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = None
+        if thread:
+            self._thread = threading.Thread(target=self._loop, name="tinyhun-engine", daemon=True)
+            self._thread.start()
+
+    def run(self):
+        """The engine loop in the calling thread, until close()."""
+        self._loop()
+
+    # ---- any thread ----
+
+    def submit(self, job):
+        """Queue a job; QueueFull when every slot is busy and the queue holds queue_size jobs already."""
+        with self._cond:
+            if self._load >= self.slots + self.queue_size:
+                raise QueueFull()
+            self._load += 1
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job):
+        """Stop a job: dropped from the queue now, or from its slot before the next step."""
+        with self._cond:
+            job.cancelled = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._load -= 1
+
+    def queue_depth(self):
+        return len(self._waiting)
+
+    def busy_slots(self):
+        with self._cond:
+            return self._load - len(self._waiting)
+
+    def close(self):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- the engine thread ----
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                while not self._waiting and not self._active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                joining = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+            for job in joining:
+                self._start(job)
+            self._step()
+
+    def _done(self, job):
+        with self._cond:
+            self._load -= 1
+
+    def _start(self, job):
+        if job.cancelled:
+            return self._done(job)
+        cache = max(self._free, key=lambda c: _shared(c.tokens, job.ids))
+        self._free.remove(cache)
+        try:
+            if job.prompt_logprobs is None:
+                logits, reused = prefill(self.model, cache, job.ids)
+            else:
+                logits, reused = self._prefill_scored(cache, job), 0
+            self._next[cache.slot] = logits
+        except Exception as e:   # noqa: BLE001 - the job gets the error; the engine serves the others
+            cache.reset()
+            self._free.append(cache)
+            job.emit(e)
+            return self._done(job)
+        seq = Sequence(self.model.tokenizer, job.ids, job.sampler, job.max_tokens, job.stop, job.logprobs,
+                       job.top_logprobs, reused, self.model.config.vocab_size)
+        r = _Running(job, cache, seq)
+        if self._sample(r):   # its first token goes out now, not after the other joiners' prefills
+            self._active.append(r)
+
+    def _prefill_scored(self, cache, job):
+        """Prefill from scratch, scoring every prompt token against the logits before it; return the last
+        position's logits. Chunk by chunk: all positions' logits at once would be [T, V]."""
+        cache.reset()
+        ids, V = np.asarray(job.ids, np.int64), self.model.config.vocab_size
+        out, lp = np.empty((CHUNK, V), np.float32), _LogProb(V)
+        n_top = max(job.prompt_logprobs, 1)
+        logprobs, top = [], []
+        for c in range(0, len(ids), CHUNK):
+            part = ids[c:c + CHUNK]
+            rows = self.model.forward(cache, part, out=out[:len(part)])
+            for j in range(len(part)):
+                p = c + j + 1          # the position row j predicts
+                if p < len(ids):
+                    best = lp.top(rows[j], n_top)
+                    logprobs.append(lp(rows[j], ids[p]))
+                    top.append(best[:job.prompt_logprobs])
+        job.emit(PromptLogprobs(logprobs, top))
+        return rows[len(part) - 1]
+
+    def _sample(self, r):
+        """Sample r's next token from its slot's logits and hand its Step out; False when r is done."""
+        logits = self._next[r.cache.slot]
+        try:
+            r.token = r.seq.sample(logits)
+            step = r.seq.advance(r.token, logits)
+            r.job.emit(step)
+        except Exception as e:   # noqa: BLE001 - this job ends with the error; the others go on
+            r.job.emit(e)
+            self._release(r)
+            return False
+        if step.finish_reason:
+            self._release(r)
+            return False
+        return True
+
+    def _step(self):
+        """One forward for every active slot's last token, then each slot's next token."""
+        running = []
+        for r in self._active:
+            if r.job.cancelled:
+                self._release(r)
+            else:
+                running.append(r)
+        self._active = running
+        if not running:
+            return
+        try:
+            logits = self.model.forward_batch([r.cache for r in running], [r.token for r in running])
+        except Exception as e:   # noqa: BLE001
+            for r in running:
+                r.job.emit(e)
+                r.cache.reset()
+                self._release(r)
+            self._active = []
+            return
+        for r, row in zip(running, logits):
+            self._next[r.cache.slot] = row
+        self._active = [r for r in running if self._sample(r)]
+
+    def _release(self, r):
+        self._free.append(r.cache)
+        self._done(r.job)
+
+
+def _shared(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,146 @@
+"""Request bodies of the OpenAI-compatible API as pydantic models, and the API's error (OpenAI's JSON shape).
+
+Unknown fields are refused (a misspelt parameter would otherwise be silently ignored), except the few that
+clients send routinely and that change nothing here (`user`, `metadata`, `store`, `service_tier`).
+"""
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+MAX_STOPS = 16
+MAX_TOP_LOGPROBS = 20
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status, message, param=None, code=None, type_=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+Number = StrictFloat | StrictInt
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+    reasoning_content: StrictStr | None = None   # a previous answer's thinking, sent back: not put in the prompt
+
+    def text(self):
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class _Sampling(_Strict):
+    """The parameters both endpoints share. Ranges are OpenAI's where it has one."""
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[StrictInt, Field(ge=0)] = 0
+    min_p: Annotated[Number, Field(ge=0, lt=1)] = 0.0
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[Number, Field(gt=0, le=10)] = 1.0
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
+    n: Annotated[StrictInt, Field(ge=1)] = 1   # only 1: checked by the app with its own message
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    metadata: dict | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+
+    def stops(self):
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    style: StrictStr | None = None      # extension: a reply-style preset (tinyhun chat --list-styles)
+    think: StrictBool | None = None     # extension: thinking on/off for thinking models (default: the model's)
+
+    def limit(self):
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+Ids = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | Ids | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[list[Ids], Field(min_length=1)]
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None   # legacy API: the top n (0 = the token's own)
+    echo: StrictBool = False
+
+    def limit(self):
+        return self.max_tokens
+
+    def prompts(self):
+        """The prompts as a list, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class TokenizeRequest(_Strict):
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: StrictStr | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+
+
+def parse(cls, data):
+    """data (decoded JSON) as a `cls`, or a 400 ApiError naming the first bad field and what was expected."""
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if not _is_union_branch(p)) or "body"
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"{where}: unknown field (not supported by this server)", param=where) from None
+        if err["type"] == "missing":
+            raise ApiError(400, f"{where}: required field missing", param=where) from None
+        raise ApiError(400, f"{where}: {err['msg']} (got {_short(err.get('input'))})", param=where) from None
+
+
+def _is_union_branch(part):
+    # pydantic names the union member it tried in the location ('str', 'list[int]', 'function-after[...]')
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
