@@ -76,8 +76,9 @@ def main():
     for i, t in enumerate(turns, 1):
         print(f"{i:4d}  {t['prompt_tokens']:6d}  {t['reused']:6d}  {t['prompt_tokens'] - t['reused']:8d}  "
               f"{t['ttft_reuse_s'] * 1e3:8.1f}ms  {t['ttft_cold_s'] * 1e3:7.1f}ms")
-    print(f"{args.max_tokens} tokens a reply: {reused} of {total} prompt tokens reused ({result['prefill_saved_pct']:.1f}% "
-          f"of the prefill saved); time to first token {result['ttft_ratio']:.1f}x faster in total; "
+    print(f"{args.max_tokens} tokens a reply: {reused} of {total} prompt tokens reused "
+          f"({result['prefill_saved_pct']:.1f}% of the prefill saved); time to first token "
+          f"{result['ttft_ratio']:.1f}x faster in total; "
           f"replies identical with and without reuse: {result['replies_equal']}")
 
 

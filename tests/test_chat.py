@@ -13,7 +13,7 @@ import pytest
 
 import tinyhun
 from oracle import ROOT
-from tinyhun.chat import CONTENT, REASONING, REFUSED, Conversation, Terminal, TurnStats, run_turn
+from tinyhun.chat import CONTENT, REASONING, REFUSED, Conversation, ReplyPieces, Terminal, TurnStats, run_turn
 from tinyhun.content_filter import REFUSAL, ContentFilter
 from tinyhun.styles import STYLES, system_prompt
 from tinyhun.thinking import think_prompt_args
@@ -210,3 +210,15 @@ def test_bad_options_are_one_line_errors(args, message):
     r = run("--model", str(TINY), *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_reply_pieces_split_mask_and_keep_reading_order():
+    shown = ReplyPieces(ContentFilter(["傻逼", "kill"]))
+    raw = "<think>\nthe user said 傻逼, do not kill\n</think>\n<answer>\nPlease stay calm, kill nothing.\n</answer>"
+    pieces = [p for i in range(len(raw)) for p in shown.push(raw[i])] + shown.flush()
+    kinds = [k for k, _ in pieces]
+    assert kinds == sorted(kinds, key=[REASONING, CONTENT].index)     # all the reasoning before the answer
+    assert "".join(t for k, t in pieces if k == REASONING) == "the user said **, do not ****"
+    assert "".join(t for k, t in pieces if k == CONTENT) == "Please stay calm, **** nothing."
+    plain = ReplyPieces()
+    assert plain.push("<think>a</think>b") == [(REASONING, "a"), (CONTENT, "b")] and plain.flush() == []

@@ -75,18 +75,17 @@ class Conversation:
             yield REFUSED, REFUSAL
             return
         prompt, kwargs = self._prompt(user_text)
-        splitter = ThinkSplitter()
-        masks = {kind: self.filter.stream() for kind in (REASONING, CONTENT)} if self.filter is not None else {}
+        shown = ReplyPieces(self.filter)
         raw, step, finish, start = [], None, "interrupted", time.perf_counter()
         try:
             for step in stream_generate(self.model, prompt, max_tokens=self.max_tokens,
                                         temperature=self.temperature, seed=self.seed, cache=self.cache,
                                         chat_template_kwargs=kwargs):
                 raw.append(step.text)
-                yield from self._pieces(splitter.push(step.text), masks, final=False)
+                yield from shown.push(step.text)
                 if step.finish_reason:
                     finish = step.finish_reason
-            yield from self._pieces(splitter.flush(), masks, final=True)
+            yield from shown.flush()
         finally:
             if step is not None:
                 # the turn as the model saw and wrote it, so that the next prompt starts with what the cache holds
@@ -96,13 +95,33 @@ class Conversation:
         yield "stats", TurnStats(step.prompt_tokens, step.cached_tokens, step.completion_tokens,
                                  time.perf_counter() - start, finish)
 
-    @staticmethod
-    def _pieces(deltas, masks, final):
-        for kind, text in zip((REASONING, CONTENT), deltas):
-            if kind in masks:
-                text = masks[kind].push(text) + (masks[kind].flush() if final else "")
+
+class ReplyPieces:
+    """Raw reply text -> the (kind, text) pieces to show: split into REASONING and CONTENT, each masked by the
+    content filter (when there is one) as it streams. The reasoning's held-back tail is released as soon as the
+    answer starts, so the pieces come in reading order."""
+
+    def __init__(self, content_filter=None):
+        self._splitter = ThinkSplitter()
+        self._masks = {k: content_filter.stream() for k in (REASONING, CONTENT)} if content_filter else None
+        self._reasoning_done = False
+
+    def push(self, text):
+        return self._pieces(*self._splitter.push(text), final=False)
+
+    def flush(self):
+        return self._pieces(*self._splitter.flush(), final=True)
+
+    def _pieces(self, reasoning, content, final):
+        out = []
+        for kind, text in ((REASONING, reasoning), (CONTENT, content)):
+            if self._masks is not None:
+                end = final or (kind == REASONING and content and not self._reasoning_done)
+                text = self._masks[kind].push(text) + (self._masks[kind].flush() if end else "")
+                self._reasoning_done = self._reasoning_done or (kind == REASONING and bool(end))
             if text:
-                yield kind, text
+                out.append((kind, text))
+        return out
 
 
 HELP = """\

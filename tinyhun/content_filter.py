@@ -1,10 +1,11 @@
 """The content filter: a sensitive-word list matched after Unicode NFKC + case folding, English and Chinese.
 
 Matching runs on a normalised copy of the text (NFKC, then casefold: full-width letters, ligatures, compatibility
-forms and case all fold away; format characters such as the zero-width space are dropped) with an Aho-Corasick automaton (pyahocorasick) over every entry at once. The copy is
-built one character cluster at a time (a character and the marks that compose with it), each cluster remembering
-the original characters it came from: normalisation may change lengths (`ﬁ` -> `fi`, `ß` -> `ss`, `e` + U+0301
--> `é`), and a match is masked by replacing every original character of every cluster it touches.
+forms and case all fold away; format characters such as the zero-width space are dropped) with an Aho-Corasick
+automaton (pyahocorasick) over every entry at once. The copy is built one character cluster at a time (a
+character and the marks that compose with it), each cluster remembering the original characters it came from:
+normalisation may change lengths (`ﬁ` -> `fi`, `ß` -> `ss`, `e` + U+0301 -> `é`), and a match is masked by
+replacing every original character of every cluster it touches.
 
 List file: one entry a line, UTF-8; blank lines and lines starting with `#` are skipped. An entry of letters and
 digits only (e.g. `kill`) matches a whole word; `*` at either end lifts that side's word boundary (`fuck*` also
@@ -89,22 +90,25 @@ def _is_word(c: str) -> bool:
     return c == MASK or (c.isalnum() and unicodedata.category(c) != "Lo")
 
 
+def _entries(text):
+    return [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
+
+
 def read_list(path) -> list[str]:
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TinyhunError(f"{path}: blocklist file not found") from None
     except UnicodeDecodeError as e:
         raise TinyhunError(f"{path}: blocklist is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise TinyhunError(f"{path}: cannot read the blocklist ({e.strerror})") from None
-    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+    return _entries(text)
 
 
 def default_list() -> list[str]:
-    text = resources.files("tinyhun").joinpath("data/blocklist.txt").read_text(encoding="utf-8")
-    return [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
+    return _entries(resources.files("tinyhun").joinpath("data/blocklist.txt").read_text(encoding="utf-8"))
 
 
 class ContentFilter:
