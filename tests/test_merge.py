@@ -44,7 +44,7 @@ def test_merged_folder_equals_base_plus_adapter(pair, tmp_path):
 def test_merge_errors_leave_nothing(pair, tmp_path, capsys):
     root, _ = pair
     quantize_model(root / "base", tmp_path / "q4", progress=False)
-    with pytest.raises(TinyhunError, match="the base is quantized"):
+    with pytest.raises(TinyhunError, match="already quantized.*merge the adapter into the float checkpoint"):
         merge_adapter(tmp_path / "q4", root / "a", tmp_path / "out", progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")

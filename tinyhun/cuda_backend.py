@@ -16,7 +16,7 @@ import numpy as np
 
 from .backend import NumpyBackend, _Quiet
 from .errors import TinyhunError
-from .structs import DenseMLP, Rows
+from .structs import DenseMLP, Rows, weight_arrays
 
 MAX_SPLITS = 16   # attention splits per row at most: a longer cache gets longer splits
 
@@ -52,15 +52,7 @@ class CudaWeights(NamedTuple):
 
     def arrays(self, decode=False):
         """Every device array once (see structs.Weights.arrays)."""
-        def walk(v):
-            if hasattr(v, "copy_to_host"):
-                yield v
-            elif isinstance(v, tuple):
-                for item in v:
-                    yield from walk(item)
-        head = () if self.lm_head is self.embed and not decode else (self.lm_head,)
-        found = {id(a): a for a in walk(((() if decode else self.embed), self.layers, self.norm, head))}
-        return list(found.values())
+        return weight_arrays(self, decode, lambda v: hasattr(v, "copy_to_host"))
 
     @property
     def nbytes(self):

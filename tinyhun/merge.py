@@ -12,9 +12,8 @@ from tqdm import tqdm
 
 from . import adapters
 from .checkpoint import open_folder
-from .config import read_json
 from .errors import TinyhunError
-from .families import config_from_dict
+from .families import read_float_folder
 from .folders import atomic_folder, check_destination, write_checkpoint
 from .quantize import SIDE_FILES
 from .weights import check_names, read_float
@@ -23,14 +22,8 @@ from .weights import check_names, read_float
 def merge_adapter(base, adapter_dir, dst, progress=True, overwrite=False):
     """Write base + adapter, merged, into dst (a new or empty folder; replaced when overwrite); return dst."""
     base, dst = Path(base), Path(dst)
-    if not base.is_dir():
-        raise TinyhunError(f"{base}: not a model folder")
-    cfg_path = base / "config.json"
-    config = read_json(cfg_path, "a JSON object (a model's config.json)")
-    cfg = config_from_dict(config, str(cfg_path))
-    if cfg.quantization:
-        raise TinyhunError(f"{cfg_path}: the base is quantized ({cfg.quantization['format']}); merge the adapter "
-                           "into the float checkpoint and quantize the result (or run it unmerged: --adapter)")
+    config, cfg = read_float_folder(base, "; merge the adapter into the float checkpoint and quantize the result "
+                                          "(or run it unmerged: --adapter)")
     adapter = adapters.read_adapter(adapter_dir)
     check_destination(dst, overwrite, sources=[base, adapter.path])
     files = open_folder(base)

@@ -13,9 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import open_folder
-from .config import read_json
 from .errors import TinyhunError
-from .families import config_from_dict, family_of
+from .families import family_of, read_float_folder
 from .folders import atomic_folder, check_destination, write_checkpoint
 from .kernels import q4, q8
 from .weights import check_names, read_float
@@ -36,13 +35,7 @@ def quantize_model(src, dst, group=32, sym=True, head="q8", progress=True, overw
         raise TinyhunError(f"--group-size {group}: expected one of {', '.join(map(str, q4.GROUPS))}")
     if head not in HEADS:
         raise TinyhunError(f"--head {head!r}: expected one of {', '.join(HEADS)}")
-    if not src.is_dir():
-        raise TinyhunError(f"{src}: not a model folder")
-    cfg_path = src / "config.json"
-    config = read_json(cfg_path, "a JSON object (a model's config.json)")
-    cfg = config_from_dict(config, str(cfg_path))
-    if cfg.quantization:
-        raise TinyhunError(f"{cfg_path}: already quantized ({cfg.quantization['format']})")
+    config, cfg = read_float_folder(src, "")
     check_destination(dst, overwrite, sources=[src])
     files = open_folder(src)
     shapes = check_names(files, cfg)

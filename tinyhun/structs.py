@@ -62,15 +62,7 @@ class Weights(NamedTuple):
     def arrays(self, decode=False):
         """Every weight array once (a tied lm_head counted once); decode=True: what a decoded token reads (all but
         the embedding, of which it reads one row)."""
-        def walk(v):
-            if isinstance(v, np.ndarray):
-                yield v
-            elif isinstance(v, tuple):
-                for item in v:
-                    yield from walk(item)
-        head = () if self.lm_head is self.embed and not decode else (self.lm_head,)
-        found = {id(a): a for a in walk(((() if decode else self.embed), self.layers, self.norm, head))}
-        return list(found.values())
+        return weight_arrays(self, decode, lambda v: isinstance(v, np.ndarray))
 
     @property
     def nbytes(self):
@@ -82,6 +74,20 @@ class Weights(NamedTuple):
         """Bytes read per decoded token (of a mixture of experts, only the experts it is routed to)."""
         idle = sum(getattr(layer.mlp, "idle_bytes", 0) for layer in self.layers)
         return sum(a.nbytes for a in self.arrays(decode=True)) - idle
+
+
+def weight_arrays(w, decode, is_array):
+    """The arrays (is_array(leaf)) of a weights tuple with embed/layers/norm/lm_head fields, each once: a host
+    structs.Weights or a device backend's own."""
+    def walk(v):
+        if is_array(v):
+            yield v
+        elif isinstance(v, tuple):
+            for item in v:
+                yield from walk(item)
+    head = () if w.lm_head is w.embed and not decode else (w.lm_head,)
+    found = {id(a): a for a in walk(((() if decode else w.embed), w.layers, w.norm, head))}
+    return list(found.values())
 
 
 class Dims(NamedTuple):

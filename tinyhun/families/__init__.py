@@ -32,5 +32,19 @@ def load_config(path):
     return config_from_dict(read_json(path, "a JSON object (a model's config.json)"), str(path))
 
 
+def read_float_folder(folder, refusal):
+    """(config.json as a dict, its Config) of a model folder whose weights are float, as `tinyhun quantize` and
+    `tinyhun merge` need; a quantized one is refused with `refusal` (what to do instead)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TinyhunError(f"{folder}: not a model folder")
+    path = folder / "config.json"
+    d = read_json(path, "a JSON object (a model's config.json)")
+    cfg = config_from_dict(d, str(path))
+    if cfg.quantization:
+        raise TinyhunError(f"{path}: already quantized ({cfg.quantization['format']}){refusal}")
+    return d, cfg
+
+
 def family_of(cfg):
     return FAMILIES[cfg.model_type]
