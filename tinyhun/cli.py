@@ -98,6 +98,29 @@ def cmd_bench(args):
     print(json.dumps(r) if args.json else format_report(r))
 
 
+def cmd_merge(args):
+    from .merge import merge_adapter
+    merge_adapter(args.base, args.adapter_dir, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def cmd_eval(args):
+    from . import evaluate
+    model = load_model(args)
+    path = evaluate.task_path(args.file, args.task)
+    progress = not args.quiet
+    if args.task == "perplexity":
+        r = evaluate.perplexity(model, evaluate.read_text(path), window=args.window, stride=args.stride,
+                                limit=args.limit, progress=progress)
+    elif args.task == "choice":
+        r = evaluate.choice(model, evaluate.read_jsonl(path, "choice"), limit=args.limit, progress=progress)
+    else:
+        r = evaluate.generate(model, evaluate.read_jsonl(path, "generate"), max_tokens=args.max_tokens,
+                              chat=args.chat, limit=args.limit, progress=progress)
+    r = {"file": str(path), **r}
+    print(json.dumps(r) if args.json else evaluate.format_result(r))
+
+
 def content_filter_of(args):
     """--blocklist FILE / --replace-blocklist / --no-filter -> a ContentFilter, or None for no filter."""
     if args.no_filter:
@@ -244,6 +267,35 @@ def build_parser():
     b.add_argument("--repetitions", type=int, default=3)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
+
+    ev = sub.add_parser("eval", help="evaluate a model: perplexity, multiple choice, generation")
+    tasks = ev.add_subparsers(dest="task", required=True)
+    for task, what in (("perplexity", "perplexity of raw text (sliding window)"),
+                       ("choice", "multiple choice by log-likelihood (JSONL: context, choices, answer)"),
+                       ("generate", "greedy answers scored by exact match / contains (JSONL: prompt, answer)")):
+        t = with_model(tasks.add_parser(task, help=what))
+        t.add_argument("file", help="task file, or `sample` for the one tinyhun ships")
+        t.add_argument("--limit", type=int, help="only the first N items (perplexity: N tokens scored)")
+        t.add_argument("--json", action="store_true", help="print one JSON object")
+        if task == "perplexity":
+            t.add_argument("--window", type=int, help="tokens per window (default min(1024, context))")
+            t.add_argument("--stride", type=int, help="tokens between window starts (default window/2)")
+        if task == "generate":
+            t.add_argument("--max-tokens", type=int, default=64, help="per answer, unless the item sets one")
+            mode = t.add_mutually_exclusive_group()
+            mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                              help="wrap prompts in the chat template (default when the model has one)")
+            mode.add_argument("--raw", dest="chat", action="store_false", help="prompts as plain text")
+        t.set_defaults(func=cmd_eval)
+
+    mg = sub.add_parser("merge", help="write a model folder with a peft LoRA adapter merged into its weights")
+    mg.add_argument("base", help="float model folder")
+    mg.add_argument("adapter_dir", metavar="adapter", help="peft adapter folder (adapter_config.json + "
+                    "adapter_model.safetensors)")
+    mg.add_argument("out", help="new folder (fp32; `tinyhun quantize` takes it)")
+    mg.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
+    mg.add_argument("--quiet", action="store_true")
+    mg.set_defaults(func=cmd_merge)
 
     s = with_model(sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming)"))
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
