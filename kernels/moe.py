@@ -90,13 +90,15 @@ def moe_prefill(out, x, ids, weights, gate, up, down, order, starts, xg, g, u, y
 
 
 def moe_decode(out, x, ids, weights, gate, up, down, g, u, y, acts):
-    # one row: out[1, H] += sum_j weights[j] * expert_{ids[j]}(x[1, H]), the k expert GEMVs in turn; g/u[Ie],
-    # y[H] scratch
-    H, Ie = x.shape[1], g.size
-    ye = y.reshape(1, H)
-    for j in range(ids.size):
+    # one row: out[1, H] += sum_j weights[j] * expert_{ids[j]}(x[1, H]); g/u[k Ie], y[k H] scratch, expert j's in
+    # its j-th slice, acts room for k rows of Ie (the Numba kernel runs the k experts' GEMVs together)
+    H, k = x.shape[1], ids.size
+    Ie = g.size // k
+    for j in range(k):
         e = ids[j]
-        expert_mlp(ye, x, expert(gate, e), expert(up, e), expert(down, e), g.reshape(1, Ie), u.reshape(1, Ie), acts)
+        ye = y[j * H:(j + 1) * H].reshape(1, H)
+        expert_mlp(ye, x, expert(gate, e), expert(up, e), expert(down, e), g[j * Ie:(j + 1) * Ie].reshape(1, Ie),
+                   u[j * Ie:(j + 1) * Ie].reshape(1, Ie), acts)
         out += weights[j] * ye
     return out
 

@@ -37,14 +37,14 @@ def run_experts(impl, x, ids, w, experts, Ie):
     T, H = x.shape
     k = ids.size // T
     out = np.zeros((T, H), f32)
-    g, u = np.zeros(T * Ie, f32), np.zeros(T * Ie, f32)
-    acts = act_scratch(T, 32 * -(-max(H, Ie) // 32))
+    g, u = np.zeros(max(T, k) * Ie, f32), np.zeros(max(T, k) * Ie, f32)   # decode: each of the k experts its own
+    acts = act_scratch(max(T, k), 32 * -(-max(H, Ie) // 32))
     if T == 1:
-        impl.moe_decode(out, x, ids, w, *experts, g, u, np.zeros(H, f32), acts)
+        impl.moe_decode(out, x, ids, w, *experts, g, u, np.zeros(k * H, f32), acts)
     else:
         E = experts[0][0].shape[0]
         impl.moe_prefill(out, x, ids, w, *experts, np.zeros(T * k, np.int64), np.zeros(E + 1, np.int64),
-                         np.zeros(T * H, f32), g, u, np.zeros(T * H, f32), acts)
+                         np.zeros(T * H, f32), g[:T * Ie], u[:T * Ie], np.zeros(T * H, f32), acts)
     return out
 
 
@@ -119,6 +119,19 @@ def test_experts_kernel_matches_reference(fmt, T, E, k):
     if fmt == "f32":
         np.testing.assert_allclose(want, dense_definition(x, ids, w, experts), rtol=0,
                                    atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("H,Ie,k", [(40, 24, 3), (17, 33, 5)])
+def test_decode_partial_tiles(H, Ie, k):
+    # decode's parallel items are 16-row tiles of every picked expert: widths that leave a last, partial tile
+    rng = np.random.default_rng(H + Ie)
+    E = 7
+    experts = make_experts(rng, E, H, Ie, "f32")
+    x = rng.standard_normal((1, H)).astype(f32)
+    ids, w, _ = route_ref(x, rng.standard_normal((E, H)).astype(f32), k)
+    want = run_experts(moe, x, ids, w, experts, Ie)
+    np.testing.assert_allclose(run_experts(moe_cpu, x, ids, w, experts, Ie), want, rtol=0,
+                               atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("impl", IMPLS)

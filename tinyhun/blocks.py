@@ -46,8 +46,8 @@ def dense_mlp(s, m):
 @register_jitable
 def moe_mlp(s, m):
     # s.proj = shared(xn) + sum over the router's top-k experts of weight * expert(xn): a structs.MoEMLP, its
-    # routing scratch in s.moe (structs.MoEScratch). One row (decode) runs the k expert GEMVs; more rows are
-    # grouped by expert, one GEMM per expert that any row picked.
+    # routing scratch in s.moe (structs.MoEScratch). One row (decode) runs the k expert GEMVs together, each
+    # expert in its own k-th of the scratch; more rows are grouped by expert, one GEMM per expert that any row picked.
     r = s.moe
     T, H = s.xn.shape
     E, nk, width = m.router.shape[0], T * m.topk, T * m.width
@@ -58,7 +58,8 @@ def moe_mlp(s, m):
     else:
         s.proj[:] = 0.0
     if T == 1:
-        moe_decode(s.proj, s.xn, ids, weights, m.gate, m.up, m.down, r.g[:width], r.u[:width], r.y[:H], s.acts)
+        moe_decode(s.proj, s.xn, ids, weights, m.gate, m.up, m.down, r.g[:nk * m.width], r.u[:nk * m.width],
+                   r.y[:nk * H], s.acts)
     else:
         moe_prefill(s.proj, s.xn, ids, weights, m.gate, m.up, m.down, r.order[:nk], r.starts[:E + 1], r.xg,
                     r.g[:width], r.u[:width], r.y, s.acts)

@@ -125,12 +125,13 @@ class Buffers(NamedTuple):
             return np.zeros((rows, width), np.float32)
         H, I = cfg.hidden_size, cfg.intermediate_size
         widest = max(H, cfg.q_dim, I)
-        moe = ()
-        if getattr(cfg, "num_experts", None):   # its experts' widths may exceed I
+        moe, act_rows = (), rows
+        if getattr(cfg, "num_experts", None):   # its experts' widths may exceed I; decode rounds k experts' inputs
             moe = MoEScratch.allocate(cfg, rows)
             widest = max(widest, *cfg.moe_intermediate_size)
+            act_rows = max(rows, *cfg.moe_topk)
         return cls(f(H), f(H), f(cfg.q_dim), f(cfg.kv_dim), f(cfg.kv_dim), f(cfg.q_dim), f(H), f(I), f(I),
-                   act_scratch(rows, -(-widest // 32) * 32), moe)
+                   act_scratch(act_rows, -(-widest // 32) * 32), moe)
 
     def rows(self, T):
         return Buffers(*(b[:T] if isinstance(b, np.ndarray) else b for b in self))
@@ -145,14 +146,14 @@ class MoEScratch(NamedTuple):
     order: np.ndarray      # int64[R k] the (row, j) assignments row * k + j, grouped by expert
     starts: np.ndarray     # int64[E + 1] where each expert's group starts in `order`
     xg: np.ndarray         # float32[R H] an expert's input rows, gathered
-    g: np.ndarray          # float32[R Ie] its gate, then silu(gate) * up
-    u: np.ndarray          # float32[R Ie] its up
-    y: np.ndarray          # float32[R H] its output rows
+    g: np.ndarray          # float32[R' Ie] its gate, then silu(gate) * up (R' = max(R, k): decode holds k experts)
+    u: np.ndarray          # float32[R' Ie] its up
+    y: np.ndarray          # float32[R' H] its output rows
 
     @classmethod
     def allocate(cls, cfg, rows):
         E, k, W, H = max(cfg.num_experts), max(cfg.moe_topk), max(cfg.moe_intermediate_size), cfg.hidden_size
-        f = np.float32
+        f, wide = np.float32, max(rows, k)
         return cls(np.zeros(rows * E, f), np.zeros(rows * k, np.int64), np.zeros(rows * k, f),
                    np.zeros(rows * k, np.int64), np.zeros(E + 1, np.int64), np.zeros(rows * H, f),
-                   np.zeros(rows * W, f), np.zeros(rows * W, f), np.zeros(rows * H, f))
+                   np.zeros(wide * W, f), np.zeros(wide * W, f), np.zeros(wide * H, f))
