@@ -314,13 +314,6 @@ def _store_tile(out, t, n, tile, acc):
 
 
 @njit(cache=True, inline="always")
-def _few_tokens(t0, t_n):
-    # the token rows of a group from t0: past the last, the last again (computed, never stored)
-    last = t_n - 1
-    return t0, min(t0 + 1, last), min(t0 + 2, last), min(t0 + 3, last)
-
-
-@njit(cache=True, inline="always")
 def _store_few(out, t0, n, tile, a0, a1, a2, a3):
     t_n = out.shape[0]
     _store_tile(out, t0, n, tile, a0)
@@ -405,7 +398,7 @@ def _q4_token(acc, c, xq, xd, xqsum, xsum, i, x0, s, m, sym):
 
 @njit(cache=True, parallel=True)
 def _gemm_few(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
-    # out[T, N] for 2 <= T <= FEW_T: per tile and group of FEW_GROUP tokens, one register accumulator per token
+    # out[T, N] for 2 <= T <= FEW_T: per tile and group of (up to) FEW_GROUP tokens, one register accumulator per token
     # and each 16 x 32 code block unpacked once for the group. The tile (K/2 bytes) comes from memory for the
     # first group and from L1 for the next; no scratch, so a small T costs about what the GEMV does
     _quantize_acts(x, xq, xd, xqsum, xsum)
@@ -415,7 +408,8 @@ def _gemm_few(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
     per = nb // ng
     for tile in prange(packed.shape[0]):
         for t0 in range(0, t_n, FEW_GROUP):
-            u0, u1, u2, u3 = _few_tokens(t0, t_n)
+            cnt = min(FEW_GROUP, t_n - t0)   # tokens in this group: a smaller last one costs less
+            u0, u1, u2, u3 = t0, t0 + 1, t0 + 2, t0 + 3
             a0 = a1 = a2 = a3 = _splat_f(0.0)
             for g in range(ng):
                 so = (tile * ng + g) * TILE
@@ -432,9 +426,12 @@ def _gemm_few(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
                     c = (lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3)
                     x0 = b * ACT_BLOCK
                     a0 = _q4_token(a0, c, xq, xd, xqsum, xsum, u0 * nb + b, u0 * k + x0, s, m, sym)
-                    a1 = _q4_token(a1, c, xq, xd, xqsum, xsum, u1 * nb + b, u1 * k + x0, s, m, sym)
-                    a2 = _q4_token(a2, c, xq, xd, xqsum, xsum, u2 * nb + b, u2 * k + x0, s, m, sym)
-                    a3 = _q4_token(a3, c, xq, xd, xqsum, xsum, u3 * nb + b, u3 * k + x0, s, m, sym)
+                    if cnt > 1:
+                        a1 = _q4_token(a1, c, xq, xd, xqsum, xsum, u1 * nb + b, u1 * k + x0, s, m, sym)
+                    if cnt > 2:
+                        a2 = _q4_token(a2, c, xq, xd, xqsum, xsum, u2 * nb + b, u2 * k + x0, s, m, sym)
+                    if cnt > 3:
+                        a3 = _q4_token(a3, c, xq, xd, xqsum, xsum, u3 * nb + b, u3 * k + x0, s, m, sym)
             _store_few(out, t0, n, tile, a0, a1, a2, a3)
 
 

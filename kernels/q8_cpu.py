@@ -13,7 +13,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .q4 import ACT_BLOCK, TILE
-from .q4_cpu import (FEW_GROUP, GEMM_TOKENS, PREFETCH, U8, _check, _dot, _dot32, _fma, _few_tokens, _launch, _load64,
+from .q4_cpu import (FEW_GROUP, GEMM_TOKENS, PREFETCH, U8, _check, _dot, _dot32, _fma, _launch, _load64,
                      _load_f, _load_h, _mul, _prefetch, _quantize_acts, _splat_f, _splat_i, _store_f, _store_few,
                      _store_tile)
 from .q8 import check_matmul
@@ -95,7 +95,8 @@ def _gemm_few(out, x, xq, xd, xqsum, xsum, packed, scales):
     k, nb = x.shape[1], scales.shape[1]
     for tile in prange(packed.shape[0]):
         for t0 in range(0, t_n, FEW_GROUP):
-            u0, u1, u2, u3 = _few_tokens(t0, t_n)
+            cnt = min(FEW_GROUP, t_n - t0)   # tokens in this group: a smaller last one costs less
+            u0, u1, u2, u3 = t0, t0 + 1, t0 + 2, t0 + 3
             a0 = a1 = a2 = a3 = _splat_f(0.0)
             for b in range(nb):
                 w0 = (tile * nb + b) * BLOCK_BYTES
@@ -108,9 +109,12 @@ def _gemm_few(out, x, xq, xd, xqsum, xsum, packed, scales):
                 s = _load_h(scales, (tile * nb + b) * TILE)
                 x0 = b * ACT_BLOCK
                 a0 = _q8_token(a0, c, xq, xd, xqsum, u0 * nb + b, u0 * k + x0, s)
-                a1 = _q8_token(a1, c, xq, xd, xqsum, u1 * nb + b, u1 * k + x0, s)
-                a2 = _q8_token(a2, c, xq, xd, xqsum, u2 * nb + b, u2 * k + x0, s)
-                a3 = _q8_token(a3, c, xq, xd, xqsum, u3 * nb + b, u3 * k + x0, s)
+                if cnt > 1:
+                    a1 = _q8_token(a1, c, xq, xd, xqsum, u1 * nb + b, u1 * k + x0, s)
+                if cnt > 2:
+                    a2 = _q8_token(a2, c, xq, xd, xqsum, u2 * nb + b, u2 * k + x0, s)
+                if cnt > 3:
+                    a3 = _q8_token(a3, c, xq, xd, xqsum, u3 * nb + b, u3 * k + x0, s)
             _store_few(out, t0, n, tile, a0, a1, a2, a3)
 
 
