@@ -83,8 +83,8 @@ def main(rounds):
             gemm(copies[0])
             new(copies[0])
             base = base or a
-            print(f"{kind:4} {w.n:>5}x{w.k:<5} {t:>2} | {a * 1e6:8.1f} {a / base:5.2f} | {b * 1e6:8.1f} {b / base:5.2f} | "
-                  f"{a / b:8.2f} | {np.array_equal(out_a, out_b)}")
+            print(f"{kind:4} {w.n:>5}x{w.k:<5} {t:>2} | {a * 1e6:8.1f} {a / base:5.2f} | {b * 1e6:8.1f} "
+                  f"{b / base:5.2f} | {a / b:8.2f} | {np.array_equal(out_a, out_b)}")
             del copies
 
 

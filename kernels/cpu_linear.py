@@ -86,11 +86,11 @@ def _f32_py(out, x, w, acts):
 
 
 def _q4_py(out, x, w, acts):
-    q4_cpu._launch((q4_cpu._gemv, q4_cpu._gemm_few, q4_cpu._gemm), out, x, acts.view(*x.shape), w.packed, w.scales, w.mins, w.sym)
+    q4_cpu._launch(q4_cpu.KERNELS, out, x, acts.view(*x.shape), w.packed, w.scales, w.mins, w.sym)
 
 
 def _q8_py(out, x, w, acts):
-    q8_cpu._launch((q8_cpu._gemv, q8_cpu._gemm_few, q8_cpu._gemm), out, x, acts.view(*x.shape), w.packed, w.scales)
+    q8_cpu._launch(q8_cpu.KERNELS, out, x, acts.view(*x.shape), w.packed, w.scales)
 
 
 def _lora_py(out, x, w, acts):

@@ -24,7 +24,7 @@ from .q4 import ACT_BLOCK, TILE, _acts_buffer, check_acts, check_matmul
 PREFETCH = 4096
 GEMM_TOKENS = 128   # prefill tokens per pass over the weight (their int8 activations: 128 x K bytes, in L2)
 FEW_T = 8           # up to this many tokens take the register-accumulator kernel (_gemm_few)
-FEW_GROUP = 4       # tokens per pass over a tile in _gemm_few: accumulators + eight code registers fit in 32 zmm
+FEW_GROUP = 4       # tokens per pass over a tile in _gemm_few (its a0..a3): with eight code registers, well in 32 zmm
 
 
 def _has_vnni():
@@ -441,7 +441,10 @@ def matmul_q4(out, x, q, buf=None):
     check_matmul(out, x, q)
     scales = q.scales.view(np.uint16)
     mins = scales if q.sym else q.mins.view(np.uint16)   # never read when symmetric
-    return _launch((_gemv, _gemm_few, _gemm), out, x, buf, q.packed, scales, mins, q.sym)
+    return _launch(KERNELS, out, x, buf, q.packed, scales, mins, q.sym)
+
+
+KERNELS = (_gemv, _gemm_few, _gemm)   # by T: 1, 2..FEW_T, more (see _launch)
 
 
 def _launch(kernels, out, x, buf, *weight):

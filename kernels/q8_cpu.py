@@ -122,4 +122,7 @@ def matmul_q8(out, x, q, buf=None):
     """out[T, N] ~= x[T, K] @ dequantize_q8(q).T, x rounded to int8 per 32 along K into buf (a Q8Acts, made
     when None). Activation quantization runs inside the kernel: one Numba call per matmul."""
     check_matmul(out, x, q)
-    return _launch((_gemv, _gemm_few, _gemm), out, x, buf, q.packed, q.scales.view(np.uint16))
+    return _launch(KERNELS, out, x, buf, q.packed, q.scales.view(np.uint16))
+
+
+KERNELS = (_gemv, _gemm_few, _gemm)   # by T: 1, 2..FEW_T, more (see q4_cpu._launch)
