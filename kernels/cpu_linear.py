@@ -21,6 +21,8 @@ def _f32(out, x, w, acts):
 def _q4(out, x, w, acts):
     if x.shape[0] == 1:
         q4_cpu._gemv(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales, w.mins, w.sym)
+    elif x.shape[0] <= q4_cpu.FEW_T:
+        q4_cpu._gemm_few(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales, w.mins, w.sym)
     else:
         q4_cpu._gemm(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales, w.mins, w.sym)
 
@@ -28,6 +30,8 @@ def _q4(out, x, w, acts):
 def _q8(out, x, w, acts):
     if x.shape[0] == 1:
         q8_cpu._gemv(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales)
+    elif x.shape[0] <= q4_cpu.FEW_T:
+        q8_cpu._gemm_few(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales)
     else:
         q8_cpu._gemm(out, x, acts.q, acts.d, acts.qsum, acts.xsum, w.packed, w.scales)
 
@@ -82,11 +86,11 @@ def _f32_py(out, x, w, acts):
 
 
 def _q4_py(out, x, w, acts):
-    q4_cpu._launch(q4_cpu._gemv, q4_cpu._gemm, out, x, acts.view(*x.shape), w.packed, w.scales, w.mins, w.sym)
+    q4_cpu._launch(q4_cpu.KERNELS, out, x, acts.view(*x.shape), w.packed, w.scales, w.mins, w.sym)
 
 
 def _q8_py(out, x, w, acts):
-    q8_cpu._launch(q8_cpu._gemv, q8_cpu._gemm, out, x, acts.view(*x.shape), w.packed, w.scales)
+    q8_cpu._launch(q8_cpu.KERNELS, out, x, acts.view(*x.shape), w.packed, w.scales)
 
 
 def _lora_py(out, x, w, acts):

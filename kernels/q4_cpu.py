@@ -6,7 +6,8 @@ intrinsics over them; each kernel is then ordinary Numba code whose loop-carried
 The one instruction that matters is VPDPBUSD (AVX-512 VNNI): 64 u8 x s8 products summed four at a time into 16
 int32 lanes, i.e. 16 rows x 4 k of a weight tile against four broadcast int8 activations. Hosts without VNNI get
 the same arithmetic as plain LLVM vector code. Decode (T = 1) streams each tile once with its accumulator in a
-register; prefill (T > 1) unpacks each 16 x 32 block of codes once and reuses it for every token.
+register; a few tokens (2..FEW_T, batched decode) do the same with one register accumulator per token of a group of
+FEW_GROUP; prefill unpacks each 16 x 32 block of codes once and reuses it for every token.
 """
 import llvmlite.binding as ll
 import numpy as np
@@ -22,6 +23,8 @@ from .q4 import ACT_BLOCK, TILE, _acts_buffer, check_acts, check_matmul
 # (one thread: ~10.5 GB/s without, ~14 with; 2-4 KB measured alike, 4 KB a little better with two threads).
 PREFETCH = 4096
 GEMM_TOKENS = 128   # prefill tokens per pass over the weight (their int8 activations: 128 x K bytes, in L2)
+FEW_T = 8           # up to this many tokens take the register-accumulator kernel (_gemm_few)
+FEW_GROUP = 4       # tokens per pass over a tile in _gemm_few (its a0..a3): with eight code registers, well in 32 zmm
 
 
 def _has_vnni():
@@ -291,14 +294,35 @@ def _block_dot(init, packed, w0, xq, x0):
 
 
 @njit(cache=True, inline="always")
-def _store_tile(out, n, tile, acc):
-    # out[0, 16*tile:16*tile+16] = acc's lanes (fewer in a last, partial tile of n rows)
+def _dot32(isum, c, xq, x0):
+    # isum + the eight 16-row x 4-k chunks c (k order) . xq[x0:x0+32]
+    isum = _dot(_dot(isum, c[0], xq, x0), c[1], xq, x0 + 4)
+    isum = _dot(_dot(isum, c[2], xq, x0 + 8), c[3], xq, x0 + 12)
+    isum = _dot(_dot(isum, c[4], xq, x0 + 16), c[5], xq, x0 + 20)
+    return _dot(_dot(isum, c[6], xq, x0 + 24), c[7], xq, x0 + 28)
+
+
+@njit(cache=True, inline="always")
+def _store_tile(out, t, n, tile, acc):
+    # out[t, 16*tile:16*tile+16] = acc's lanes (fewer in a last, partial tile of n rows)
     r0 = tile * TILE
     if r0 + TILE <= n:
-        _store_f(out, r0, acc)
+        _store_f(out, t * n + r0, acc)
     else:
         for r in range(n - r0):
-            out[0, r0 + r] = _lane(acc, r)
+            out[t, r0 + r] = _lane(acc, r)
+
+
+@njit(cache=True, inline="always")
+def _store_few(out, t0, n, tile, a0, a1, a2, a3):
+    t_n = out.shape[0]
+    _store_tile(out, t0, n, tile, a0)
+    if t0 + 1 < t_n:
+        _store_tile(out, t0 + 1, n, tile, a1)
+    if t0 + 2 < t_n:
+        _store_tile(out, t0 + 2, n, tile, a2)
+    if t0 + 3 < t_n:
+        _store_tile(out, t0 + 3, n, tile, a3)
 
 
 @njit(cache=True, parallel=True)
@@ -321,7 +345,7 @@ def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
                 acc = _fma(acc, isum, _mul(s, _splat_f(xd[b])))
                 if not sym:
                     acc = _fma(acc, _load_h(mins, so), _splat_f(xsum[b]))
-        _store_tile(out, n, tile, acc)
+        _store_tile(out, 0, n, tile, acc)
 
 
 @njit(cache=True, parallel=True)
@@ -362,17 +386,71 @@ def _gemm(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
             out[t0:t1, r0:r0 + TILE] = acc[:, :min(TILE, n - r0)]
 
 
+@njit(cache=True, inline="always")
+def _q4_token(acc, c, xq, xd, xqsum, xsum, i, x0, s, m, sym):
+    # acc + block i (= t nb + b) of token t against the unpacked codes c; the same operations as _gemv and _gemm
+    isum = _dot32(_splat_i(-8 * xqsum[i] if sym else 0), c, xq, x0)
+    acc = _fma(acc, isum, _mul(s, _splat_f(xd[i])))
+    if not sym:
+        acc = _fma(acc, m, _splat_f(xsum[i]))
+    return acc
+
+
+@njit(cache=True, parallel=True)
+def _gemm_few(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
+    # out[T, N] for 2 <= T <= FEW_T: per tile and group of (up to) FEW_GROUP tokens, one register accumulator per token
+    # and each 16 x 32 code block unpacked once for the group. The tile (K/2 bytes) comes from memory for the
+    # first group and from L1 for the next; no scratch, so a small T costs about what the GEMV does
+    _quantize_acts(x, xq, xd, xqsum, xsum)
+    t_n, n = out.shape
+    k = x.shape[1]
+    nb, ng = k // ACT_BLOCK, scales.shape[1]
+    per = nb // ng
+    for tile in prange(packed.shape[0]):
+        for t0 in range(0, t_n, FEW_GROUP):
+            cnt = min(FEW_GROUP, t_n - t0)   # tokens in this group: a smaller last one costs less
+            u0, u1, u2, u3 = t0, t0 + 1, t0 + 2, t0 + 3
+            a0 = a1 = a2 = a3 = _splat_f(0.0)
+            for g in range(ng):
+                so = (tile * ng + g) * TILE
+                s = _load_h(scales, so)
+                m = s if sym else _load_h(mins, so)
+                for b in range(g * per, (g + 1) * per):
+                    w0 = (tile * nb + b) * 256
+                    for c in range(4):
+                        _prefetch(packed, w0 + PREFETCH + 64 * c)
+                    lo0, hi0 = _unpack(packed, w0)
+                    lo1, hi1 = _unpack(packed, w0 + 64)
+                    lo2, hi2 = _unpack(packed, w0 + 128)
+                    lo3, hi3 = _unpack(packed, w0 + 192)
+                    c = (lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3)
+                    x0 = b * ACT_BLOCK
+                    a0 = _q4_token(a0, c, xq, xd, xqsum, xsum, u0 * nb + b, u0 * k + x0, s, m, sym)
+                    if cnt > 1:
+                        a1 = _q4_token(a1, c, xq, xd, xqsum, xsum, u1 * nb + b, u1 * k + x0, s, m, sym)
+                    if cnt > 2:
+                        a2 = _q4_token(a2, c, xq, xd, xqsum, xsum, u2 * nb + b, u2 * k + x0, s, m, sym)
+                    if cnt > 3:
+                        a3 = _q4_token(a3, c, xq, xd, xqsum, xsum, u3 * nb + b, u3 * k + x0, s, m, sym)
+            _store_few(out, t0, n, tile, a0, a1, a2, a3)
+
+
 def matmul_q4(out, x, q, buf=None):
     """out[T, N] ~= x[T, K] @ dequantize_q4(q).T, x rounded to int8 per 32 along K into buf (a Q8Acts, made
     when None). Activation quantization runs inside the kernel: one Numba call per matmul."""
     check_matmul(out, x, q)
     scales = q.scales.view(np.uint16)
     mins = scales if q.sym else q.mins.view(np.uint16)   # never read when symmetric
-    return _launch(_gemv, _gemm, out, x, buf, q.packed, scales, mins, q.sym)
+    return _launch(KERNELS, out, x, buf, q.packed, scales, mins, q.sym)
 
 
-def _launch(gemv, gemm, out, x, buf, *weight):
-    """gemv (T = 1) or gemm(out, x, *activation buffer arrays, *weight): the activation buffer is buf viewed
-    for x's shape, or made when None. Returns out."""
-    (gemv if x.shape[0] == 1 else gemm)(out, np.ascontiguousarray(x), *_flat(_acts_buffer(buf, *x.shape)), *weight)
+KERNELS = (_gemv, _gemm_few, _gemm)   # by T: 1, 2..FEW_T, more (see _launch)
+
+
+def _launch(kernels, out, x, buf, *weight):
+    """kernels = (gemv, gemm_few, gemm), the one for x's T run as kernel(out, x, *activation buffer arrays,
+    *weight): the activation buffer is buf viewed for x's shape, or made when None. Returns out."""
+    t = x.shape[0]
+    kernel = kernels[0] if t == 1 else kernels[1] if t <= FEW_T else kernels[2]
+    kernel(out, np.ascontiguousarray(x), *_flat(_acts_buffer(buf, *x.shape)), *weight)
     return out

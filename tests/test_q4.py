@@ -105,6 +105,28 @@ def test_reused_buffer_and_activation_rounding():
         np.testing.assert_allclose(acts.xsum, ref_acts.xsum, rtol=2e-7, atol=0)   # d * qsum: 1 ulp
 
 
+def check_rows_alone(matmul, x, q):
+    """Every T (the few-token kernel for 2..FEW_T, groups of 4 with a partial last one, then the GEMM) gives each
+    row exactly what the GEMV gives it alone: a batched decode stream equals its own single stream bit for bit.
+    Also used by test_q8.py."""
+    alone = np.concatenate([matmul(np.empty((1, q.n), np.float32), x[t:t + 1], q) for t in range(len(x))])
+    for t in range(2, len(x) + 1):
+        np.testing.assert_array_equal(matmul(np.full((t, q.n), np.nan, np.float32), x[:t], q), alone[:t])
+
+
+@pytest.mark.parametrize("n, k, sym", [(37, 96, False), (16, 32, True), (1, 160, False), (33, 192, True)])
+def test_few_tokens_equal_rows_alone(n, k, sym):
+    rng = np.random.default_rng(n + k)
+    q = q4.quantize_q4(weights(rng, n, k), 32, sym)
+    x = rng.standard_normal((q4_cpu.FEW_T + 1, k)).astype(np.float32)
+    x[1, :32] = 0                                                                   # an all-zero int8 block
+    check_rows_alone(q4_cpu.matmul_q4, x, q)
+    for t in range(1, len(x) + 1):                                 # and each T against the reference
+        ref = q4.matmul_q4(np.empty((t, n), np.float32), x[:t], q)
+        got = q4_cpu.matmul_q4(np.empty((t, n), np.float32), x[:t], q)
+        assert np.all(np.abs(got - ref) <= 1e-5 * _terms(x[:t], q)[0] + 1e-30)
+
+
 def test_layout_matches_docstring():
     n, k = 20, 64
     codes = np.random.default_rng(2).integers(0, 16, (n, k), dtype=np.uint8)

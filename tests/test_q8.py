@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from tinyhun.errors import TinyhunError
 from tinyhun.kernels import q4, q4_cpu, q8, q8_cpu
 
-from test_q4 import check_dot_code_paths, check_safetensors_roundtrip, weights
+from test_q4 import check_dot_code_paths, check_rows_alone, check_safetensors_roundtrip, weights
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
@@ -59,6 +59,17 @@ def test_gemm_passes_and_reused_buffer():
     buf = q4.Q8Acts.empty(q8_cpu.GEMM_TOKENS + 8, 128)
     for t in (1, 3, q8_cpu.GEMM_TOKENS + 3):                       # the last takes two passes over the weight
         _check_kernel(rng.standard_normal((t, 96)).astype(np.float32), q, buf)
+
+
+@pytest.mark.parametrize("n, k", [(37, 96), (16, 32), (1, 160), (49, 64)])
+def test_few_tokens_equal_rows_alone(n, k):
+    rng = np.random.default_rng(n + k)
+    q = q8.quantize_q8(_weights(rng, n, k))
+    x = rng.standard_normal((q4_cpu.FEW_T + 1, k)).astype(np.float32)
+    x[1, :32] = 0                                                                   # an all-zero int8 block
+    check_rows_alone(q8_cpu.matmul_q8, x, q)
+    for t in range(1, len(x) + 1):                                 # and each T against the reference
+        _check_kernel(x[:t], q)
 
 
 def test_extreme_codes():
