@@ -87,7 +87,7 @@ def _q4_tile(out, w, tile, x, xq, xd, xqsum, xsum):
             acc = _fma(acc, isum, _mul(s, _splat_f(xd[b])))
             if not sym:
                 acc = _fma(acc, _load_h(mins, so), _splat_f(xsum[b]))
-    _store_tile(out, w.n, tile, acc)
+    _store_tile(out, 0, w.n, tile, acc)
 
 
 def _q8_tile(out, w, tile, x, xq, xd, xqsum, xsum):
@@ -103,7 +103,7 @@ def _q8_tile(out, w, tile, x, xq, xd, xqsum, xsum):
         for c in range(8):
             isum = _dot(isum, _load_codes(packed, w0 + 64 * c), xq, b * ACT_BLOCK + 4 * c)
         acc = _fma(acc, isum, _mul(_load_h(scales, (tile * nb + b) * TILE), _splat_f(xd[b])))
-    _store_tile(out, w.n, tile, acc)
+    _store_tile(out, 0, w.n, tile, acc)
 
 
 def _no_quantize(x, w, acts):
