@@ -73,8 +73,8 @@ class Server:
 
 
 def _warm(model):
-    """A prefill and a decode step, so that /health says ready only once the kernels are compiled (or loaded
-    from the Numba cache) and the first request does not wait for them."""
+    """A prefill and a decode step, so that /health says ready only once the kernels are compiled (or read
+    back out of the Numba cache) and the first request does not wait for them."""
     cache = model.new_cache(3)
     model.forward(cache, [0, 0])
     model.forward(cache, [0])
