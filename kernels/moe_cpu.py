@@ -19,9 +19,9 @@ from .cpu_math import JIT, compiles_to
 from .cpu_matmul import BLAS_T, _matmul
 from .linear import F32, Q4, Q8, linear
 from .q4 import ACT_BLOCK, TILE
-from .q4_cpu import (PREFETCH, _block_dot, _dot, _fma, _load_h, _mul, _prefetch, _quantize_acts, _splat_f, _splat_i,
-                     _store_tile)
-from .q8_cpu import BLOCK_BYTES, _load_codes
+from .q4_cpu import _gemv_tile as _q4_gemv_tile
+from .q4_cpu import _quantize_acts, _store_tile
+from .q8_cpu import _gemv_tile as _q8_gemv_tile
 from .ref import silu_mul
 
 
@@ -71,38 +71,14 @@ def _f32_tile(out, w, tile, x, xq, xd, xqsum, xsum):
 
 
 def _q4_tile(out, w, tile, x, xq, xd, xqsum, xsum):
-    # q4_cpu._gemv's loop body for one tile
-    packed, scales, mins, sym = w.packed, w.scales, w.mins, w.sym
+    packed, scales = w.packed, w.scales
     nb, ng = packed.shape[1] // (ACT_BLOCK // 8), scales.shape[1]
-    per = nb // ng
-    acc = _splat_f(0.0)
-    for gi in range(ng):
-        so = (tile * ng + gi) * TILE
-        s = _load_h(scales, so)
-        for b in range(gi * per, (gi + 1) * per):
-            w0 = (tile * nb + b) * 256
-            for c in range(4):
-                _prefetch(packed, w0 + PREFETCH + 64 * c)
-            isum = _block_dot(-8 * xqsum[b] if sym else 0, packed, w0, xq, b * ACT_BLOCK)
-            acc = _fma(acc, isum, _mul(s, _splat_f(xd[b])))
-            if not sym:
-                acc = _fma(acc, _load_h(mins, so), _splat_f(xsum[b]))
+    acc = _q4_gemv_tile(tile, nb, ng, nb // ng, xq, xd, xqsum, xsum, packed, scales, w.mins, w.sym)
     _store_tile(out, 0, w.n, tile, acc)
 
 
 def _q8_tile(out, w, tile, x, xq, xd, xqsum, xsum):
-    # q8_cpu._gemv's loop body for one tile
-    packed, scales = w.packed, w.scales
-    nb = scales.shape[1]
-    acc = _splat_f(0.0)
-    for b in range(nb):
-        w0 = (tile * nb + b) * BLOCK_BYTES
-        for c in range(8):
-            _prefetch(packed, w0 + PREFETCH + 64 * c)
-        isum = _splat_i(-128 * xqsum[b])
-        for c in range(8):
-            isum = _dot(isum, _load_codes(packed, w0 + 64 * c), xq, b * ACT_BLOCK + 4 * c)
-        acc = _fma(acc, isum, _mul(_load_h(scales, (tile * nb + b) * TILE), _splat_f(xd[b])))
+    acc = _q8_gemv_tile(tile, w.scales.shape[1], xq, xd, xqsum, w.packed, w.scales)
     _store_tile(out, 0, w.n, tile, acc)
 
 

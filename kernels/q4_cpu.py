@@ -325,6 +325,24 @@ def _store_few(out, t0, n, tile, a0, a1, a2, a3):
         _store_tile(out, t0 + 3, n, tile, a3)
 
 
+@njit(cache=True, inline="always")
+def _gemv_tile(tile, nb, ng, per, xq, xd, xqsum, xsum, packed, scales, mins, sym):
+    # one 16-row tile of a one-row product: its accumulator (also the MoE decode's expert tile, kernels/moe_cpu.py)
+    acc = _splat_f(0.0)
+    for g in range(ng):
+        so = (tile * ng + g) * TILE
+        s = _load_h(scales, so)
+        for b in range(g * per, (g + 1) * per):
+            w0 = (tile * nb + b) * 256
+            for c in range(4):
+                _prefetch(packed, w0 + PREFETCH + 64 * c)
+            isum = _block_dot(-8 * xqsum[b] if sym else 0, packed, w0, xq, b * ACT_BLOCK)
+            acc = _fma(acc, isum, _mul(s, _splat_f(xd[b])))
+            if not sym:
+                acc = _fma(acc, _load_h(mins, so), _splat_f(xsum[b]))
+    return acc
+
+
 @njit(cache=True, parallel=True)
 def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
     # out[1, N] = x[1, K] @ W[N, K].T; each tile's accumulator stays in a register
@@ -333,19 +351,7 @@ def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
     nb, ng = k // ACT_BLOCK, scales.shape[1]
     per = nb // ng
     for tile in prange(packed.shape[0]):
-        acc = _splat_f(0.0)
-        for g in range(ng):
-            so = (tile * ng + g) * TILE
-            s = _load_h(scales, so)
-            for b in range(g * per, (g + 1) * per):
-                w0 = (tile * nb + b) * 256
-                for c in range(4):
-                    _prefetch(packed, w0 + PREFETCH + 64 * c)
-                isum = _block_dot(-8 * xqsum[b] if sym else 0, packed, w0, xq, b * ACT_BLOCK)
-                acc = _fma(acc, isum, _mul(s, _splat_f(xd[b])))
-                if not sym:
-                    acc = _fma(acc, _load_h(mins, so), _splat_f(xsum[b]))
-        _store_tile(out, 0, n, tile, acc)
+        _store_tile(out, 0, n, tile, _gemv_tile(tile, nb, ng, per, xq, xd, xqsum, xsum, packed, scales, mins, sym))
 
 
 @njit(cache=True, parallel=True)

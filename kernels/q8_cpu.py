@@ -31,22 +31,28 @@ def _load_codes(typingctx, w, off):
     return U8(w, off), codegen
 
 
+@njit(cache=True, inline="always")
+def _gemv_tile(tile, nb, xq, xd, xqsum, packed, scales):
+    # one 16-row tile of a one-row product: its accumulator (also the MoE decode's expert tile, kernels/moe_cpu.py)
+    acc = _splat_f(0.0)
+    for b in range(nb):
+        w0 = (tile * nb + b) * BLOCK_BYTES
+        for c in range(8):
+            _prefetch(packed, w0 + PREFETCH + 64 * c)
+        isum = _splat_i(-128 * xqsum[b])
+        for c in range(8):
+            isum = _dot(isum, _load_codes(packed, w0 + 64 * c), xq, b * ACT_BLOCK + 4 * c)
+        acc = _fma(acc, isum, _mul(_load_h(scales, (tile * nb + b) * TILE), _splat_f(xd[b])))
+    return acc
+
+
 @njit(cache=True, parallel=True)
 def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales):
     # out[1, N] = x[1, K] @ W[N, K].T; each tile's accumulator stays in a register
     _quantize_acts(x, xq, xd, xqsum, xsum)
     n, nb = out.shape[1], scales.shape[1]
     for tile in prange(packed.shape[0]):
-        acc = _splat_f(0.0)
-        for b in range(nb):
-            w0 = (tile * nb + b) * BLOCK_BYTES
-            for c in range(8):
-                _prefetch(packed, w0 + PREFETCH + 64 * c)
-            isum = _splat_i(-128 * xqsum[b])
-            for c in range(8):
-                isum = _dot(isum, _load_codes(packed, w0 + 64 * c), xq, b * ACT_BLOCK + 4 * c)
-            acc = _fma(acc, isum, _mul(_load_h(scales, (tile * nb + b) * TILE), _splat_f(xd[b])))
-        _store_tile(out, 0, n, tile, acc)
+        _store_tile(out, 0, n, tile, _gemv_tile(tile, nb, xq, xd, xqsum, packed, scales))
 
 
 @njit(cache=True, parallel=True)
