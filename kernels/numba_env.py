@@ -69,9 +69,17 @@ def source_key(dirs) -> str:
 
 
 def _cache_dir(key) -> Path:
-    config.reload_config()   # NUMBA_CACHE_DIR set after numba was imported still counts
-    if config.CACHE_DIR:
-        return Path(config.CACHE_DIR).expanduser() / f"tinyhun-{key}"
+    # Numba's compiler reloads its config whenever a NUMBA_ variable changed since the last reload, which would undo
+    # the config.CACHE_DIR set below: a reload now takes in a NUMBA_CACHE_DIR set after numba was imported.
+    config.reload_config()
+    # The base from the environment, not from numba's config: once this module has run, config.CACHE_DIR is its
+    # own versioned folder, and it runs twice in a process that also imports it as a top-level `kernels`
+    # (transformers probes for Hugging Face's `kernels` package by importing it, and finds this folder when a
+    # checkout's root is on sys.path). Read from config, the second run cached in tinyhun-<key>/tinyhun-<key>,
+    # a folder no other process reads.
+    base = os.environ.get("NUMBA_CACHE_DIR")
+    if base:
+        return Path(base).expanduser() / f"tinyhun-{key}"
     home = Path(os.environ.get("TINYHUN_HOME") or Path.home() / ".cache" / "tinyhun").expanduser()
     return home / "numba" / key
 
@@ -79,7 +87,7 @@ def _cache_dir(key) -> Path:
 _CACHE_DIR = _cache_dir(source_key(_package_dirs()))
 # Numba's UserProvidedCacheLocator reads config.CACHE_DIR when a cache=True kernel is decorated (it falls back to
 # __pycache__ when the folder cannot be created); environment variables are left alone, so child processes start
-# from what the user set.
+# from what the user set and share this process's folder.
 config.CACHE_DIR = str(_CACHE_DIR)
 numba.get_num_threads()   # starts the thread pool (numba.np.ufunc.parallel._launch_threads)
 

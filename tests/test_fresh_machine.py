@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,23 +36,18 @@ def tiny_q4(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_generate_compiles_then_runs_from_the_cache(tmp_path, tiny_q4):
-    """fp32 and INT4, each from an empty cache (compiling), then again from what the first runs cached."""
-    cache = tmp_path / "numba"
-    runs = [[cli("generate", "Hello world", "--model", model, "--max-tokens", "4", "--quiet", cache=cache)
-             for model in (TINY, tiny_q4)] for _ in ("compile", "cached")]
-    assert runs[0] == runs[1]
-
-
-@pytest.mark.slow
-def test_cached_kernels_do_not_crash_later_runs(tmp_path, smollm2_q4_dir, tiny_q4):
-    """The sequence that made every later INT4 Hunyuan run die with SIGSEGV: a fused layer compiled while all
-    its parallel callees were cache hits was cached without the hook that starts Numba's thread pool.
+def test_compile_then_cached_runs_match_and_do_not_crash(tmp_path, smollm2_q4_dir, tiny_q4):
+    """fp32 and INT4 runs from one cache, each compiling first and then loading what it cached: the same output.
+    The order is the one that made every later INT4 Hunyuan run die with SIGSEGV: a fused layer compiled while
+    all its parallel callees were cache hits was cached without the hook that starts Numba's thread pool.
     SmolLM2 INT4 caches the INT4 kernels, tiny-hunyuan fp32 the rest, so the INT4 Hunyuan run compiles only the
-    fused layer; the next run loads it from the cache and calls it first."""
+    fused layer; its second run loads that layer from the cache and calls it first."""
     cache = tmp_path / "numba"
-    for model in (smollm2_q4_dir, TINY, tiny_q4, tiny_q4):
-        cli("bench", "--model", model, *BENCH, cache=cache)
+    cli("bench", "--model", smollm2_q4_dir, *BENCH, cache=cache)
+    gen = ["generate", "Hello world", "--max-tokens", "4", "--quiet"]
+    runs = [[cli(*gen, "--model", model, cache=cache) for model in (TINY, tiny_q4)] for _ in ("compile", "cached")]
+    assert runs[0] == runs[1]
+    cli("bench", "--model", tiny_q4, *BENCH, cache=cache)
 
 
 # each kernel module imported first in a process of its own: the cache folder and the thread pool are set up
@@ -98,3 +94,15 @@ def test_source_key_changes_with_any_source_file(tmp_path):
     assert numba_env.source_key([tmp_path / "pkg"]) == before
     (tmp_path / "pkg" / "sub" / "b.py").write_text("B = 3\n")
     assert numba_env.source_key([tmp_path / "pkg"]) != before
+
+
+def test_a_top_level_kernels_import_keeps_the_cache_folder(tmp_path):
+    """transformers probes for Hugging Face's `kernels` package by importing it, which from a checkout's root finds
+    tinyhun's kernels/ folder and runs its setup a second time: the folder must stay the one other processes use."""
+    code = ("import kernels, tinyhun.kernels\nfrom numba.core import config\nfrom tinyhun.kernels import numba_env\n"
+            "print(config.CACHE_DIR)\nprint(numba_env.cache_dir())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    used, reported = r.stdout.split()
+    assert Path(used) == Path(reported) and Path(used).parent == tmp_path, (used, reported)
