@@ -45,7 +45,7 @@ class Events:
 class Run:
     """One job: its events, its Output, the counts the usage and the metrics need."""
 
-    def __init__(self, server, ids, req, max_tokens, text_out, logprobs, top_logprobs, prompt_logprobs=None):
+    def __init__(self, server, model, ids, req, max_tokens, text_out, logprobs, top_logprobs, prompt_logprobs=None):
         self.server, self.ids, self.out = server, ids, text_out
         self.started = time.monotonic()
         self.first_token_at = None
@@ -57,7 +57,8 @@ class Run:
                                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
         except TinyhunError as e:
             raise ApiError(400, str(e)) from None
-        self.job = Job(ids, sampler, max_tokens, self.events, req.stops(), logprobs, top_logprobs, prompt_logprobs)
+        self.job = Job(ids, sampler, max_tokens, self.events, req.stops(), logprobs, top_logprobs, prompt_logprobs,
+                       model)
         self.steps, self.prompt_scores = [], None
         self.finish_reason = None
 
@@ -111,12 +112,6 @@ class Run:
                 "prompt_tokens_details": {"cached_tokens": s.cached_tokens if s else 0}}
 
 
-def _check_model(server, name):
-    if name != server.model_name:
-        raise ApiError(404, f"model {name!r} not found: this server serves {server.model_name!r} (GET /v1/models)",
-                       param="model", code="model_not_found")
-
-
 def _max_tokens(server, requested, n_prompt, param):
     ctx = server.engine.max_context
     if requested is not None and requested > server.max_tokens:
@@ -159,7 +154,7 @@ def _token_entry(tok, token, logprob, top):
 
 
 async def chat(server, req: ChatRequest):
-    _check_model(server, req.model)
+    model = server.model_named(req.model)
     _n(req)
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -169,13 +164,13 @@ async def chat(server, req: ChatRequest):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     prompt = output.chat_prompt(server, messages, req.style, req.think)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": rid, "created": created, "model": server.model_name}
+    head = {"id": rid, "created": created, "model": req.model}
     if prompt.refusal is not None:
         return _refusal(req, head, prompt.refusal, 0)
     ids = tok.encode(prompt.text, add_special_tokens=False)
     max_tokens = _max_tokens(server, req.limit(), len(ids), "max_completion_tokens" if req.max_completion_tokens
                              is not None else "max_tokens")
-    run = Run(server, ids, req, max_tokens, prompt.output(), req.logprobs, req.top_logprobs or 0)
+    run = Run(server, model, ids, req, max_tokens, prompt.output(), req.logprobs, req.top_logprobs or 0)
     run.submit()
     return _chat_stream(server, run, req, head) if req.stream else await _chat_whole(server, run, req, head)
 
@@ -292,20 +287,20 @@ class _Legacy:
 
 
 async def completions(server, req: CompletionRequest):
-    _check_model(server, req.model)
+    model = server.model_named(req.model)
     _n(req)
     tok, vocab = server.model.tokenizer, server.model.config.vocab_size
     prompts = req.prompts()
     if req.stream and len(prompts) > 1:
         raise ApiError(400, "prompt: streaming takes one prompt (send one request per prompt)", param="prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": rid, "created": created, "model": server.model_name}
+    head = {"id": rid, "created": created, "model": req.model}
     runs = []
     for p in prompts:
         ids = _prompt_ids(tok, p, vocab)
         max_tokens = _max_tokens(server, req.max_tokens, len(ids), "max_tokens")
         n_top = req.logprobs
-        runs.append((p, Run(server, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
+        runs.append((p, Run(server, model, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
                             n_top if req.echo and n_top is not None else None)))
     submitted = []
     try:
