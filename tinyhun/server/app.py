@@ -176,8 +176,7 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
             return result
         if isinstance(result, dict):
             return _json(result)
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(result)
 
     async def chat(request):
         return await generation(request, ChatRequest, openai_api.chat)
@@ -259,6 +258,21 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.server = server
     return app
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events of an openai_api.Streamed, whose run is cancelled when the response ends, however."""
+
+    def __init__(self, streamed):
+        super().__init__(streamed.chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.streamed = streamed
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.streamed.close()
 
 
 def _check_key(request, key):

@@ -60,7 +60,7 @@ class Run:
         self.job = Job(ids, sampler, max_tokens, self.events, req.stops(), logprobs, top_logprobs, prompt_logprobs,
                        model)
         self.steps, self.prompt_scores = [], None
-        self.finish_reason = None
+        self.finish_reason, self.closed = None, False
 
     def submit(self):
         try:
@@ -92,8 +92,11 @@ class Run:
                 return
 
     def cancel(self):
-        """Called in every case when the run ends: a no-op for a finished job, frees the slot for one still
-        going (the client went away)."""
+        """Called in every case when the run ends (more than once is one call): a no-op for a finished job, frees
+        the slot for one still going (the client went away)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.finish_reason is None:
             self.server.metrics.cancelled.inc()
         self.server.engine.cancel(self.job)
@@ -134,6 +137,19 @@ def _n(req):
         raise ApiError(400, f"n={req.n}: only n=1 is supported (send n requests)", param="n")
 
 
+class Streamed:
+    """A streamed answer: its chunks, and the run they come from, which the response cancels however it ends.
+    The chunks' own `finally` is not enough: a client gone while the response starts (before the chunks are
+    first iterated) would leave a never-started generator, and its job running to max_tokens."""
+
+    def __init__(self, chunks, run=None):
+        self.chunks, self.run = chunks, run
+
+    def close(self):
+        if self.run is not None:
+            self.run.cancel()
+
+
 def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -172,7 +188,9 @@ async def chat(server, req: ChatRequest):
                              is not None else "max_tokens")
     run = Run(server, model, ids, req, max_tokens, prompt.output(), req.logprobs, req.top_logprobs or 0)
     run.submit()
-    return _chat_stream(server, run, req, head) if req.stream else await _chat_whole(server, run, req, head)
+    if req.stream:
+        return Streamed(_chat_stream(server, run, req, head), run)
+    return await _chat_whole(server, run, req, head)
 
 
 def _refusal(req, head, text, n_prompt):
@@ -190,7 +208,7 @@ def _refusal(req, head, text, n_prompt):
         if req.stream_options and req.stream_options.include_usage:
             yield _sse({**chunk, "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
-    return chunks()
+    return Streamed(chunks())
 
 
 async def _chat_whole(server, run, req, head):
@@ -313,7 +331,7 @@ async def completions(server, req: CompletionRequest):
             run.cancel()
         raise
     if req.stream:
-        return _completion_stream(server, runs[0][1], req, head, runs[0][0])
+        return Streamed(_completion_stream(server, runs[0][1], req, head, runs[0][0]), runs[0][1])
     choices = []
     try:
         for i, (p, run) in enumerate(runs):
