@@ -227,6 +227,15 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
             raise ApiError(400, f"tokens: id {max(req.tokens)} out of range [0, {vocab})", param="tokens")
         return _json({"prompt": server.model.tokenizer.decode(req.tokens)})
 
+    async def tokenizer_info(request):
+        # vLLM's endpoint, what lm-evaluation-harness's remote tokenizer checks for before it uses /tokenize
+        tok = server.model.tokenizer
+
+        def text(i):
+            return None if i is None else tok.decode([i], skip_special_tokens=False)
+        return _json({"eos_token": text(min(tok.stop_ids, default=None)), "bos_token": text(tok.bos_id),
+                      "pad_token": None, "model_max_length": server.engine.max_context, "vocab_size": tok.vocab_size})
+
     routes = [
         Route("/v1/chat/completions", endpoint("/v1/chat/completions", chat), methods=["POST"]),
         Route("/v1/completions", endpoint("/v1/completions", completions), methods=["POST"]),
@@ -234,6 +243,7 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
         Route("/v1/models/{name:path}", endpoint("/v1/models/{name}", model), methods=["GET"]),
         Route("/tokenize", endpoint("/tokenize", tokenize), methods=["POST"]),
         Route("/detokenize", endpoint("/detokenize", detokenize), methods=["POST"]),
+        Route("/tokenizer_info", endpoint("/tokenizer_info", tokenizer_info), methods=["GET"]),
         Route("/health", endpoint("/health", health, needs_model=False), methods=["GET"]),
         Route("/metrics", endpoint("/metrics", metrics, needs_model=False), methods=["GET"]),
     ]
