@@ -9,6 +9,8 @@
    of tokens each): total completion tokens/s and time to first token p50/p95, beside the library's single
    stream measured just before.
 3. A 10-turn chat through the server: the prompt tokens the slot's cache reused (prefill saved).
+4. Adapters (`--adapters`: only this): 2 concurrent streaming clients on two different adapters (one forward per
+   adapter per step) vs both on one adapter (one forward of 2 rows) vs both on the base, interleaved, total tok/s.
 """
 import argparse
 import asyncio
@@ -62,14 +64,15 @@ def bench_decode(model, batch, steps, rounds):
     return b / s
 
 
-def start_server(model, slots, max_tokens, max_context=512):
+def start_server(model, slots, max_tokens, max_context=512, adapters=None):
     import uvicorn
 
     from tinyhun.server import Settings, create_app
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     app = create_app(lambda: (model, "bench"), Settings(slots=slots, queue=64, max_tokens=max_tokens,
-                                                        max_context=max_context, content_filter=False))
+                                                        max_context=max_context, content_filter=False,
+                                                        adapters=adapters or {}))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -83,8 +86,8 @@ def start_server(model, slots, max_tokens, max_context=512):
         time.sleep(0.1)
 
 
-async def one_request(client, url, prompt, gen):
-    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": gen,
+async def one_request(client, url, prompt, gen, model="bench"):
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": gen,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, tokens = None, 0
@@ -101,11 +104,14 @@ async def one_request(client, url, prompt, gen):
     return ttft, tokens
 
 
-async def clients(url, n, gen, per_client):
+async def clients(url, n, gen, per_client, models=None):
+    """n concurrent clients (client i asks for models[i], default the base), per_client requests each."""
     import httpx
+    models = models or ["bench"] * n
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=n)) as client:
         async def worker(i):
-            return [await one_request(client, url, PROMPTS[(i + k) % len(PROMPTS)], gen) for k in range(per_client)]
+            return [await one_request(client, url, PROMPTS[(i + k) % len(PROMPTS)], gen, models[i])
+                    for k in range(per_client)]
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(i) for i in range(n))) for r in rs]
         return time.perf_counter() - t0, results
@@ -158,6 +164,33 @@ def bench_conversation(model, turns=10, gen=32):
           f"({100 * cached / total:.0f}% of the prefill saved), {time.perf_counter() - t0:.1f} s")
 
 
+def bench_adapter_clients(model, gen, rounds, rank=16):
+    """Two clients at once on two adapters, on one, and on the base: total completion tokens/s, interleaved."""
+    import tempfile
+    from pathlib import Path
+
+    from bench_adapters import write_adapter
+    with tempfile.TemporaryDirectory() as tmp:
+        qv = ["q_proj", "v_proj"]
+        adapters = {name: write_adapter(Path(tmp) / name, model.config, qv, rank, seed=i)
+                    for i, name in enumerate(("a", "b"))}
+        url, server = start_server(model, 2, gen, adapters=adapters)
+        cases = {"2 clients, adapters a + b": ["a", "b"], "2 clients, adapter a + a": ["a", "a"],
+                 "2 clients, base + base": ["bench", "bench"]}
+        asyncio.run(clients(url, 2, 4, 1, ["a", "b"]))   # warm-up
+        rates = {name: [] for name in cases}
+        for _ in range(rounds):
+            for name, models in cases.items():
+                wall, results = asyncio.run(clients(url, 2, gen, 1, models))
+                rates[name].append(sum(k for _, k in results) / wall)
+        server.should_exit = True
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    peer = med["2 clients, adapter a + a"]
+    print(f"adapters (q,v rank {rank}, side path), {gen} greedy tokens per request, 2 slots, median of {rounds}:")
+    for name, rate in med.items():
+        print(f"  {name:28s} {rate:7.1f} tok/s total  x{rate / peer:.2f} of a + a")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", help="model folder (default: the default model, SmolLM2-135M-Instruct INT4)")
@@ -165,11 +198,14 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--adapters", action="store_true", help="only section 4, adapters per request")
     args = p.parse_args()
 
     import tinyhun
     from tinyhun.hub import resolve_model
     model = tinyhun.load(resolve_model(args.model, progress=False), max_context=2048)
+    if args.adapters:
+        return bench_adapter_clients(model, args.gen_tokens, args.rounds)
     bench_decode(model, args.batch, args.gen_tokens, args.rounds)
     if not args.skip_http:
         bench_http(model, args.gen_tokens)

@@ -87,13 +87,16 @@ class Q8(NamedTuple):
 
 
 class LoRA(NamedTuple):
-    """A frozen base linear plus a low-rank update: out = base(x) + (x @ a.T) @ bt, bt = scale * lora_B.T.
+    """A frozen base linear plus a low-rank update: out = base(x) + scale * (x @ A.T) @ B.T.
 
-    The rank-r intermediate x @ a.T lives in the activation scratch (`rank_scratch`): the base matmul has finished
-    with its int8 activations by then, and their bytes hold rows x width / 4 floats, room for r <= width / 4."""
-    base: object         # F32, Q4 or Q8 [N, K]
-    a: np.ndarray        # float32[r, K]  lora_A
-    bt: np.ndarray       # float32[r, N]  scale * lora_B, transposed: the update is added N-wide, row by row
+    A and B are float32, or fp16 bits (uint16) beside a quantized base, where they are most of what the side path
+    costs a decoded token: the kernels widen them in registers (`side_path` makes either). B is kept in the base's
+    16-row tiles so a one-row product adds each tile's update to the tile's own accumulator (kernels/cpu_linear.py).
+    The rank-r intermediate scale * x @ A.T lives in act_scratch's rank half (`rank_scratch`)."""
+    base: object         # F32, Q4 or Q8 [N, K], K a multiple of 16
+    a: np.ndarray        # float32 or fp16 bits [r, K]: lora_A
+    b: np.ndarray        # float32 or fp16 bits [ceil(N/16), r, 16]: lora_B's rows in tiles of 16, zeros past N
+    scale: float         # lora_alpha / r times the powers of two A and B were divided by (fp16's range)
 
     @property
     def shape(self):
@@ -101,21 +104,54 @@ class LoRA(NamedTuple):
 
     @property
     def nbytes(self):
-        return self.base.nbytes + self.a.nbytes + self.bt.nbytes
+        return self.base.nbytes + self.a.nbytes + self.b.nbytes
 
     def matmul_ref(self, out, x, acts):
         linear(out, x, self.base, acts)
         t = rank_scratch(acts, x.shape[0], self.a.shape[0])
-        np.matmul(x, self.a.T, out=t)
-        out += t @ self.bt
+        np.matmul(x, _floats(self.a).T, out=t)
+        t *= np.float32(self.scale)
+        out += t @ lora_b(self).T
 
     def rows(self, out, ids):
         raise TinyhunError("a LoRA linear is multiplied, never looked up by rows (embeddings are not adapted)")
 
 
+def side_path(base, a, b, scale, half):
+    """LoRA from lora_A [r, K], lora_B [N, r] and their scale: stored as fp16 when `half` (each divided by a power
+    of two that brings its largest entry to [0.5, 1), exact, so fp16 keeps 11 bits of every entry down to 6e-5 of
+    that largest; the powers go into scale), else float32."""
+    n, k = base.shape
+    if k % 16:
+        raise TinyhunError(f"a LoRA side path needs in-features that are a multiple of 16, got {k}")
+    scale, mats = float(scale), []
+    for m in (np.asarray(a, np.float32), np.asarray(b, np.float32)):
+        if half:
+            p = np.float32(2.0 ** np.frexp(np.abs(m).max())[1]) if m.any() else np.float32(1.0)
+            m, scale = (m / p).astype(np.float16).view(np.uint16), scale * float(p)
+        mats.append(m)
+    a, b = mats
+    r = a.shape[0]
+    tiles = np.zeros((-(-n // 16) * 16, r), b.dtype)
+    tiles[:n] = b
+    return LoRA(base, np.ascontiguousarray(a), np.ascontiguousarray(tiles.reshape(-1, 16, r).transpose(0, 2, 1)),
+                scale)
+
+
+def lora_b(w):
+    """float32 [N, r]: a LoRA's B as stored, untiled (without its scale)."""
+    b = _floats(w.b)
+    return b.transpose(0, 2, 1).reshape(-1, b.shape[1])[:w.shape[0]]
+
+
+def _floats(m):
+    return m.view(np.float16).astype(np.float32) if m.dtype == np.uint16 else m
+
+
 def rank_scratch(acts, rows, r):
-    """float32[rows, r] carved out of the int8 activations of act_scratch (see LoRA)."""
-    return acts.q[:rows * r * 4].view(np.float32).reshape(rows, r)
+    """float32[rows, r] in the upper half of act_scratch's int8 activations (see act_scratch)."""
+    half = acts.q.size // 2
+    return acts.q[half:half + rows * r * 4].view(np.float32).reshape(rows, r)
 
 
 def as_linear(w):
@@ -139,7 +175,8 @@ def linear(out, x, w, acts):
 
 def act_scratch(rows, width):
     """Flat int8 activation scratch (a Q8Acts of 1-D arrays, as the kernels take it) for any matmul input of up to
-    rows x width values (width a multiple of 32)."""
+    rows x width values (width a multiple of 32). q holds twice that: its upper half is a LoRA's rank scratch
+    (rank_scratch: rows x width / 4 floats, room for r <= width / 4), filled before the base rounds x into the lower."""
     n = rows * width
-    return Q8Acts(np.zeros(n, np.int8), np.zeros(n // ACT_BLOCK, np.float32), np.zeros(n // ACT_BLOCK, np.int32),
+    return Q8Acts(np.zeros(2 * n, np.int8), np.zeros(n // ACT_BLOCK, np.float32), np.zeros(n // ACT_BLOCK, np.int32),
                   np.zeros(n // ACT_BLOCK, np.float32))

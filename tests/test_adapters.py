@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM
 import tinyhun
 from oracle import assert_logits_close, build_hunyuan, build_llama, oracle_logits
 from tinyhun import TinyhunError
-from tinyhun.adapters import AdapterWarning, with_adapter
+from tinyhun.adapters import TARGETS, AdapterWarning, read_adapter, with_adapter
 from tinyhun.kernels import cpu_linear, q4, q8
-from tinyhun.kernels.linear import F32, LoRA, Q4, act_scratch, as_linear, linear
+from tinyhun.kernels.linear import F32, LoRA, Q4, act_scratch, as_linear, linear, side_path
 from tinyhun.quantize import quantize_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,6 +76,17 @@ def test_decode_through_cache_with_side_path(llama_qv):
     assert_logits_close(np.concatenate(rows), want)
 
 
+def test_fp16_side_path_precision(llama_qv):
+    """What the fp16 A and B beside a quantized base cost, measured where nothing else rounds: on the fp32 base
+    against peft, within 1e-3 of the largest logit (fp16 keeps 11 bits of each entry; the INT4 base's own bound is
+    2e-2), while the adapter moves the logits by far more. The NumPy kernels: the Numba ones are held to them."""
+    root, want = llama_qv
+    base = tinyhun.load(root / "base", kernels="numpy")
+    got = side_path_model(base, root / "qv", half=True).logits(IDS)
+    err = assert_logits_close(got, want, rel=1e-3)
+    assert np.abs(base.logits(IDS) - want).max() > 100 * err
+
+
 def test_bf16_adapter(llama_qv, tmp_path):
     root, _ = llama_qv
     shutil.copytree(root / "qv", tmp_path / "bf16")
@@ -101,6 +112,18 @@ def dequantized(model):
     return tinyhun.Model(model.config, model.weights._replace(layers=layers), backend=model.backend)
 
 
+def side_path_model(model, adapter_dir, half):
+    """model with an adapter as a side path whose A and B are fp16 (half) or float32, whatever the base (attach
+    makes them fp16 beside quantized bases only)."""
+    layers = list(model.weights.layers)
+    for (i, target), u in read_adapter(adapter_dir).updates.items():
+        sub, field = TARGETS[target]
+        block = getattr(layers[i], sub)
+        lora = side_path(getattr(block, field), u.a, u.b, u.scale, half=half)
+        layers[i] = layers[i]._replace(**{sub: block._replace(**{field: lora})})
+    return tinyhun.Model(model.config, model.weights._replace(layers=tuple(layers)), backend=model.backend)
+
+
 def test_int4_base_with_side_adapter(tmp_path):
     """QLoRA-style: the base stays INT4 and the adapter runs beside it. Reference: the same INT4 weights
     dequantized to fp32 with the adapter merged, within the INT4 kernels' tolerance (their int8 activations:
@@ -122,23 +145,32 @@ def test_int4_base_with_side_adapter(tmp_path):
 @given(kind=st.sampled_from(["f32", "q4", "q8"]), n=st.integers(1, 70), k32=st.integers(1, 3),
        r=st.integers(1, 8), t=st.sampled_from([1, 2, 5, 39, 40, 57]), seed=st.integers(0, 2**16))
 def test_lora_kernel_matches_reference(kind, n, k32, r, t, seed):
-    """kernels/linear.py's LoRA: the Numba kernel (inside compiled code and from Python) vs the NumPy reference,
-    within fp32 rounding of the terms summed (the base kernels' own bound, tests/test_q4.py)."""
+    """kernels/linear.py's LoRA as attach makes it (fp32 A/B beside a float base, fp16 beside a quantized one): the
+    Numba kernel (inside compiled code and from Python) vs the NumPy reference, within fp32 rounding of the terms
+    summed (the base kernels' own bound, tests/test_q4.py)."""
     rng = np.random.default_rng(seed)
     k = 32 * k32
     w = rng.standard_normal((n, k)).astype(np.float32)
     base = {"f32": lambda: as_linear(w), "q4": lambda: as_linear(q4.quantize_q4(w, group=32, sym=bool(seed % 2))),
             "q8": lambda: as_linear(q8.quantize_q8(w))}[kind]()
-    lora = LoRA(base, rng.standard_normal((r, k)).astype(np.float32), rng.standard_normal((r, n)).astype(np.float32))
+    a, b = rng.standard_normal((r, k)).astype(np.float32), rng.standard_normal((n, r)).astype(np.float32)
+    lora = side_path(base, a, b, 0.7, half=kind != "f32")
+    assert lora.a.dtype == (np.float32 if kind == "f32" else np.uint16)
     x = rng.standard_normal((t, k)).astype(np.float32)
     acts = act_scratch(64, max(k, 4 * r))
     want = np.zeros((t, n), np.float32)
     linear(want, x, lora, acts)
-    terms = np.abs(x) @ np.abs(w).T * 1.2 + (np.abs(x) @ np.abs(lora.a).T) @ np.abs(lora.bt)
+    terms = np.abs(x) @ np.abs(w).T * 1.2 + 0.7 * (np.abs(x) @ np.abs(a).T) @ np.abs(b).T
     for run in (_compiled_linear, cpu_linear.matmul):
         got = np.full((t, n), np.nan, np.float32)
         run(got, x, lora, acts)
         assert np.all(np.abs(got - want) <= 1e-5 * terms + 1e-30)
+    # fp16 storage rounds each entry of A and B to 11 significant bits: the update is within 2^-10 of the sum of its
+    # terms' sizes of the exact fp32 one
+    plain = np.empty_like(want)
+    linear(plain, x, base, acts)
+    assert np.all(np.abs((want - plain) - 0.7 * (x @ a.T) @ b.T) <=
+                  (1e-5 if kind == "f32" else 2.0 ** -10) * 0.7 * (np.abs(x) @ np.abs(a).T) @ np.abs(b).T + 1e-4)
 
 
 @njit

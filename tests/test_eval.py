@@ -123,3 +123,68 @@ def test_eval_command(capsys):
     assert "perplexity" in out and "over 50 tokens" in out and "tokens/s" in out
     assert main(["eval", "generate", "nope.jsonl", "--model", str(TINY), "--quiet"]) == 2
     assert "nope.jsonl: not found" in capsys.readouterr().err
+
+
+# ---- lm-evaluation-harness through `tinyhun serve` ----------------------------------------------------------------
+
+LM_TASK = """task: tinyhun_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_through_the_server(ours, tmp_path, monkeypatch):
+    """EleutherAI's lm-evaluation-harness (not a test dependency: skipped without lm-eval[api]) scores the sample
+    choice task through a live server on 127.0.0.1 with its local-completions model (echo + logprobs, tinyhun's
+    tokenizer through /tokenizer_info and /tokenize). Every choice's log-likelihood equals what `eval choice`'s
+    scorer (evaluate.choice_scores) gives the same token ids, and so do its acc and acc_norm. lm-eval encodes the
+    context without special tokens, `eval choice` with them (the tiny tokenizer's BOS): the ids are the same
+    otherwise, which the test checks too."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")   # lm-eval's `api` extra, which its API models need
+    from lm_eval.tasks import TaskManager
+
+    from live_server import LiveServer
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "tinyhun_choice.yaml").write_text(LM_TASK.format(data=evaluate.SAMPLES["choice"]))
+    limit, tok = 4, ours.tokenizer
+    s = LiveServer(ours, max_context=256, slots=2)
+    try:
+        out = lm_eval.simple_evaluate(
+            model="local-completions", tasks=["tinyhun_choice"], task_manager=TaskManager(include_path=str(tmp_path)),
+            model_args=f"model=tiny,base_url={s.url}/v1/completions,num_concurrent=1,max_retries=1", limit=limit,
+            log_samples=True)
+    finally:
+        s.close()
+    items = evaluate.read_jsonl(evaluate.SAMPLES["choice"], "choice")[:limit]
+    samples = sorted(out["samples"]["tinyhun_choice"], key=lambda smp: smp["doc_id"])
+    hits = hits_norm = 0
+    for item, smp in zip(items, samples, strict=True):
+        ctx = tok.encode(item["context"], add_special_tokens=False)
+        conts = [tok.encode(item["context"] + c, add_special_tokens=False)[len(ctx):] for c in item["choices"]]
+        assert [tok.bos_id] + ctx == tok.encode(item["context"])                      # eval choice's, less BOS
+        assert conts == [tok.encode(c, add_special_tokens=False) for c in item["choices"]]
+        want = evaluate.choice_scores(ours, ctx, conts)
+        got = [float(r[0]) for r in smp["filtered_resps"]]
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-3), (got, want)
+        hits += int(np.argmax(want)) == item["answer"]
+        hits_norm += int(np.argmax([w / len(c) for w, c in zip(want, item["choices"])])) == item["answer"]
+    result = out["results"]["tinyhun_choice"]
+    assert (result["acc,none"], result["acc_norm,none"]) == (hits / limit, hits_norm / limit)

@@ -62,6 +62,45 @@ def test_a_client_gone_before_a_whole_answer_frees_the_slot(model):
         s.close()
 
 
+async def _gone_before_first_byte(app, body):
+    """One streaming request through the ASGI app whose client is gone as soon as the body is in, and whose
+    server's send yields to the event loop (as uvicorn's does while a transport is paused, and other ASGI servers'
+    always): the disconnect lands while the response starts, before its stream of chunks is first iterated.
+    Returns what the app sent."""
+    data = json.dumps(body).encode()
+    messages = [{"type": "http.request", "body": data, "more_body": False}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        await asyncio.sleep(0)
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]}
+    await app(scope, receive, send)
+    return sent
+
+
+def test_a_stream_gone_before_its_first_byte_frees_the_slot(model):
+    s = LiveServer(model, slots=1, queue=0, max_tokens=2000)
+    try:
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2000, "temperature": 0, "stream": True}
+        sent = asyncio.run(_gone_before_first_byte(s.app, body))
+        assert not any(m.get("body") for m in sent)   # not a byte of the stream went out
+        left = time.monotonic()
+        while s.engine.busy_slots() and time.monotonic() - left < 5:
+            time.sleep(0.005)
+        freed = time.monotonic() - left
+        assert s.engine.busy_slots() == 0 and freed < 1.0, freed   # greedy runs 2000 tokens (~6 s) uncancelled
+        assert "tinyhun_cancelled_total 1.0" in httpx.get(s.url + "/metrics").text
+    finally:
+        s.close()
+
+
 async def _stream_one(client, url, i):
     body = chat(f"Request {i}: hello", max_tokens=16, temperature=0.7, seed=i, stream=True)
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:

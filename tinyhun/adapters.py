@@ -19,7 +19,7 @@ import numpy as np
 from .checkpoint import SafetensorsFile, to_float32
 from .config import read_json
 from .errors import TinyhunError
-from .kernels.linear import F32, LoRA
+from .kernels.linear import F32, side_path
 from .structs import DenseMLP
 
 MODES = ("merge", "side")
@@ -224,7 +224,9 @@ def attach(weights, cfg, adapter, mode=None):
             if 4 * r > cfg.hidden_size:
                 raise TinyhunError(f"{u.where}: rank {r} is too large for the side path of a model with hidden size "
                                    f"{cfg.hidden_size} (at most {cfg.hidden_size // 4}); use adapter_mode='merge'")
-            new = LoRA(base, u.a, np.ascontiguousarray((np.float32(u.scale) * u.b).T))
+            # beside a quantized base A and B are fp16 (half the bytes a token reads; their rounding, 2^-12 of
+            # each entry, is far below the base's own); beside a float base they stay float32, exact as peft
+            new = side_path(base, u.a, u.b, u.scale, half=not isinstance(base, F32))
         sub, field = TARGETS[target]
         block = getattr(layers[layer], sub)._replace(**{field: new})
         layers[layer] = layers[layer]._replace(**{sub: block})

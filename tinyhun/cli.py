@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -162,6 +163,29 @@ def env_int(name, default):
     return int(value)
 
 
+def adapter_specs(values):
+    """serve's --adapter values -> (a bare DIR or None, {NAME: DIR}). NAME=DIR names an adapter served beside the
+    base (NAME: letters, digits and ._:- ; a value that is itself an existing folder is a DIR); a bare DIR is
+    applied to the one model served, as on the other commands."""
+    bare, named = None, {}
+    for v in values or ():
+        name, sep, folder = v.partition("=")
+        if sep and re.fullmatch(r"[\w.:-]+", name) and not Path(v).is_dir():
+            if name in named:
+                raise TinyhunError(f"--adapter {v}: the name {name!r} is given twice")
+            if not Path(folder).is_dir():
+                raise TinyhunError(f"--adapter {v}: {folder}: not an adapter folder")
+            named[name] = folder
+        elif bare is not None:
+            raise TinyhunError(f"--adapter {v}: a second bare adapter folder; serve several as --adapter NAME=DIR")
+        else:
+            bare = v
+    if bare is not None and named:
+        raise TinyhunError(f"--adapter {bare}: a bare folder (applied to the served model) and NAME=DIR adapters "
+                           "(chosen per request over the base) do not mix")
+    return bare, named
+
+
 def cmd_serve(args):
     import tinyhun
     from .hub import resolve_model
@@ -174,16 +198,19 @@ def cmd_serve(args):
     max_tokens = args.max_tokens if args.max_tokens is not None else env_int("MAX_TOKENS", 512)
     if max_tokens < 1:
         raise TinyhunError(f"--max-tokens {max_tokens}: expected a positive integer")
+    adapter, adapters = adapter_specs(args.adapter)
+    if adapters and args.adapter_mode == "merge":
+        raise TinyhunError("--adapter-mode merge: adapters chosen per request (--adapter NAME=DIR) run as side paths "
+                           "over the one base; merge one with `tinyhun merge` and serve that folder instead")
     settings = Settings(model_name=args.served_model_name, max_tokens=max_tokens, slots=args.slots, queue=args.queue,
                         max_context=args.context, api_key=os.environ.get("TINYHUN_API_KEY") or None,
-                        max_body=args.max_body, content_filter=content_filter_of(args) or False)
+                        max_body=args.max_body, content_filter=content_filter_of(args) or False, adapters=adapters)
 
     # a named model folder is checked now (a typo exits at once); the default model is fetched in the background
     named = resolve_model(args.model) if args.model or os.environ.get("MODEL_PATH") else None
 
     def load():
         path = named or resolve_model(None, progress=not args.quiet)
-        adapter = args.adapter
         model = tinyhun.load(path, device=args.device, max_context=args.context, progress=not args.quiet,
                              adapter=adapter, adapter_mode=args.adapter_mode if adapter else None)
         return model, Path(path).name
@@ -195,14 +222,19 @@ def build_parser():
     p = argparse.ArgumentParser(prog="tinyhun", description="Run Hunyuan (and Llama) language models on the CPU or an NVIDIA GPU.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_model(sp, runs=True):
+    def with_model(sp, runs=True, adapters=False):
         sp.add_argument("--model", help="model folder (default: $MODEL_PATH, else the default model)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         if not runs:   # the options below are for commands that run the model
             return sp
         sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (default) or cuda: an NVIDIA GPU (needs the `cuda` extra, numba-cuda)")
-        sp.add_argument("--adapter", metavar="DIR", help="a peft LoRA adapter folder to run on the model")
+        if adapters:   # serve: several adapters, each a model id of its own
+            sp.add_argument("--adapter", metavar="[NAME=]DIR", action="append",
+                            help="a peft LoRA adapter folder to run on the model; NAME=DIR (repeatable) serves it "
+                                 "as model NAME beside the base instead, as a side path over the base's weights")
+        else:
+            sp.add_argument("--adapter", metavar="DIR", help="a peft LoRA adapter folder to run on the model")
         sp.add_argument("--adapter-mode", choices=("merge", "side"),
                         help="merge it into the weights (default for a float model) or run it beside them "
                              "(default for an INT4 model)")
@@ -297,7 +329,8 @@ def build_parser():
     mg.add_argument("--quiet", action="store_true")
     mg.set_defaults(func=cmd_merge)
 
-    s = with_model(sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming)"))
+    s = with_model(sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming)"),
+                   adapters=True)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--slots", type=int, default=4, help="sequences generated at once, batched (default 4)")

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..adapters import with_adapter
 from ..content_filter import ContentFilter
 from ..errors import TinyhunError
 from . import openai_api
@@ -38,15 +39,17 @@ class Settings:
     api_key: str | None = None     # TINYHUN_API_KEY
     max_body: int = 1 << 20        # bytes
     content_filter: object = True  # on the chat endpoint (True: the default list, a ContentFilter, or False)
+    adapters: dict = field(default_factory=dict)   # name -> peft adapter folder: a model id of its own over the base
 
 
 class Server:
-    """The app's state: the model and the engine once loaded."""
+    """The app's state: the models (the base, then each adapter over it) and the engine once loaded."""
 
     def __init__(self, load, settings):
         self.settings, self._load = settings, load
         self.model_name, self.max_tokens = None, settings.max_tokens
         self.model = self.engine = None
+        self.models = {}               # id -> Model, the base's first
         flt = settings.content_filter
         self.content_filter = ContentFilter.load() if flt is True else flt or None
         self.load_error = None
@@ -56,10 +59,19 @@ class Server:
     def load(self, engine_thread=True):
         try:
             model, name = self._load()
-            _warm(model)
+            base_name = self.settings.model_name or name
+            models = {base_name: model}
+            for adapter, folder in self.settings.adapters.items():
+                if adapter in models:
+                    raise TinyhunError(f"--adapter {adapter}={folder}: {adapter!r} is the base model's id; "
+                                       "name the adapter otherwise")
+                # side path: every adapter shares the base's arrays (merged, each would be a copy of the model)
+                models[adapter] = with_adapter(model, folder, mode="side", base_name=name)
+            for m in models.values():
+                _warm(m)
             self.engine = Engine(model, self.settings.slots, self.settings.queue, self.settings.max_context,
                                  thread=engine_thread)
-            self.model_name = self.settings.model_name or name
+            self.models, self.model_name = models, base_name
             self.model = model
         except Exception as e:   # noqa: BLE001 - /health reports it; the process stays up to say so
             self.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, TinyhunError) else str(e)
@@ -70,6 +82,14 @@ class Server:
         if self.model is None:
             raise ApiError(503, "the model is loading; retry shortly", code="model_loading",
                            headers={"Retry-After": "2"})
+
+    def model_named(self, name):
+        """The Model a request's `model` names; 404 in OpenAI's shape for an id this server does not serve."""
+        model = self.models.get(name)
+        if model is None:
+            raise ApiError(404, f"model {name!r} not found: this server serves {', '.join(map(repr, self.models))} "
+                           "(GET /v1/models)", param="model", code="model_not_found")
+        return model
 
 
 def _warm(model):
@@ -156,8 +176,7 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
             return result
         if isinstance(result, dict):
             return _json(result)
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(result)
 
     async def chat(request):
         return await generation(request, ChatRequest, openai_api.chat)
@@ -166,14 +185,12 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
         return await generation(request, CompletionRequest, openai_api.completions)
 
     async def models(request):
-        return _json({"object": "list", "data": [_model_card(server)]})
+        return _json({"object": "list", "data": [_model_card(server, name) for name in server.models]})
 
     async def model(request):
         name = request.path_params["name"]
-        if name != server.model_name:
-            raise ApiError(404, f"model {name!r} not found: this server serves {server.model_name!r}",
-                           param="model", code="model_not_found")
-        return _json(_model_card(server))
+        server.model_named(name)
+        return _json(_model_card(server, name))
 
     async def health(request):
         if server.load_error is not None:
@@ -190,7 +207,7 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
     async def tokenize(request):
         req = parse(TokenizeRequest, await _body(request, settings.max_body))
         if req.model is not None:
-            openai_api._check_model(server, req.model)
+            server.model_named(req.model)
         tok = server.model.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
@@ -204,11 +221,20 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
     async def detokenize(request):
         req = parse(DetokenizeRequest, await _body(request, settings.max_body))
         if req.model is not None:
-            openai_api._check_model(server, req.model)
+            server.model_named(req.model)
         vocab = server.model.config.vocab_size
         if req.tokens and max(req.tokens) >= vocab:
             raise ApiError(400, f"tokens: id {max(req.tokens)} out of range [0, {vocab})", param="tokens")
         return _json({"prompt": server.model.tokenizer.decode(req.tokens)})
+
+    async def tokenizer_info(request):
+        # vLLM's endpoint, what lm-evaluation-harness's remote tokenizer checks for before it uses /tokenize
+        tok = server.model.tokenizer
+
+        def text(i):
+            return None if i is None else tok.decode([i], skip_special_tokens=False)
+        return _json({"eos_token": text(min(tok.stop_ids, default=None)), "bos_token": text(tok.bos_id),
+                      "pad_token": None, "model_max_length": server.engine.max_context, "vocab_size": tok.vocab_size})
 
     routes = [
         Route("/v1/chat/completions", endpoint("/v1/chat/completions", chat), methods=["POST"]),
@@ -217,6 +243,7 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
         Route("/v1/models/{name:path}", endpoint("/v1/models/{name}", model), methods=["GET"]),
         Route("/tokenize", endpoint("/tokenize", tokenize), methods=["POST"]),
         Route("/detokenize", endpoint("/detokenize", detokenize), methods=["POST"]),
+        Route("/tokenizer_info", endpoint("/tokenizer_info", tokenizer_info), methods=["GET"]),
         Route("/health", endpoint("/health", health, needs_model=False), methods=["GET"]),
         Route("/metrics", endpoint("/metrics", metrics, needs_model=False), methods=["GET"]),
     ]
@@ -243,6 +270,21 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
     return app
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events of an openai_api.Streamed, whose run is cancelled when the response ends, however."""
+
+    def __init__(self, streamed):
+        super().__init__(streamed.chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.streamed = streamed
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.streamed.close()
+
+
 def _check_key(request, key):
     given = request.headers.get("authorization", "")
     scheme, _, token = given.partition(" ")
@@ -253,6 +295,9 @@ def _check_key(request, key):
         raise ApiError(401, "wrong API key", code="invalid_api_key", type_="authentication_error")
 
 
-def _model_card(server):
-    return {"id": server.model_name, "object": "model", "created": 0, "owned_by": "tinyhun",
+def _model_card(server, name):
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "tinyhun",
             "max_model_len": server.engine.max_context}
+    if name != server.model_name:   # an adapter: its base, as vLLM lists a LoRA module
+        card.update(parent=server.model_name, root=str(server.settings.adapters[name]))
+    return card

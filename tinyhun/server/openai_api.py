@@ -45,7 +45,7 @@ class Events:
 class Run:
     """One job: its events, its Output, the counts the usage and the metrics need."""
 
-    def __init__(self, server, ids, req, max_tokens, text_out, logprobs, top_logprobs, prompt_logprobs=None):
+    def __init__(self, server, model, ids, req, max_tokens, text_out, logprobs, top_logprobs, prompt_logprobs=None):
         self.server, self.ids, self.out = server, ids, text_out
         self.started = time.monotonic()
         self.first_token_at = None
@@ -57,9 +57,10 @@ class Run:
                                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
         except TinyhunError as e:
             raise ApiError(400, str(e)) from None
-        self.job = Job(ids, sampler, max_tokens, self.events, req.stops(), logprobs, top_logprobs, prompt_logprobs)
+        self.job = Job(ids, sampler, max_tokens, self.events, req.stops(), logprobs, top_logprobs, prompt_logprobs,
+                       model)
         self.steps, self.prompt_scores = [], None
-        self.finish_reason = None
+        self.finish_reason, self.closed = None, False
 
     def submit(self):
         try:
@@ -91,8 +92,11 @@ class Run:
                 return
 
     def cancel(self):
-        """Called in every case when the run ends: a no-op for a finished job, frees the slot for one still
-        going (the client went away)."""
+        """Called in every case when the run ends (more than once is one call): a no-op for a finished job, frees
+        the slot for one still going (the client went away)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.finish_reason is None:
             self.server.metrics.cancelled.inc()
         self.server.engine.cancel(self.job)
@@ -109,12 +113,6 @@ class Run:
         done = s.completion_tokens if s else 0
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
                 "prompt_tokens_details": {"cached_tokens": s.cached_tokens if s else 0}}
-
-
-def _check_model(server, name):
-    if name != server.model_name:
-        raise ApiError(404, f"model {name!r} not found: this server serves {server.model_name!r} (GET /v1/models)",
-                       param="model", code="model_not_found")
 
 
 def _max_tokens(server, requested, n_prompt, param):
@@ -139,6 +137,19 @@ def _n(req):
         raise ApiError(400, f"n={req.n}: only n=1 is supported (send n requests)", param="n")
 
 
+class Streamed:
+    """A streamed answer: its chunks, and the run they come from, which the response cancels however it ends.
+    The chunks' own `finally` is not enough: a client gone while the response starts (before the chunks are
+    first iterated) would leave a never-started generator, and its job running to max_tokens."""
+
+    def __init__(self, chunks, run=None):
+        self.chunks, self.run = chunks, run
+
+    def close(self):
+        if self.run is not None:
+            self.run.cancel()
+
+
 def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -159,7 +170,7 @@ def _token_entry(tok, token, logprob, top):
 
 
 async def chat(server, req: ChatRequest):
-    _check_model(server, req.model)
+    model = server.model_named(req.model)
     _n(req)
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -169,15 +180,17 @@ async def chat(server, req: ChatRequest):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     prompt = output.chat_prompt(server, messages, req.style, req.think)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": rid, "created": created, "model": server.model_name}
+    head = {"id": rid, "created": created, "model": req.model}
     if prompt.refusal is not None:
         return _refusal(req, head, prompt.refusal, 0)
     ids = tok.encode(prompt.text, add_special_tokens=False)
     max_tokens = _max_tokens(server, req.limit(), len(ids), "max_completion_tokens" if req.max_completion_tokens
                              is not None else "max_tokens")
-    run = Run(server, ids, req, max_tokens, prompt.output(), req.logprobs, req.top_logprobs or 0)
+    run = Run(server, model, ids, req, max_tokens, prompt.output(), req.logprobs, req.top_logprobs or 0)
     run.submit()
-    return _chat_stream(server, run, req, head) if req.stream else await _chat_whole(server, run, req, head)
+    if req.stream:
+        return Streamed(_chat_stream(server, run, req, head), run)
+    return await _chat_whole(server, run, req, head)
 
 
 def _refusal(req, head, text, n_prompt):
@@ -195,7 +208,7 @@ def _refusal(req, head, text, n_prompt):
         if req.stream_options and req.stream_options.include_usage:
             yield _sse({**chunk, "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
-    return chunks()
+    return Streamed(chunks())
 
 
 async def _chat_whole(server, run, req, head):
@@ -292,20 +305,20 @@ class _Legacy:
 
 
 async def completions(server, req: CompletionRequest):
-    _check_model(server, req.model)
+    model = server.model_named(req.model)
     _n(req)
     tok, vocab = server.model.tokenizer, server.model.config.vocab_size
     prompts = req.prompts()
     if req.stream and len(prompts) > 1:
         raise ApiError(400, "prompt: streaming takes one prompt (send one request per prompt)", param="prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": rid, "created": created, "model": server.model_name}
+    head = {"id": rid, "created": created, "model": req.model}
     runs = []
     for p in prompts:
         ids = _prompt_ids(tok, p, vocab)
         max_tokens = _max_tokens(server, req.max_tokens, len(ids), "max_tokens")
         n_top = req.logprobs
-        runs.append((p, Run(server, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
+        runs.append((p, Run(server, model, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
                             n_top if req.echo and n_top is not None else None)))
     submitted = []
     try:
@@ -318,7 +331,7 @@ async def completions(server, req: CompletionRequest):
             run.cancel()
         raise
     if req.stream:
-        return _completion_stream(server, runs[0][1], req, head, runs[0][0])
+        return Streamed(_completion_stream(server, runs[0][1], req, head, runs[0][0]), runs[0][1])
     choices = []
     try:
         for i, (p, run) in enumerate(runs):

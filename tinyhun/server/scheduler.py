@@ -9,6 +9,13 @@ state the single-stream loop uses: a job's Steps do not depend on what else is r
 
 A free slot keeps the tokens it last held: a job goes to the free slot sharing the longest prefix with its prompt,
 so the next turn of a conversation recomputes only what is new.
+
+A job may name its own Model: an adapter over the engine's (adapters.with_adapter: the same base arrays, the same
+config, so its caches are the pool's). A step runs one forward_batch per distinct model among the active slots, in
+the order they first appear: each reads the base weights once for its rows. Per-row adapters inside one forward
+would read them once for all, at the cost of a LoRA kernel that gathers each row's A and B; with a handful of
+adapters in use at once the simple split costs one weight pass per adapter per step. A slot's cached keys belong to
+the model that computed them: a prefix is reused only by a job of the same model.
 """
 import threading
 from collections import deque
@@ -35,6 +42,7 @@ class Job:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: int | None = None   # the top n for every prompt position (legacy echo); None = off
+    model: object = None    # the Model to run (an adapter over the engine's); None: the engine's
     cancelled: bool = False
 
 
@@ -65,6 +73,7 @@ class Engine:
         self.caches = model.new_caches(slots, max_context)
         self.max_context = self.caches[0].max_context
         self._free = list(self.caches)          # engine thread only
+        self._owner = {}                        # engine thread only: slot -> the model its cached keys are of
         self._active = []                       # engine thread only
         self._next = np.zeros((slots, model.config.vocab_size), np.float32)   # each slot's next-token logits
         self._waiting = deque()
@@ -134,11 +143,16 @@ class Engine:
     def _start(self, job):
         if job.cancelled:
             return self._done(job)
-        cache = max(self._free, key=lambda c: _shared(c.tokens, job.ids))
+        job.model = job.model or self.model
+        cache = max(self._free, key=lambda c: _shared(c.tokens, job.ids)
+                    if self._owner.get(c.slot, job.model) is job.model else -1)
         self._free.remove(cache)
+        if self._owner.get(cache.slot) is not job.model:
+            cache.reset()
+            self._owner[cache.slot] = job.model
         try:
             if job.prompt_logprobs is None:
-                logits, reused = prefill(self.model, cache, job.ids)
+                logits, reused = prefill(job.model, cache, job.ids)
             else:
                 logits, reused = self._prefill_scored(cache, job), 0
             self._next[cache.slot] = logits
@@ -163,7 +177,7 @@ class Engine:
         logprobs, top = [], []
         for c in range(0, len(ids), CHUNK):
             part = ids[c:c + CHUNK]
-            rows = self.model.forward(cache, part, out=out[:len(part)])
+            rows = job.model.forward(cache, part, out=out[:len(part)])
             for j in range(len(part)):
                 p = c + j + 1          # the position row j predicts
                 if p < len(ids):
@@ -190,28 +204,33 @@ class Engine:
         return True
 
     def _step(self):
-        """One forward for every active slot's last token, then each slot's next token."""
+        """One forward per model among the active slots for their last tokens, then each slot's next token."""
         running = []
         for r in self._active:
             if r.job.cancelled:
                 self._release(r)
             else:
                 running.append(r)
-        self._active = running
         if not running:
-            return
-        try:
-            logits = self.model.forward_batch([r.cache for r in running], [r.token for r in running])
-        except Exception as e:   # noqa: BLE001
-            for r in running:
-                r.job.emit(e)
-                r.cache.reset()
-                self._release(r)
             self._active = []
             return
-        for r, row in zip(running, logits):
-            self._next[r.cache.slot] = row
-        self._active = [r for r in running if self._sample(r)]
+        groups = {}
+        for r in running:
+            groups.setdefault(id(r.job.model), []).append(r)
+        ok = []
+        for group in groups.values():
+            try:
+                logits = group[0].job.model.forward_batch([r.cache for r in group], [r.token for r in group])
+            except Exception as e:   # noqa: BLE001
+                for r in group:
+                    r.job.emit(e)
+                    r.cache.reset()
+                    self._release(r)
+                continue
+            for r, row in zip(group, logits):   # copied out before the next group's forward reuses the scratch
+                self._next[r.cache.slot] = row
+            ok.extend(group)
+        self._active = [r for r in ok if self._sample(r)]
 
     def _release(self, r):
         self._free.append(r.cache)
