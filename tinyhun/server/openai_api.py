@@ -154,11 +154,6 @@ def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _error_chunks(e):
-    yield _sse(e.body())
-    yield "data: [DONE]\n\n"
-
-
 # ---- chat ----
 
 def _token_entry(tok, token, logprob, top):
