@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tinyhun.kernels import cuda_ref, q4, q8, ref
@@ -143,3 +143,105 @@ def test_attention_rows(T, group, d, split, seed):
     out = dev(np.zeros((T, nh, d), f32))
     cuda_attention.attention_rows(out, dev(q), dev(kc), dev(vc), dev(slots), dev(positions), split=split)
     close(out.copy_to_host(), want)
+
+
+# ---- mixture of experts ----
+
+def moe_layer(rng, fmt, E, H, Ie, shared_width=None):
+    """The stacked host experts (kernels.moe.stack_linears) of a random layer and a shared MLP of width
+    shared_width (None: none)."""
+    from tinyhun.kernels import moe
+    from tinyhun.structs import DenseMLP
+
+    def lin(n, k):
+        return as_linear(FORMATS[fmt]((rng.standard_normal((n, k)) * 0.3).astype(f32)))
+    gate, up, down = (moe.stack_linears([lin(n, k) for _ in range(E)]) for n, k in ((Ie, H), (Ie, H), (H, Ie)))
+    shared = None if shared_width is None else DenseMLP(lin(shared_width, H), lin(shared_width, H),
+                                                        lin(H, shared_width))
+    return gate, up, down, shared
+
+
+def poisoned(ex, e):
+    """Experts with expert e's weights (fp16 values, or INT4 scales) all NaN."""
+    groups = ex.n_experts + ex.shared
+    for w in (ex.gate_up, ex.down):
+        n = cuda_ref.shape(w)[0] // groups
+        (w.w if isinstance(w, cuda_ref.H16) else w.scales)[e * n:(e + 1) * n] = np.nan
+    return ex
+
+
+def device_experts(host):
+    return host._replace(gate_up=device_linear(host.gate_up), down=device_linear(host.down))
+
+
+@settings(max_examples=6, deadline=None)
+@given(T=st.integers(1, 5), E=st.integers(1, 9), kk=st.integers(1, 9), H=st.sampled_from([8, 40]),
+       ties=st.booleans(), seed=st.integers(0, 99))
+@example(T=2, E=5, kk=1, H=8, ties=True, seed=0).via("top-1")
+@example(T=1, E=4, kk=4, H=40, ties=True, seed=1).via("k = E")
+def test_route(T, E, kk, H, ties, seed):
+    """RMSNorm + router + softmax + top-k: x of +-1 with unit norm weights normalizes exactly, router entries in
+    quarters make every logit exact, so the kernel and the reference see the same logits and duplicated router rows
+    tie exactly (the lower index wins)."""
+    from tinyhun.kernels import cuda_moe
+    k = min(kk, E)
+    rng = np.random.default_rng(seed)
+    x = rng.choice(np.array([-1.0, 1.0], f32), (T, H))
+    router = (rng.integers(-4, 5, (E, H)) / 4).astype(f32)
+    if ties:
+        router[rng.integers(0, E, E)] = router[rng.integers(0, E, E)]
+    norm = np.ones(H, f32)
+    ids, w = np.zeros(T * k, np.int64), np.zeros(T * k, f32)
+    cuda_ref.route(ids, w, x, router, norm, 0.0)
+    di, dw = dev(np.zeros(T * k, np.int64)), dev(np.zeros(T * k, f32))
+    cuda_moe.route(di, dw, dev(x), dev(router), dev(norm), 0.0)
+    assert np.array_equal(di.copy_to_host(), ids)
+    np.testing.assert_allclose(dw.copy_to_host(), w, rtol=1e-5)
+
+
+@settings(max_examples=5, deadline=None)
+@given(T=st.integers(5, 40), E=st.integers(1, 6), kk=st.integers(1, 6), shared=st.booleans(), seed=st.integers(0, 99))
+def test_group_rows(T, E, kk, shared, seed):
+    """A prefill's assignments sorted by expert on the device (stable) and its table of BM-row tiles."""
+    from tinyhun.kernels import cuda_moe
+    k = min(kk, E)
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([rng.permutation(E)[:k] for _ in range(T)])
+    groups, width = E + shared, k + shared
+    n = cuda_moe.n_tiles(T, width, groups)
+    order, tiles = np.zeros(T * width, np.int64), np.zeros((n, 3), np.int64)
+    cuda_ref.group_rows(order, tiles, ids, groups, width)
+    do, dt = dev(np.zeros_like(order)), dev(np.full_like(tiles, 7))
+    cuda_moe.group_rows(do, dt, dev(ids), groups, width)
+    assert np.array_equal(do.copy_to_host(), order) and np.array_equal(dt.copy_to_host(), tiles)
+
+
+@pytest.mark.parametrize("fmt, T, shared", [("f16", 1, "stacked"), ("q4", 3, None), ("q4-asym-g64", 1, "apart"),
+                                            ("f16", 6, None), ("q4", 6, "stacked"), ("q4-asym-g64", 7, "stacked")])
+def test_experts(fmt, T, shared):
+    """experts_up then experts_down: decode rows (T <= 4, GEMVs over the picked experts' rows) and a prefill (the
+    rows grouped by expert, tiled GEMMs, the weighted combine); the shared MLP stacked as expert E, or apart (its
+    width differs) and then not in the launch. Expert 1 holds NaN weights and no row picks it: nothing of it may
+    reach the output."""
+    from tinyhun.kernels import cuda_moe
+    rng = np.random.default_rng(5)
+    E, k, H, Ie = 4, 2, (64 if fmt == "q4-asym-g64" else 32), 64
+    layer = moe_layer(rng, fmt, E, H, Ie, {"stacked": Ie, "apart": 2 * Ie, None: None}[shared])
+    host, apart = cuda_ref.experts_of(*layer[:3], k, layer[3])
+    poisoned(host, 1)
+    assert host.shared == (shared == "stacked") and (apart is not None) == (shared == "apart")
+    ids = np.concatenate([rng.choice([0, 2, 3], k, replace=False) for _ in range(T)])
+    weights = rng.dirichlet(np.ones(k), T).astype(f32).reshape(-1)
+    x, resid = rng.standard_normal((2, T, H)).astype(f32)
+    norm = (1 + 0.1 * rng.standard_normal(H)).astype(f32)
+    kk = k + host.shared
+    h = cuda_ref.experts_up(np.zeros((T * kk, Ie), f32), x, host, ids, norm, 1e-5)
+    want = cuda_ref.experts_down(np.zeros((T, H), f32), h, host, ids, weights, resid)
+    assert np.isfinite(want).all()
+    ex = device_experts(host)
+    sc = cuda_moe.MoEScratch(__import__("numba").cuda, T, H, k, kk, Ie, E + host.shared)
+    dids, dw, dh, dx = dev(ids), dev(weights), dev(np.zeros((T * kk, Ie), f32)), dev(resid)
+    cuda_moe.experts_up(dh, dev(x), ex, dids, dev(norm), 1e-5, sc)
+    close(dh.copy_to_host(), h)
+    cuda_moe.experts_down(dx, dh, ex, dids, dw, dx, sc)   # the residual add in place, as the backend runs it
+    close(dx.copy_to_host(), want)
