@@ -57,9 +57,14 @@ def test_stack_concatenates_and_interleaves():
     assert isinstance(mixed, cuda_ref.H16) and mixed.w.shape == (24, 64)
 
 
-@pytest.mark.parametrize("fmt", ["f16", "q4", "q4-asym-g64"])
-@pytest.mark.parametrize("T, rpw", [(1, 1), (3, 8), (6, None)])   # GEMV rows per warp; T = 6: the GEMM
-@pytest.mark.parametrize("epilogue", ["plain", "norm+resid", "norm+pairs"])
+# every format with every row path (T, GEMV rows per warp; T = 6: the GEMM) and every epilogue, each pair of the
+# three once (a Latin square: the format's dot, the row path and the epilogue are independent branches)
+LINEAR_CASES = [(fmt, *rows, epi) for i, fmt in enumerate(["f16", "q4", "q4-asym-g64"])
+                for j, rows in enumerate([(1, 1), (3, 8), (6, None)])
+                for epi in [["plain", "norm+resid", "norm+pairs"][(i + j) % 3]]]
+
+
+@pytest.mark.parametrize("fmt, T, rpw, epilogue", LINEAR_CASES)
 def test_linear(fmt, T, rpw, epilogue):
     from tinyhun.kernels import cuda_linear
     rng = np.random.default_rng(2)
@@ -174,8 +179,8 @@ def device_experts(host):
     return host._replace(gate_up=device_linear(host.gate_up), down=device_linear(host.down))
 
 
-@settings(max_examples=6, deadline=None)
-@given(T=st.integers(1, 5), E=st.integers(1, 9), kk=st.integers(1, 9), H=st.sampled_from([8, 40]),
+@settings(max_examples=3, deadline=None)
+@given(T=st.integers(1, 4), E=st.integers(1, 9), kk=st.integers(1, 9), H=st.sampled_from([8, 40]),
        ties=st.booleans(), seed=st.integers(0, 99))
 @example(T=2, E=5, kk=1, H=8, ties=True, seed=0).via("top-1")
 @example(T=1, E=4, kk=4, H=40, ties=True, seed=1).via("k = E")
@@ -216,8 +221,8 @@ def test_group_rows(T, E, kk, shared, seed):
     assert np.array_equal(do.copy_to_host(), order) and np.array_equal(dt.copy_to_host(), tiles)
 
 
-@pytest.mark.parametrize("fmt, T, shared", [("f16", 1, "stacked"), ("q4", 3, None), ("q4-asym-g64", 1, "apart"),
-                                            ("f16", 6, None), ("q4", 6, "stacked"), ("q4-asym-g64", 7, "stacked")])
+@pytest.mark.parametrize("fmt, T, shared", [("f16", 1, "stacked"), ("q4", 3, "apart"), ("q4-asym-g64", 6, None),
+                                            ("f16", 7, "stacked")])
 def test_experts(fmt, T, shared):
     """experts_up then experts_down: decode rows (T <= 4, GEMVs over the picked experts' rows) and a prefill (the
     rows grouped by expert, tiled GEMMs, the weighted combine); the shared MLP stacked as expert E, or apart (its
@@ -225,7 +230,7 @@ def test_experts(fmt, T, shared):
     reach the output."""
     from tinyhun.kernels import cuda_moe
     rng = np.random.default_rng(5)
-    E, k, H, Ie = 4, 2, (64 if fmt == "q4-asym-g64" else 32), 64
+    E, k, H, Ie = 4, 2, (64 if fmt == "q4-asym-g64" else 32), (64 if fmt == "q4-asym-g64" else 32)
     layer = moe_layer(rng, fmt, E, H, Ie, {"stacked": Ie, "apart": 2 * Ie, None: None}[shared])
     host, apart = cuda_ref.experts_of(*layer[:3], k, layer[3])
     poisoned(host, 1)
