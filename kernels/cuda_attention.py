@@ -102,12 +102,12 @@ def _attention(nh, nkv, d, split, splits):
         for r in range(0, max(0, end - start), AW * PW):   # the same trip count for every warp of the block
             first = start + r + warp * PW
             for j in range(PW):
-                pp = min(first + j, end - 1)
                 s = float32(0.0)
-                for i in range(DPL):
-                    dd = lane + WARP * i
-                    if dd < d:
-                        s += qr[i] * kc[sl, kvh, pp, dd]
+                if first + j < end:   # a warp past the split's end only joins the sums
+                    for i in range(DPL):
+                        dd = lane + WARP * i
+                        if dd < d:
+                            s += qr[i] * kc[sl, kvh, first + j, dd]
                 sc[j] = s
             warp_allsums(sc, PW, red, tid)
             mn = m

@@ -211,6 +211,7 @@ def _gemm(fmt, K, has_norm, mode, sym, group, moe=DENSE):
         acc01 = float32(0.0)
         acc10 = float32(0.0)
         acc11 = float32(0.0)
+        live = src[2 * ty] >= 0 and n0 + 2 * tx < n_rows   # outputs past the rows (a short tile's) skip the products
         for k0 in range(0, K, BK):
             for q in range(4):
                 idx = tid + 256 * q
@@ -225,13 +226,14 @@ def _gemm(fmt, K, has_norm, mode, sym, group, moe=DENSE):
                     v = element(a, b, c, base + n0 + r, col)
                 wa[r, kd] = v
             cuda.syncthreads()
-            for kd in range(BK):
-                x0, x1 = xa[2 * ty, kd], xa[2 * ty + 1, kd]
-                w0, w1 = wa[2 * tx, kd], wa[2 * tx + 1, kd]
-                acc00 += x0 * w0
-                acc01 += x0 * w1
-                acc10 += x1 * w0
-                acc11 += x1 * w1
+            if live:
+                for kd in range(BK):
+                    x0, x1 = xa[2 * ty, kd], xa[2 * ty + 1, kd]
+                    w0, w1 = wa[2 * tx, kd], wa[2 * tx + 1, kd]
+                    acc00 += x0 * w0
+                    acc01 += x0 * w1
+                    acc10 += x1 * w0
+                    acc11 += x1 * w1
             cuda.syncthreads()
         n = n0 + 2 * tx
         for q in range(2):

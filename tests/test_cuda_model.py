@@ -23,7 +23,7 @@ from tinyhun.structs import Attention, DenseMLP, Layer, MoEMLP, Weights
 pytestmark = pytest.mark.skipif(os.environ.get("TINYHUN_CUDA_TESTS") != "1",
                                 reason="run by test_cuda_sim.py (simulator subprocess) or bench/gpu_check.py")
 f32 = np.float32
-V, H, I, L, NH, NKV, D = 32, 32, 32, 2, 2, 1, 16   # tiny: the simulator runs a thread as a Python thread
+V, H, I, NH, NKV, D = 32, 32, 32, 2, 1, 16   # tiny: the simulator runs a thread as a Python thread
 
 
 # mixture-of-experts layers (E experts of width Ie, top k, shared MLPs): layer 0 top-1 of 4 with the shared MLP
@@ -32,15 +32,16 @@ MOE = dict(num_experts=(4, 3), moe_topk=(1, 3), moe_intermediate_size=(I, 64), n
 COUNTING = np.zeros(1, np.bool_)   # the MoE layers' routing-statistics switch
 
 
-def config(family):
+def config(family, layers):
     extra = MOE if family is hunyuan_v1_moe else {}
     return family.Config(model_type=family.MODEL_TYPE, vocab_size=V, hidden_size=H, intermediate_size=I,
-                         num_layers=L, num_heads=NH, num_kv_heads=NKV, head_dim=D, rms_norm_eps=1e-5,
+                         num_layers=layers, num_heads=NH, num_kv_heads=NKV, head_dim=D, rms_norm_eps=1e-5,
                          rope_base=10000.0, max_position_embeddings=32, tie_word_embeddings=True, **extra)
 
 
 def weights(rng, qk_norm, fmts, moe=None):
-    """Random weights, layer i's matrices in format fmts[i] (the embedding in fmts[0]): f32, q4 or q4-asym."""
+    """Random weights of len(fmts) layers, layer i's matrices in format fmts[i] (the embedding in fmts[0]): f32,
+    q4 or q4-asym."""
     def mat(n, k, fmt=None):
         fmt = fmt or fmts[i]
         w = (rng.standard_normal((n, k)) * 0.2).astype(f32)
@@ -59,7 +60,7 @@ def weights(rng, qk_norm, fmts, moe=None):
                       np.zeros(E, np.int64), COUNTING)
     none = np.zeros(0, f32)
     layers = []
-    for i in range(L):
+    for i in range(len(fmts)):
         layers.append(Layer(norm(H), Attention(mat(NH * D, H), mat(NKV * D, H), mat(NKV * D, H), mat(H, NH * D),
                                                norm(D) if qk_norm else none, norm(D) if qk_norm else none),
                             norm(H), mlp(i)))
@@ -104,13 +105,12 @@ def assert_close(got, ref, rel):
 
 # launches of a decode step: embed; per layer four for attention (five with its split's merge), two for a dense
 # MLP, three for a mixture of experts plus two for a shared MLP kept apart; the norm + lm_head
-LAUNCHES = {llama: 1 + 2 * (4 + 2) + 1, hunyuan_v1_moe: 1 + (5 + 3) + (5 + 5) + 1}
+LAUNCHES = {llama: 1 + (4 + 2) + 1, hunyuan_v1_moe: 1 + (5 + 3) + (5 + 5) + 1}
 
 
-@pytest.mark.parametrize("family, fmts, split", [(llama, ("q4-asym",) * L, None),
-                                                 (hunyuan_v1_moe, ("f32", "q4"), 8)])
+@pytest.mark.parametrize("family, fmts, split", [(llama, ("q4-asym",), None), (hunyuan_v1_moe, ("f32", "q4"), 8)])
 def test_cuda_model_equals_cpu(family, fmts, split, monkeypatch):
-    """Llama: INT4 asymmetric, no QK-norm, dense MLPs. Hunyuan MoE (QK-norm): layer 0 fp16, top-1 of 4 experts with
+    """Llama: one layer, INT4 asymmetric, no QK-norm, a dense MLP. Hunyuan MoE (QK-norm): layer 0 fp16, top-1 of 4 experts with
     the shared MLP stacked among them; layer 1 INT4, k = E = 3 with the shared MLP apart (another width); split=8:
     caches of 16 positions split attention along the sequence (two splits and their merge). The mixture of experts
     counts its routing (tinyhun.moe_stats) on both paths: the same experts are picked."""
@@ -119,7 +119,7 @@ def test_cuda_model_equals_cpu(family, fmts, split, monkeypatch):
     if split:
         monkeypatch.setattr(cuda_attention, "SPLIT", split)
     rng = np.random.default_rng(3)
-    cfg = config(family)
+    cfg = config(family, len(fmts))
     w = weights(rng, family is not llama, fmts, MOE if family is hunyuan_v1_moe else None)
     COUNTING[0] = family is hunyuan_v1_moe
     try:
