@@ -46,8 +46,8 @@ def main():
     wide = cuda_ref.device_format(as_linear(np.zeros((cuda_linear.WIDE, K), f32)))   # several rows per warp
     cuda_linear.linear(np.zeros((1, cuda_linear.WIDE), f32), np.zeros((1, K), f32), wide, norm=np.ones(K, f32))
     B, nh, nkv, d, S = 2, 16, 8, 128, 64
-    for T, norm in ((1, True), (5, False)):
-        idx, cache, cos = np.zeros(T, np.int64), np.zeros((B, nkv, S, d), f32), np.zeros((S, d // 2), f32)
+    for (T, norm), kv in itertools.product(((1, True), (5, False)), (np.float16, f32)):   # the backend's cache: fp16
+        idx, cache, cos = np.zeros(T, np.int64), np.zeros((B, nkv, S, d), kv), np.zeros((S, d // 2), f32)
         n = np.ones(d, f32) if norm else np.zeros(0, f32)
         cuda_attention.rope_qk_store(np.zeros((T, nh, d), f32), np.zeros((T, (nh + 2 * nkv) * d), f32), cache,
                                      cache, cos, cos, idx, idx, n, n, 1e-5)

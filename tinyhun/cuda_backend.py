@@ -2,7 +2,7 @@
 
 At load (`prepare`) the weights go to the device once: float and INT8 matrices as fp16, INT4 kept INT4 in the
 row layout of kernels.cuda_ref.R4; q, k and v become one matrix (one GEMV), gate and up one matrix with their rows
-interleaved (the GEMV writes silu(gate) * up). The KV pool, the activation buffers and the RoPE tables live on the
+interleaved (the GEMV writes silu(gate) * up). The KV pool (fp16), the activation buffers and the RoPE tables live on the
 device; per forward only the token ids, slots and positions go up and the logits rows come down.
 
 A decoder layer is six launches (seven when the cache is long enough to split attention along the sequence):
@@ -10,7 +10,8 @@ A decoder layer is six launches (seven when the cache is long enough to split at
   5 RMSNorm + gate/up GEMV + SiLU * up                 6 down GEMV + residual add
 A mixture of experts (kernels.cuda_moe) replaces 5 and 6 by three launches when decoding: 5 RMSNorm + router +
 top-k, 6 the picked experts' gate/up GEMVs (the shared MLP among them when it has their width and format), 7 their
-downs weighted + residual add; a prefill groups its rows by expert (8, 9 with the sort and the weighted combine).
+downs weighted + residual add; a prefill adds two, the sort grouping its rows by expert before the gate/up GEMM
+and the weighted combine after the down GEMM.
 A shared MLP of another width or format runs beside them as the dense MLP's two launches.
 """
 import threading
@@ -23,6 +24,7 @@ from .errors import TinyhunError
 from .structs import DenseMLP, MoEMLP, Rows, weight_arrays
 
 MAX_SPLITS = 16   # attention splits per row at most: a longer cache gets longer splits
+KV_DTYPE = np.float16   # the device KV cache's
 
 
 def require_cuda():
@@ -165,7 +167,9 @@ class CudaBackend(NumpyBackend):
         return self.k_common.LAUNCHES[0]
 
     def zeros(self, shape, dtype):
-        return self.cuda.to_device(np.zeros(shape, dtype))
+        """The KV pool's allocator (its only caller): keys and values are held in fp16 on the device, half the
+        bytes attention reads, rounded once as they are stored."""
+        return self.cuda.to_device(np.zeros(shape, KV_DTYPE if dtype == np.float32 else dtype))
 
     def scratch(self, cfg, rows):
         return DeviceScratch(self.cuda, cfg, rows)
