@@ -14,8 +14,8 @@ import pytest
 
 from tinyhun.backend import NumpyBackend
 from tinyhun.families import hunyuan_v1_moe, llama
-from tinyhun.kernels import q4
-from tinyhun.kernels.linear import F32, as_linear
+from tinyhun.kernels import q4, q8
+from tinyhun.kernels.linear import F32, Q4, Q8, as_linear
 from tinyhun.kernels.moe import expert, stack_linears
 from tinyhun.model import Model
 from tinyhun.structs import Attention, DenseMLP, Layer, MoEMLP, Weights
@@ -72,9 +72,11 @@ def as_device_sees(w):
     """The weights as the device multiplies by them, as F32 (fp16-rounded floats, dequantized INT4)."""
     if isinstance(w, F32):
         return F32(w.w.astype(np.float16).astype(f32))
-    if hasattr(w, "packed") and w.packed.ndim == 4:   # stacked experts
+    if isinstance(w, Q8):   # the device holds INT8 matrices as fp16
+        return F32(q8.dequantize_q8(w.weight()).astype(np.float16).astype(f32))
+    if isinstance(w, Q4) and w.packed.ndim == 4:   # stacked experts
         return F32(np.stack([q4.dequantize_q4(expert(w, e).weight()) for e in range(len(w.packed))]))
-    if hasattr(w, "packed"):
+    if isinstance(w, Q4):
         return F32(q4.dequantize_q4(w.weight()))
     if isinstance(w, MoEMLP):   # the router stays fp32 on the device
         return w._replace(**{f: as_device_sees(getattr(w, f)) for f in ("gate", "up", "down", "shared")})
