@@ -19,7 +19,8 @@ from .cuda_common import SHUFFLE, WARP, block_sum, launch, warp_sum
 from .cuda_linear import BM, DOWN, GEMV_ROWS, UP, dispatch, no_routing
 from .cuda_ref import shape
 
-ROUTER_WARPS = 4 if SHUFFLE else 1   # experts scored at once per row; one warp under the simulator (its cost is threads)
+# experts scored at once per row; one warp under the simulator (its cost is its threads)
+ROUTER_WARPS = 4 if SHUFFLE else 1
 
 
 def n_tiles(T, kk, groups):

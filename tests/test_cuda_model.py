@@ -119,10 +119,10 @@ LAUNCHES = {llama: 1 + (4 + 2) + 1, hunyuan_v1_moe: 1 + (5 + 3) + (5 + 5) + 1}
 
 @pytest.mark.parametrize("family, fmts, split", [(llama, ("q4-asym",), None), (hunyuan_v1_moe, ("f32", "q4"), 8)])
 def test_cuda_model_equals_cpu(family, fmts, split, monkeypatch):
-    """Llama: one layer, INT4 asymmetric, no QK-norm, a dense MLP. Hunyuan MoE (QK-norm): layer 0 fp16, top-1 of 4 experts with
-    the shared MLP stacked among them; layer 1 INT4, k = E = 3 with the shared MLP apart (another width); split=8:
-    caches of 16 positions split attention along the sequence (two splits and their merge). The mixture of experts
-    counts its routing (tinyhun.moe_stats) on both paths: the same experts are picked."""
+    """Llama: one layer, INT4 asymmetric, no QK-norm, a dense MLP. Hunyuan MoE (QK-norm): layer 0 fp16, top-1 of 4
+    experts with the shared MLP stacked among them; layer 1 INT4, k = E = 3 with the shared MLP apart (another
+    width); split=8: caches of 16 positions split attention along the sequence (two splits and their merge). The
+    mixture of experts counts its routing (tinyhun.moe_stats) on both paths: the same experts are picked."""
     from tinyhun.cuda_backend import CudaBackend
     from tinyhun.kernels import cuda_attention
     if split:

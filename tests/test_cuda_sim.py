@@ -23,8 +23,9 @@ def run_simulated(*args, timeout=900):
 
 @pytest.mark.slow
 def test_cuda_kernels_model_and_gpu_check_under_the_simulator(tmp_path):
+    files = ("test_cuda_kernels.py", "test_cuda_model.py", "test_cuda_gpu_check.py")
     r = run_simulated("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--basetemp", str(tmp_path),
-                      *(str(HERE / f) for f in ("test_cuda_kernels.py", "test_cuda_model.py", "test_cuda_gpu_check.py")))
+                      *(str(HERE / f) for f in files))
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
 

@@ -2,8 +2,8 @@
 
 At load (`prepare`) the weights go to the device once: float and INT8 matrices as fp16, INT4 kept INT4 in the
 row layout of kernels.cuda_ref.R4; q, k and v become one matrix (one GEMV), gate and up one matrix with their rows
-interleaved (the GEMV writes silu(gate) * up). The KV pool (fp16), the activation buffers and the RoPE tables live on the
-device; per forward only the token ids, slots and positions go up and the logits rows come down.
+interleaved (the GEMV writes silu(gate) * up). The KV pool (fp16), the activation buffers and the RoPE tables live
+on the device; per forward only the token ids, slots and positions go up and the logits rows come down.
 
 A decoder layer is six launches (seven when the cache is long enough to split attention along the sequence):
   1 RMSNorm + QKV GEMV   2 RoPE + QK-norm + KV store   3 attention   4 o_proj GEMV + residual add
