@@ -11,7 +11,7 @@ import numba.cuda.dispatcher
 import numpy as np
 from numba import cuda
 
-from tinyhun.kernels import cuda_attention, cuda_common, cuda_linear, cuda_ref, q4
+from tinyhun.kernels import cuda_attention, cuda_common, cuda_linear, cuda_moe, cuda_ref, moe, q4
 from tinyhun.kernels.linear import as_linear
 
 
@@ -30,7 +30,8 @@ def main():
             done.add((kern, sig))
             ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
             print(f"ok {kern.py_func.__name__} grid {grid} block {block}: {len(ptx)} chars of PTX")
-    cuda_linear.launch = cuda_attention.launch = compile_launch
+    cuda_linear.launch = cuda_attention.launch = cuda_moe.launch = compile_launch
+    cuda_linear.no_routing = cuda_moe.no_routing = lambda: (np.zeros((1, 3), np.int64), np.zeros(1, np.float32))
     f32 = np.float32
     N, K = 64, 128
     w = np.random.default_rng(0).standard_normal((N, K)).astype(f32)
@@ -45,15 +46,43 @@ def main():
     wide = cuda_ref.device_format(as_linear(np.zeros((cuda_linear.WIDE, K), f32)))   # several rows per warp
     cuda_linear.linear(np.zeros((1, cuda_linear.WIDE), f32), np.zeros((1, K), f32), wide, norm=np.ones(K, f32))
     B, nh, nkv, d, S = 2, 16, 8, 128, 64
-    for T, norm in ((1, True), (5, False)):
-        idx, cache, cos = np.zeros(T, np.int64), np.zeros((B, nkv, S, d), f32), np.zeros((S, d // 2), f32)
+    for (T, norm), kv in itertools.product(((1, True), (5, False)), (np.float16, f32)):   # the backend's cache: fp16
+        idx, cache, cos = np.zeros(T, np.int64), np.zeros((B, nkv, S, d), kv), np.zeros((S, d // 2), f32)
         n = np.ones(d, f32) if norm else np.zeros(0, f32)
         cuda_attention.rope_qk_store(np.zeros((T, nh, d), f32), np.zeros((T, (nh + 2 * nkv) * d), f32), cache,
                                      cache, cos, cos, idx, idx, n, n, 1e-5)
         for split in (256, 16):
             cuda_attention.attention_rows(np.zeros((T, nh, d), f32), np.zeros((T, nh, d), f32), cache, cache, idx,
                                           idx, split=split, partials=np.zeros(T * nh * 4 * (d + 2), f32))
+    moe_variants(f32)
     print(f"{len(done)} kernels compiled to PTX for sm_90")
+
+
+def moe_variants(f32):
+    """The router, the grouping sort and combine, the experts' GEMVs (decode) and grouped GEMMs (prefill) in each
+    device format, with the shared MLP stacked and without."""
+    from tinyhun.structs import DenseMLP
+    E, k, H, Ie = 8, 2, 128, 64
+    rng = np.random.default_rng(1)
+    for quant, shared in itertools.product([None, (32, True), (64, False)], (False, True)):
+        def lin(n, kd):
+            w = rng.standard_normal((n, kd)).astype(f32)
+            return as_linear(w if quant is None else q4.quantize_q4(w, *quant))
+        gate, up, down = (moe.stack_linears([lin(n, kd) for _ in range(E)]) for n, kd in ((Ie, H), (Ie, H), (H, Ie)))
+        ex, _ = cuda_ref.experts_of(gate, up, down, k, DenseMLP(lin(Ie, H), lin(Ie, H), lin(H, Ie)) if shared else None)
+        kk = k + ex.shared
+        for T in (1, 6):
+            sc = cuda_moe.MoEScratch(_HostArrays, T, H, k, kk, Ie, E + ex.shared)
+            ids, weights, x = np.zeros(T * k, np.int64), np.zeros(T * k, f32), np.zeros((T, H), f32)
+            cuda_moe.route(ids, weights, x, np.zeros((E, H), f32), np.ones(H, f32), 1e-5)
+            h = np.zeros((T * kk, Ie), f32)
+            cuda_moe.experts_up(h, x, ex, ids, np.ones(H, f32), 1e-5, sc)
+            cuda_moe.experts_down(x, h, ex, ids, weights, x, sc)
+
+
+class _HostArrays:
+    """numba.cuda's allocators as host arrays: the PTX check only types the arguments."""
+    device_array = staticmethod(np.zeros)
 
 
 if __name__ == "__main__":

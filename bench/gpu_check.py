@@ -2,9 +2,11 @@
 
 Writes OUTDIR/results.json and OUTDIR/report.md (atomically: the folder appears complete or not at all):
   1. the CUDA kernel and model tests on this GPU (tests/test_cuda_kernels.py, tests/test_cuda_model.py);
-  2. logits through device "cuda" vs the CPU on the tiny checkpoint (fp32 and INT4) and SmolLM2 when it is here;
+  2. logits through device "cuda" vs the CPU on the tiny checkpoints, dense and mixture of experts (fp32 and
+     INT4), and SmolLM2 when it is here;
   3. prefill and decode tok/s for the Hunyuan-0.5B shape (random weights, fp16 and INT4), launches per token,
-     against transformers bf16 (eager and sdpa) on the same GPU in the same run when torch has CUDA;
+     against transformers bf16 (eager and sdpa) on the same GPU in the same run when torch has CUDA; the same
+     for a mixture of experts of that width (MOE_SHAPE), with its decode GB/s over the bytes a token reads;
   4. INT4 GEMV GB/s against a device-to-device copy measured in the same run.
 --tiny: tiny shapes and no test subprocess, so the whole script runs under Numba's CUDA simulator (the CI test).
 """
@@ -21,8 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = Path.home() / ".cache" / "tinyhun" / "models" / "SmolLM2-135M-Instruct"
 HUNYUAN_05B = dict(vocab_size=120818, hidden_size=1024, intermediate_size=3584, num_layers=24, num_heads=16,
                    num_kv_heads=8, head_dim=128)
+# a mixture of experts of the 0.5B model's attention: 16 experts of half its MLP width, top 2, a shared MLP of their
+# width (stacked with them: four of the 17 expert MLPs' weights read per token)
+MOE_SHAPE = dict(HUNYUAN_05B, intermediate_size=1792, num_experts=16, moe_topk=2, moe_intermediate_size=1792,
+                 num_shared_expert=1)
 TINY_SHAPE = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                   head_dim=16)
+TINY_MOE = dict(TINY_SHAPE, num_experts=3, moe_topk=2, moe_intermediate_size=32, num_shared_expert=1)
 
 
 def kernel_tests():
@@ -34,10 +41,40 @@ def kernel_tests():
     return {"ok": r.returncode == 0, "tail": (r.stdout + r.stderr)[-3000:]}
 
 
-def compare_logits(path, cpu_kernels, rel, n):
-    """max |Δlogit| / max |logit| of device cuda vs the CPU over n tokens, and greedy agreement."""
+def device_view(w):
+    """Host weights -> F32 weights of what the device multiplies by (floats and INT8 as fp16, INT4 dequantized)."""
+    from tinyhun.kernels import cuda_ref, moe
+    from tinyhun.kernels.linear import F32, Q4, Q8
+    from tinyhun.structs import MoEMLP
+
+    def seen(lin):
+        return F32(cuda_ref.dense(cuda_ref.device_format(lin)))
+    if isinstance(w, (F32, Q4, Q8)):
+        return seen(w)
+    if isinstance(w, MoEMLP):   # stacked experts, viewed one by one; the router stays fp32
+        return w._replace(shared=device_view(w.shared), **{
+            f: F32(np.stack([seen(moe.expert(getattr(w, f), e)).w for e in range(len(w.router))]))
+            for f in ("gate", "up", "down")})
+    if isinstance(w, tuple):
+        parts = [device_view(v) for v in w]
+        return type(w)(*parts) if hasattr(w, "_fields") else tuple(parts)
+    return w
+
+
+def compare_logits(path, cpu_kernels, rel, n, exact=False):
+    """max |Δlogit| / max |logit| of device cuda vs the CPU over n tokens, and greedy agreement. exact: the CPU
+    (NumPy reference, fp16 KV cache as on the device) runs the weights as the device sees them, for a model whose
+    routing the CPU's int8 activation rounding would change (an INT4 mixture of experts)."""
     import tinyhun
-    cpu = tinyhun.load(path, kernels=cpu_kernels, max_context=n)
+    from tinyhun.backend import NumpyBackend
+    from tinyhun.model import Model
+
+    class HalfKV(NumpyBackend):
+        def zeros(self, shape, dtype):
+            return np.zeros(shape, np.float16)
+    cpu = tinyhun.load(path, kernels="numpy" if exact else cpu_kernels, max_context=n)
+    if exact:
+        cpu = Model(cpu.config, device_view(cpu.weights), backend=HalfKV(), max_context=n)
     gpu = tinyhun.load(path, device="cuda", max_context=n)
     ids = np.random.default_rng(0).integers(0, cpu.config.vocab_size, n)
     a, b = cpu.logits(ids), gpu.logits(ids)
@@ -46,34 +83,42 @@ def compare_logits(path, cpu_kernels, rel, n):
             "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).mean())}
 
 
-def tiny_checkpoint(folder, shape):
-    """A Hunyuan-dense checkpoint folder of `shape` with random weights (the tiny checkpoint's config otherwise):
-    --tiny's stand-in for weights/tiny-hunyuan, small enough for the simulator."""
-    from tinyhun.families import config_from_dict, hunyuan_v1_dense
+def tiny_checkpoint(folder, shape, like):
+    """A checkpoint folder of `shape` with random weights, the config of weights/`like` otherwise: --tiny's
+    stand-in for weights/tiny-hunyuan (or tiny-hunyuan-moe), small enough for the simulator."""
+    from tinyhun.families import config_from_dict, family_of
     from tinyhun.folders import write_checkpoint
     names = dict(num_layers="num_hidden_layers", num_heads="num_attention_heads",
                  num_kv_heads="num_key_value_heads")
-    d = json.loads((ROOT / "weights" / "tiny-hunyuan" / "config.json").read_text())
+    d = json.loads((ROOT / "weights" / like / "config.json").read_text())
     d.update({names.get(k, k): v for k, v in shape.items()}, bos_token_id=0, eod_token_id=1, eos_token_id=2,
              pad_token_id=3)
+    cfg = config_from_dict(d)
     rng = np.random.default_rng(2)
     tensors = {name: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.2 * rng.standard_normal(s))
-               .astype(np.float32) for name, s in hunyuan_v1_dense.checkpoint_shapes(config_from_dict(d)).items()}
+               .astype(np.float32) for name, s in family_of(cfg).checkpoint_shapes(cfg).items()}
     Path(folder).mkdir(parents=True)
     write_checkpoint(folder, tensors, d)
     return Path(folder)
 
 
 def random_model(shape, fmt, backend, max_context):
-    """A Hunyuan-dense model of `shape` with random weights as fp32 (the device makes them fp16) or INT4."""
-    from tinyhun.families import hunyuan_v1_dense as fam
+    """A Hunyuan model of `shape` (dense, or a mixture of experts when it has num_experts) with random weights as
+    fp32 (the device makes them fp16) or INT4."""
+    from tinyhun.families import hunyuan_v1_dense, hunyuan_v1_moe
     from tinyhun.kernels import q4
     from tinyhun.kernels.linear import as_linear
+    from tinyhun.kernels.moe import stack_linears
     from tinyhun.model import Model
-    from tinyhun.structs import Attention, DenseMLP, Layer, Weights
+    from tinyhun.structs import Attention, DenseMLP, Layer, MoEMLP, Weights
     rng = np.random.default_rng(0)
+    moe = "num_experts" in shape
+    fam = hunyuan_v1_moe if moe else hunyuan_v1_dense
+    L = shape["num_layers"]
+    per_layer = {k: (shape[k],) * L for k in ("num_experts", "moe_topk", "moe_intermediate_size",
+                                              "num_shared_expert") if moe}
     cfg = fam.Config(model_type=fam.MODEL_TYPE, rms_norm_eps=1e-6, rope_base=1e6, max_position_embeddings=4096,
-                     tie_word_embeddings=True, **shape)
+                     tie_word_embeddings=True, **{**shape, **per_layer})
     H, I, d, nh, nkv = (shape[k] for k in ("hidden_size", "intermediate_size", "head_dim", "num_heads",
                                            "num_kv_heads"))
 
@@ -83,9 +128,18 @@ def random_model(shape, fmt, backend, max_context):
 
     def norm(n):
         return np.ones(n, np.float32)
+
+    def mlp():
+        dense = DenseMLP(mat(I, H), mat(I, H), mat(H, I))
+        if not moe:
+            return dense
+        E, Ie = shape["num_experts"], shape["moe_intermediate_size"]
+        gate, up, down = (stack_linears([mat(n, k) for _ in range(E)]) for n, k in ((Ie, H), (Ie, H), (H, Ie)))
+        return MoEMLP(rng.standard_normal((E, H), np.float32), gate, up, down, dense, bool(shape["num_shared_expert"]),
+                      shape["moe_topk"], Ie, np.zeros(E, np.int64), np.zeros(1, np.bool_))
     layers = tuple(Layer(norm(H), Attention(mat(nh * d, H), mat(nkv * d, H), mat(nkv * d, H), mat(H, nh * d),
-                                            norm(d), norm(d)), norm(H), DenseMLP(mat(I, H), mat(I, H), mat(H, I)))
-                   for _ in range(cfg.num_layers))
+                                            norm(d), norm(d)), norm(H), mlp())
+                   for _ in range(L))
     embed = mat(cfg.vocab_size, H)
     return Model(cfg, Weights(embed, layers, norm(H), embed), backend=backend, max_context=max_context)
 
@@ -95,13 +149,19 @@ def tinyhun_speed(shape, fmt, prompt, gen, reps):
     from tinyhun.cuda_backend import CudaBackend
     backend = CudaBackend()
     model = random_model(shape, fmt, backend, prompt + gen + 2)
-    r = bench(model, prompt_tokens=prompt, gen_tokens=gen, repetitions=reps, warmup=1 if reps > 1 else 0)
-    cache = model.new_cache()
-    model.forward(cache, np.array([1]))
+    warmup = 1 if reps > 1 else 0
     before = backend.launches
-    model.forward(cache, np.array([2]))
-    r["launches_per_token"] = backend.launches - before
+    r = bench(model, prompt_tokens=prompt, gen_tokens=gen, repetitions=reps, warmup=warmup)
+    if prompt == 1:   # (--tiny) every forward of the bench is one token's, as a decode step is
+        r["launches_per_token"] = (backend.launches - before) // ((1 + gen) * (warmup + reps))
+    else:
+        cache = model.new_cache()
+        model.forward(cache, np.array([1]))
+        before = backend.launches
+        model.forward(cache, np.array([2]))
+        r["launches_per_token"] = backend.launches - before
     r["weight_gb"] = model.weights.nbytes / 1e9
+    r["decode_gb_s"] = model.weights.decode_bytes * r["decode_tok_s"] / 1e9   # bytes a token reads x tokens/s
     return r
 
 
@@ -177,6 +237,7 @@ def report(res):
                      f"{r['argmax_agree']:.2f} -> {'ok' if r['ok'] else 'FAIL'}")
     for name, r in {**res["decode"], **res.get("transformers", {})}.items():
         extra = f", {r['launches_per_token']} launches/token" if "launches_per_token" in r else ""
+        extra += f", decode {r['decode_gb_s']:.1f} GB/s of weights read" if "decode_gb_s" in r else ""
         lines.append(f"- {name}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.1f} tok/s{extra}")
     for name, v in res.get("ratios", {}).items():
         lines.append(f"- {name}: {v:.2f}x")
@@ -200,7 +261,7 @@ def main(argv=None):
     from tinyhun.quantize import quantize_model
     tiny = args.tiny
     clock = time.perf_counter()
-    n_ids = 5 if tiny else 64   # tiny: past GEMV_ROWS, so the simulator runs the (faster to simulate) GEMM
+    n_ids = 1 if tiny else 64   # tiny: the load path only (the model tests run the GEMMs)
     res = {"device": device_name(cuda),
            "cuda_graph": "not attempted: numba-cuda launches go to the legacy default stream, which cannot be "
                          "captured; launches per token are reported instead"}
@@ -208,18 +269,32 @@ def main(argv=None):
         res["tests"] = kernel_tests()
         print("tests:", "passed" if res["tests"]["ok"] else "FAILED", flush=True)
     cpu_kernels = "numpy" if tiny else None
+    res["logits"] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tiny_ckpt = tiny_checkpoint(Path(tmp) / "tiny", TINY_SHAPE) if tiny else ROOT / "weights" / "tiny-hunyuan"
-        q4_ckpt = Path(tmp) / "tiny-hunyuan-int4"
-        quantize_model(tiny_ckpt, q4_ckpt, progress=False)
-        res["logits"] = {"tiny-hunyuan": compare_logits(tiny_ckpt, cpu_kernels, 1e-2, n_ids),
-                         # the CPU rounds activations to int8 for INT4 matmuls, the GPU keeps them fp32
-                         "tiny-hunyuan-int4": compare_logits(q4_ckpt, cpu_kernels, 5e-2, n_ids)}
+        # tiny: the dense checkpoint as fp16, the mixture of experts as INT4 (each kind and format once)
+        for name, shape, int4s in (("tiny-hunyuan", TINY_SHAPE, (False,) if tiny else (False, True)),
+                                   ("tiny-hunyuan-moe", TINY_MOE, (True,) if tiny else (False, True))):
+            ckpt = tiny_checkpoint(Path(tmp) / name, shape, name) if tiny else ROOT / "weights" / name
+            for int4 in int4s:
+                path = Path(tmp) / f"{name}-int4" if int4 else ckpt
+                if int4:
+                    quantize_model(ckpt, path, progress=False)
+                # the CPU rounds activations to int8 for INT4 matmuls, the GPU keeps them fp32: 5e-2 for the dense
+                # model; for the MoE that rounding flips routing (measured 0.14 on tiny-hunyuan-moe), so its CPU
+                # runs the device's view of the weights (1e-4: fp32 summation order only)
+                moe_int4 = int4 and "moe" in name
+                res["logits"][path.name] = compare_logits(path, cpu_kernels, 1e-4 if moe_int4 else 5e-2 if int4
+                                                          else 1e-2, n_ids, exact=moe_int4)
     if not tiny and SMOLLM2.is_dir():
         res["logits"]["SmolLM2-135M-Instruct"] = compare_logits(SMOLLM2, None, 5e-2, n_ids)
     print(json.dumps(res["logits"]), f"{time.perf_counter() - clock:.0f} s", flush=True)
-    shape, prompt, gen, reps = (TINY_SHAPE, 5, 1, 1) if tiny else (HUNYUAN_05B, 128, 64, 3)
-    res["decode"] = {fmt: tinyhun_speed(shape, fmt, prompt, gen, reps) for fmt in ("fp16", "int4")}
+    shape, moe_shape, prompt, gen, reps = ((TINY_SHAPE, TINY_MOE, 1, 1, 1) if tiny
+                                           else (HUNYUAN_05B, MOE_SHAPE, 128, 64, 3))
+    # tiny: one run of each model kind and each format (the simulator's cost is its threads; the model tests run
+    # every format through both kinds)
+    runs = ((shape, "", "int4"), (moe_shape, "moe ", "fp16")) if tiny else \
+        tuple((sh, name, fmt) for sh, name in ((shape, ""), (moe_shape, "moe ")) for fmt in ("fp16", "int4"))
+    res["decode"] = {name + fmt: tinyhun_speed(sh, fmt, prompt, gen, reps) for sh, name, fmt in runs}
     print(json.dumps(res["decode"]), f"{time.perf_counter() - clock:.0f} s", flush=True)
     try:
         import torch

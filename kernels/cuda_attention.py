@@ -1,5 +1,6 @@
 """numba.cuda attention: RoPE + QK-norm + KV store in one launch (`rope_qk_store`, reference in
-kernels.cuda_ref), and `attention_rows` over the device KV cache (reference: kernels.ref.attention_rows).
+kernels.cuda_ref), and `attention_rows` over the device KV cache (reference: kernels.ref.attention_rows); the cache
+may be fp32 or fp16 (the backend's), read as fp32.
 
 attention_rows runs one block per (row, query head, split of the cache's positions): each warp of the block scores
 PW positions at a time, every AW * PW-th run of them in the split, with its own online softmax (running max, sum and weighted values, the head's
@@ -55,7 +56,7 @@ def _rope_qk_store(nh, nkv, d, has_norm):
         else:
             hv = h - nh - nkv
             for k in range(i, d, NT):
-                vc[sl, hv, p, k] = qkv[t, (nh + nkv + hv) * d + k]
+                vc[sl, hv, p, k] = qkv[t, (nh + nkv + hv) * d + k]   # rounded to the cache's type
     return kern, NT
 
 
@@ -102,12 +103,12 @@ def _attention(nh, nkv, d, split, splits):
         for r in range(0, max(0, end - start), AW * PW):   # the same trip count for every warp of the block
             first = start + r + warp * PW
             for j in range(PW):
-                pp = min(first + j, end - 1)
                 s = float32(0.0)
-                for i in range(DPL):
-                    dd = lane + WARP * i
-                    if dd < d:
-                        s += qr[i] * kc[sl, kvh, pp, dd]
+                if first + j < end:   # a warp past the split's end only joins the sums
+                    for i in range(DPL):
+                        dd = lane + WARP * i
+                        if dd < d:
+                            s += qr[i] * float32(kc[sl, kvh, first + j, dd])
                 sc[j] = s
             warp_allsums(sc, PW, red, tid)
             mn = m
@@ -126,7 +127,7 @@ def _attention(nh, nkv, d, split, splits):
                         for i in range(DPL):
                             dd = lane + WARP * i
                             if dd < d:
-                                acc[i] += e * vc[sl, kvh, first + j, dd]
+                                acc[i] += e * float32(vc[sl, kvh, first + j, dd])
                 m = mn
         if lane == 0:
             wm[warp] = m

@@ -10,10 +10,11 @@ activations hit distinct banks. Kernels are compiled per (format, K, options) on
 import math
 from functools import lru_cache
 
-from numba import cuda, float32
+import numpy as np
+from numba import cuda, float32, int64
 
 from .cuda_common import SHUFFLE, WARP, block_sum, launch, warp_sums
-from .cuda_ref import H16, shape
+from .cuda_ref import BM, H16, shape
 
 WARPS = 4          # GEMV warps per block
 # GEMV output rows per warp: one on a GPU (many blocks in flight), four for a wide matrix (the lm_head: each block
@@ -26,9 +27,10 @@ WIDE = 8192
 def rows_per_warp(units):
     return RPW * 4 if SHUFFLE and units >= WIDE else RPW
 GEMV_ROWS = 4      # up to this many rows run as GEMVs (one pass over the weight per row); more as a GEMM
-BM, BN, BK = 32, 32, 32   # GEMM tile: rows of x, rows of w, depth; 16 x 16 threads of 2 x 2 outputs each
+BN, BK = 32, 32   # GEMM tile: BM rows of x (cuda_ref.BM), BN rows of w, depth; 16 x 16 threads of 2 x 2 outputs each
 BK1 = BK + 1               # a padded tile row: the threads of a warp read distinct banks
 PLAIN, RESID, PAIRS = range(3)   # epilogues: out = y, out = y + resid, out = silu(gate) * up
+DENSE, UP, DOWN = range(3)       # which rows: x's; a mixture of experts' gate/up and down (kernels.cuda_moe)
 
 
 @lru_cache(maxsize=None)
@@ -85,8 +87,16 @@ def _row_dot(fmt, K, sym, group):
     return dot
 
 
+@cuda.jit(device=True)
+def expert_of(ids, rw, t, j, k, n_experts):
+    # row t's j-th expert and its routing weight; j = k: the shared MLP, stacked after the routed experts, weight 1
+    if j < k:
+        return ids[t * k + j], rw[t * k + j]
+    return n_experts, float32(1.0)
+
+
 @lru_cache(maxsize=None)
-def _gemv(fmt, K, has_norm, mode, sym, group, rpw):
+def _gemv(fmt, K, has_norm, mode, sym, group, rpw, moe=DENSE):
     NT = WARPS * WARP
     C = K // 8
     permute = fmt == "r4"
@@ -95,30 +105,46 @@ def _gemv(fmt, K, has_norm, mode, sym, group, rpw):
     dot = _row_dot(fmt, K, sym, group)
 
     @cuda.jit
-    def gemv(out, x, nw, eps, a, b, c, resid, units):
-        # out[t, unit] for t = blockIdx.y, rpw units per warp; units: output rows (plain/resid) or gate/up pairs
+    def gemv(out, x, nw, eps, a, b, c, resid, units, ids, rw, k, kk, n_experts):
+        # out[row, unit], rpw units per warp; units: output rows (plain/resid) or gate/up pairs (per expert when
+        # moe). blockIdx.y: DENSE a row t of x; UP an assignment t kk + j (x row t, its j-th expert's rows, out
+        # row t kk + j); DOWN a row t summing its kk experts, each reading x row t kk + j, weighted
         tid = cuda.threadIdx.x
-        t = cuda.blockIdx.y
+        by = cuda.blockIdx.y
         xs = cuda.shared.array(K, float32)
         red = cuda.shared.array(NT, float32)
         reds = cuda.shared.array((nacc, NT), float32)
-        r = float32(1.0)
-        if has_norm:
-            ss = float32(0.0)
-            for k in range(tid, K, NT):
-                ss += x[t, k] * x[t, k]
-            r = float32(1.0) / math.sqrt(block_sum(ss, red, tid, NT) / float32(K) + float32(eps))
-        for k in range(tid, K, NT):
-            v = x[t, k] * r * nw[k] if has_norm else x[t, k]
-            xs[(k % 8) * C + k // 8 if permute else k] = v
-        cuda.syncthreads()
         lane = tid % WARP
         first = (cuda.blockIdx.x * WARPS + tid // WARP) * rpw
         acc = cuda.local.array(nacc, float32)
-        for i in range(rpw):
-            u = min(first + i, units - 1)   # every warp takes part in the sums (they synchronize)
-            for j in range(per):
-                acc[i * per + j] = dot(a, b, c, u * per + j, xs, lane)
+        for i in range(nacc):
+            acc[i] = float32(0.0)
+        t = by // kk if moe == UP else by
+        for jj in range(kk if moe == DOWN else 1):
+            j = by % kk if moe == UP else jj
+            e, wt = 0, float32(1.0)
+            if moe == UP:
+                e = ids[t * k + j] if j < k else n_experts   # no weight: it applies after the nonlinearity
+            elif moe == DOWN:
+                e, wt = expert_of(ids, rw, t, j, k, n_experts)
+            src = t * kk + j if moe == DOWN else t
+            if jj > 0:
+                cuda.syncthreads()   # every warp is done with the previous expert's activations
+            r = float32(1.0)
+            if has_norm:
+                ss = float32(0.0)
+                for q in range(tid, K, NT):
+                    ss += x[src, q] * x[src, q]
+                r = float32(1.0) / math.sqrt(block_sum(ss, red, tid, NT) / float32(K) + float32(eps))
+            for q in range(tid, K, NT):
+                v = x[src, q] * r * nw[q] if has_norm else x[src, q]
+                xs[(q % 8) * C + q // 8 if permute else q] = v
+            cuda.syncthreads()
+            base = e * units
+            for i in range(rpw):
+                u = min(first + i, units - 1)   # every warp takes part in the sums (they synchronize)
+                for p in range(per):
+                    acc[i * per + p] += wt * dot(a, b, c, (base + u) * per + p, xs, lane)
         warp_sums(acc, nacc, reds, tid)
         if lane == 0:
             for i in range(rpw):
@@ -126,74 +152,98 @@ def _gemv(fmt, K, has_norm, mode, sym, group, rpw):
                 if u < units:
                     if mode == PAIRS:
                         g = acc[2 * i]
-                        out[t, u] = g / (float32(1.0) + math.exp(-g)) * acc[2 * i + 1]
+                        out[by, u] = g / (float32(1.0) + math.exp(-g)) * acc[2 * i + 1]
                     elif mode == RESID:
                         out[t, u] = acc[i] + resid[t, u]
                     else:
-                        out[t, u] = acc[i]
+                        out[by, u] = acc[i]
     return gemv
 
 
 @lru_cache(maxsize=None)
-def _gemm(fmt, K, has_norm, mode, sym, group):
+def _gemm(fmt, K, has_norm, mode, sym, group, moe=DENSE):
     element = _weight_element(fmt, sym, group)
 
     @cuda.jit
-    def gemm(out, x, nw, eps, a, b, c, resid, n_rows):
-        # tile (blockIdx.y: rows of x, blockIdx.x: rows of w); thread (tx, ty) holds rows 2ty+i, columns 2tx+j
+    def gemm(out, x, nw, eps, a, b, c, resid, n_rows, tiles, order, ids, rw, k, kk, n_experts):
+        # a BM x BN tile of out (blockIdx.x: rows of w; thread (tx, ty) holds rows 2ty+i, columns 2tx+j).
+        # blockIdx.y: DENSE the x rows from BM * blockIdx.y; UP/DOWN tile i of one expert's group of assignments
+        # (tiles[i] = expert, start, end in `order`, which lists assignments t kk + j grouped by expert; an
+        # empty tile returns): UP reads x row t and writes out row t kk + j (PAIRS), DOWN reads x row t kk + j and
+        # writes out row t kk + j times its routing weight. n_rows: rows of w (per expert when moe)
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         tid = ty * 16 + tx
-        t0, n0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
-        T = x.shape[0]
+        n0 = cuda.blockIdx.x * BN
+        lo, hi, base = cuda.blockIdx.y * BM, x.shape[0], 0
+        if moe != DENSE:
+            i = cuda.blockIdx.y
+            lo, hi, base = tiles[i, 1], tiles[i, 2], tiles[i, 0] * n_rows
+            if lo >= hi:
+                return
         xa = cuda.shared.array((BM, BK1), float32)
         wa = cuda.shared.array((BN, BK1), float32)
         rr = cuda.shared.array(BM, float32)
+        src = cuda.shared.array(BM, int64)   # the x row of each tile row (-1: past the end)
         red = cuda.shared.array(256, float32)
+        if tid < BM:
+            s = -1
+            if lo + tid < hi:
+                s = lo + tid if moe == DENSE else order[lo + tid]
+                if moe == UP:
+                    s = s // kk
+            src[tid] = s
+        cuda.syncthreads()
         if has_norm:   # 8 threads per row of x: its 1/rms
             row, part = tid // 8, tid % 8
             ss = float32(0.0)
-            if t0 + row < T:
-                for k in range(part, K, 8):
-                    ss += x[t0 + row, k] * x[t0 + row, k]
+            if src[row] >= 0:
+                for q in range(part, K, 8):
+                    ss += x[src[row], q] * x[src[row], q]
             red[tid] = ss
             cuda.syncthreads()
             if part == 0:
-                s = float32(0.0)
-                for i in range(8):
-                    s += red[tid + i]
-                rr[row] = float32(1.0) / math.sqrt(s / float32(K) + float32(eps))
+                s2 = float32(0.0)
+                for q in range(8):
+                    s2 += red[tid + q]
+                rr[row] = float32(1.0) / math.sqrt(s2 / float32(K) + float32(eps))
             cuda.syncthreads()
         acc00 = float32(0.0)
         acc01 = float32(0.0)
         acc10 = float32(0.0)
         acc11 = float32(0.0)
+        live = src[2 * ty] >= 0 and n0 + 2 * tx < n_rows   # outputs past the rows (a short tile's) skip the products
         for k0 in range(0, K, BK):
-            for i in range(4):
-                idx = tid + 256 * i
-                r, kk = idx // BK, idx % BK
-                k = k0 + kk
+            for q in range(4):
+                idx = tid + 256 * q
+                r, kd = idx // BK, idx % BK
+                col = k0 + kd
                 v = float32(0.0)
-                if t0 + r < T and k < K:
-                    v = x[t0 + r, k] * rr[r] * nw[k] if has_norm else x[t0 + r, k]
-                xa[r, kk] = v
+                if src[r] >= 0 and col < K:
+                    v = x[src[r], col] * rr[r] * nw[col] if has_norm else x[src[r], col]
+                xa[r, kd] = v
                 v = float32(0.0)
-                if n0 + r < n_rows and k < K:
-                    v = element(a, b, c, n0 + r, k)
-                wa[r, kk] = v
+                if n0 + r < n_rows and col < K:
+                    v = element(a, b, c, base + n0 + r, col)
+                wa[r, kd] = v
             cuda.syncthreads()
-            for kk in range(BK):
-                x0, x1 = xa[2 * ty, kk], xa[2 * ty + 1, kk]
-                w0, w1 = wa[2 * tx, kk], wa[2 * tx + 1, kk]
-                acc00 += x0 * w0
-                acc01 += x0 * w1
-                acc10 += x1 * w0
-                acc11 += x1 * w1
+            if live:
+                for kd in range(BK):
+                    x0, x1 = xa[2 * ty, kd], xa[2 * ty + 1, kd]
+                    w0, w1 = wa[2 * tx, kd], wa[2 * tx + 1, kd]
+                    acc00 += x0 * w0
+                    acc01 += x0 * w1
+                    acc10 += x1 * w0
+                    acc11 += x1 * w1
             cuda.syncthreads()
         n = n0 + 2 * tx
-        for i in range(2):
-            t = t0 + 2 * ty + i
-            y0, y1 = (acc00, acc01) if i == 0 else (acc10, acc11)
-            if t < T and n < n_rows:
+        for q in range(2):
+            pos = lo + 2 * ty + q
+            y0, y1 = (acc00, acc01) if q == 0 else (acc10, acc11)
+            if pos < hi and n < n_rows:
+                t = pos if moe == DENSE else order[pos]
+                if moe == DOWN:
+                    wt = expert_of(ids, rw, t // kk, t % kk, k, n_experts)[1]
+                    y0, y1 = y0 * wt, y1 * wt
                 if mode == PAIRS:
                     out[t, n // 2] = y0 / (float32(1.0) + math.exp(-y0)) * y1
                 elif mode == RESID:
@@ -214,24 +264,43 @@ def _fields(w):
     return "r4", (w.words, w.scales, w.mins), w.sym, w.group
 
 
+@lru_cache(maxsize=None)
+def no_routing():
+    # routing arguments that are never read (a dense linear's): a device int64[1, 3] and float32[1]
+    return cuda.to_device(np.zeros((1, 3), np.int64)), cuda.to_device(np.zeros(1, np.float32))
+
+
 def linear(out, x, w, norm=None, eps=0.0, resid=None, pairs=False, rpw=None):
     # see kernels.cuda_ref.linear; device arrays: x float32[T, K], out float32[T, N] (or [T, N/2] in pairs mode);
     # rpw: GEMV rows per warp (default rows_per_warp)
-    T, K = x.shape
-    N = shape(w)[0]
+    idx, rw = no_routing()
+    dispatch(out, x, w, norm, eps, resid, pairs, rpw, DENSE, x.shape[0], shape(w)[0],
+             (idx, idx[0], idx[0], rw, 1, 1, 0))
+    return out
+
+
+def dispatch(out, x, w, norm, eps, resid, pairs, rpw, moe, T, N, routing):
+    """One GEMV (T <= GEMV_ROWS rows of x) or GEMM launch of w (N rows, per expert when moe) on x: the dense
+    linear and the experts' (kernels.cuda_moe). routing = (tiles, order, ids, weights, k, kk, n_experts), the
+    grouping arrays read by a GEMM of experts, the routing read by a GEMV of them."""
+    K = x.shape[1]
     fmt, (a, b, c), sym, group = _fields(w)
     mode = PAIRS if pairs else (PLAIN if resid is None else RESID)
     nw = x[0] if norm is None else norm    # never read without a norm
     rs = out if resid is None else resid   # never read without a residual
+    tiles, order, ids, rw, k, kk, ne = routing
     if T <= GEMV_ROWS:
         units = N // 2 if pairs else N
         rpw = rpw or rows_per_warp(units)
-        kern = _gemv(fmt, K, norm is not None, mode, sym, group, rpw)
-        launch(kern, (-(-units // (WARPS * rpw)), T), WARPS * WARP, out, x, nw, eps, a, b, c, rs, units)
+        kern = _gemv(fmt, K, norm is not None, mode, sym, group, rpw, moe)
+        grid_y = T * kk if moe == UP else T
+        launch(kern, (-(-units // (WARPS * rpw)), grid_y), WARPS * WARP, out, x, nw, eps, a, b, c, rs, units, ids,
+               rw, k, kk, ne)
     else:
-        kern = _gemm(fmt, K, norm is not None, mode, sym, group)
-        launch(kern, (-(-N // BN), -(-T // BM)), (16, 16), out, x, nw, eps, a, b, c, rs, N)
-    return out
+        kern = _gemm(fmt, K, norm is not None, mode, sym, group, moe)
+        grid_y = -(-T // BM) if moe == DENSE else tiles.shape[0]
+        launch(kern, (-(-N // BN), grid_y), (16, 16), out, x, nw, eps, a, b, c, rs, N, tiles, order, ids, rw, k,
+               kk, ne)
 
 
 @lru_cache(maxsize=None)

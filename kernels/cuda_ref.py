@@ -8,14 +8,21 @@ Device linears, prepared once at load from the host formats of tinyhun.kernels.l
 A word holds 8 codes of k = 8c..8c+7: byte j's low nibble is k = 8c + j, its high nibble k = 8c + 4 + j, the same
 bytes as one row's 4-byte slice of a q4_tiled16 chunk, so R4 is a row gather of that layout, no requantization.
 The kernels read fp32 activations (no int8 rounding of x as on the CPU): out = x @ dense(w).T in fp32.
+
+A mixture of experts (`Experts`) is two device linears of all its experts' rows: gate_up [G 2 Ie, H] (expert e's
+rows 2 e Ie.., gate and up interleaved as `stack` does) and down [G H, Ie], G = E experts, and the shared MLP as
+expert E when it has the experts' width and device format (`shared`), so it runs in the same launches as the
+routed experts. Row t's assignments are t kk + j: its k routed experts (j < k), then the shared MLP (j = k).
 """
 from typing import NamedTuple
 
 import numpy as np
 
-from . import q4, q8
+from . import moe, q4, q8
 from .linear import F32, Q4, Q8
 from .ref import rmsnorm, rope, store_kv
+
+BM = 32   # rows of a prefill GEMM tile (kernels.cuda_linear.BM): the tiles of group_rows
 
 
 class H16(NamedTuple):
@@ -85,6 +92,37 @@ def stack(ws, interleave=False):
     return H16(join([w.w if isinstance(w, H16) else dense(w).astype(np.float16) for w in ws]))
 
 
+class Experts(NamedTuple):
+    gate_up: object      # device linear [G 2 Ie, H]: per expert its gate/up rows interleaved
+    down: object         # device linear [G H, Ie]
+    n_experts: int       # E routed experts (G = E + shared)
+    topk: int            # k
+    shared: int          # 1: the shared MLP is expert E, added to every row with weight 1; 0: none stacked
+
+
+def experts_of(gate, up, down, topk, shared=None):
+    """A layer's stacked host expert linears (kernels.moe.stack_linears) and its shared structs.DenseMLP (None:
+    none) -> (Experts of host arrays, the shared MLP's (gate_up, down) when it could not be stacked with them,
+    else None). The shared MLP is stacked when its rows come out in the experts' device format and width."""
+    E = len(gate[0])   # every format's first field holds the experts along its leading axis
+    gate_up = [stack([device_format(moe.expert(gate, e)), device_format(moe.expert(up, e))], interleave=True)
+               for e in range(E)]
+    downs = [device_format(moe.expert(down, e)) for e in range(E)]
+    extra = None
+    if shared is not None:
+        extra = (stack([device_format(shared.gate), device_format(shared.up)], interleave=True),
+                 device_format(shared.down))
+
+        def kind(w):
+            return type(w), shape(w), (w.sym, w.group) if isinstance(w, R4) else ()
+        if kind(extra[0]) == kind(gate_up[0]) and kind(extra[1]) == kind(downs[0]):
+            gate_up.append(extra[0])
+            downs.append(extra[1])
+            extra = None
+    stacked = len(gate_up) - E
+    return Experts(stack(gate_up), stack(downs), E, topk, stacked), extra
+
+
 # ---- references of the device ops ----
 
 def linear(out, x, w, norm=None, eps=0.0, resid=None, pairs=False):
@@ -125,3 +163,71 @@ def rope_qk_store(q, qkv, k_cache, v_cache, cos, sin, slots, positions, q_norm, 
     q[:] = qq
     store_kv(k_cache, v_cache, k, v, slots, positions)
     return q
+
+
+def route(ids, weights, x, router, norm, eps):
+    # kernels.moe.route of rmsnorm(x) * norm (the MLP's input, normed as the router loads it): ids/weights[T k]
+    # each row's k experts, best first, and their renormalised probabilities
+    xn = rmsnorm(np.empty_like(x), x, norm, eps)
+    return moe.route(ids, weights, np.empty(len(x) * len(router), np.float32), xn, router)
+
+
+def _assignments(ex, ids, T):
+    # the expert of each assignment t kk + j (j = k: the shared MLP, expert E)
+    k = ex.topk
+    e = np.full((T, k + ex.shared), ex.n_experts, np.int64)
+    e[:, :k] = ids[:T * k].reshape(T, k)
+    return e.reshape(-1)
+
+
+def group_rows(order, tiles, ids, groups, kk):
+    # order[T kk]: the assignments t kk + j sorted by expert (stable: ascending within an expert; j = k the shared
+    # MLP, expert groups - 1); tiles[n, 3]: (expert, start, end) of each BM-row piece of each expert's run in order,
+    # the rest zeros (empty)
+    T = order.size // kk
+    k = ids.size // T
+    e = np.full((T, kk), groups - 1, np.int64)
+    e[:, :k] = ids.reshape(T, k)
+    e = e.reshape(-1)
+    order[:] = np.argsort(e, kind="stable")
+    tiles[:] = 0
+    i, pos = 0, 0
+    for g, c in enumerate(np.bincount(e, minlength=groups)):
+        for lo in range(pos, pos + c, BM):
+            tiles[i] = g, lo, min(lo + BM, pos + c)
+            i += 1
+        pos += c
+    return order
+
+
+def experts_up(h, x, ex, ids, norm, eps, scratch=None):
+    # h[t kk + j] = silu(gate_e(xn[t])) * up_e(xn[t]) for e row t's j-th expert (j = k: the shared MLP when
+    # ex.shared), xn = rmsnorm(x) * norm; only those experts' rows are read; scratch: the device's (unused here)
+    T = len(x)
+    xn = rmsnorm(np.empty_like(x), x, norm, eps)
+    rows = shape(ex.gate_up)[0] // (ex.n_experts + ex.shared)
+    for a, e in enumerate(_assignments(ex, ids, T)):
+        y = dense(_rows(ex.gate_up, e * rows, rows)) @ xn[a // (ex.topk + ex.shared)]
+        h[a] = y[0::2] / (1.0 + np.exp(-y[0::2])) * y[1::2]
+    return h
+
+
+def experts_down(out, h, ex, ids, weights, resid, scratch=None):
+    # out[t] = resid[t] + sum_j w_tj down_e(h[t kk + j]), e row t's j-th expert, w its routing weight (1 for the
+    # shared MLP), summed in order j; out may be resid
+    T, H = out.shape
+    kk = ex.topk + ex.shared
+    acc = resid.astype(np.float32).copy()
+    for a, e in enumerate(_assignments(ex, ids, T)):
+        t, j = divmod(a, kk)
+        w = weights[t * ex.topk + j] if j < ex.topk else np.float32(1.0)
+        acc[t] += w * (dense(_rows(ex.down, e * H, H)) @ h[a])
+    out[:] = acc
+    return out
+
+
+def _rows(w, lo, n):
+    # rows lo..lo+n of a device linear of host arrays (one expert's)
+    if isinstance(w, H16):
+        return H16(w.w[lo:lo + n])
+    return R4(w.words[lo:lo + n], w.scales[lo:lo + n], w.mins[lo:lo + n], w.sym, w.group)

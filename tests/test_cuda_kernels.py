@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tinyhun.kernels import cuda_ref, q4, q8, ref
@@ -57,9 +57,14 @@ def test_stack_concatenates_and_interleaves():
     assert isinstance(mixed, cuda_ref.H16) and mixed.w.shape == (24, 64)
 
 
-@pytest.mark.parametrize("fmt", ["f16", "q4", "q4-asym-g64"])
-@pytest.mark.parametrize("T, rpw", [(1, 1), (3, 8), (6, None)])   # GEMV rows per warp; T = 6: the GEMM
-@pytest.mark.parametrize("epilogue", ["plain", "norm+resid", "norm+pairs"])
+# every format with every row path (T, GEMV rows per warp; T = 6: the GEMM) and every epilogue, each pair of the
+# three once (a Latin square: the format's dot, the row path and the epilogue are independent branches)
+LINEAR_CASES = [(fmt, *rows, epi) for i, fmt in enumerate(["f16", "q4", "q4-asym-g64"])
+                for j, rows in enumerate([(1, 1), (3, 8), (6, None)])
+                for epi in [["plain", "norm+resid", "norm+pairs"][(i + j) % 3]]]
+
+
+@pytest.mark.parametrize("fmt, T, rpw, epilogue", LINEAR_CASES)
 def test_linear(fmt, T, rpw, epilogue):
     from tinyhun.kernels import cuda_linear
     rng = np.random.default_rng(2)
@@ -103,13 +108,14 @@ def test_embed_rows(fmt):
     assert np.array_equal(out.copy_to_host(), cuda_ref.embed_rows(np.zeros((4, 128), f32), w, ids))
 
 
-def caches(rng, B, nkv, S, d):
-    return [rng.standard_normal((B, nkv, S, d)).astype(f32) for _ in range(2)]
+def caches(rng, B, nkv, S, d, dtype=f32):
+    return [rng.standard_normal((B, nkv, S, d)).astype(dtype) for _ in range(2)]
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("T", [1, 3])
-def test_rope_qk_store(qk_norm, T):
+# each of QK-norm, rows and cache type (the backend's is fp16) with each value of the others once
+@pytest.mark.parametrize("qk_norm, T, kv", [(False, 1, f32), (True, 1, np.float16), (False, 3, np.float16),
+                                            (True, 3, f32)])
+def test_rope_qk_store(qk_norm, T, kv):
     from tinyhun.kernels import cuda_attention
     rng = np.random.default_rng(4)
     B, nh, nkv, d, S = 2, 4, 2, 16, 12
@@ -117,29 +123,136 @@ def test_rope_qk_store(qk_norm, T):
     cos, sin = rng.standard_normal((2, S, d // 2)).astype(f32)
     slots, positions = np.array([1, 0, 1][:T]), np.array([4, 9, 5][:T])
     norms = [(1 + 0.1 * rng.standard_normal(d)).astype(f32) if qk_norm else np.zeros(0, f32) for _ in range(2)]
-    kc, vc = caches(rng, B, nkv, S, d)
+    kc, vc = caches(rng, B, nkv, S, d, kv)
     dk, dv, dq = dev(kc), dev(vc), dev(np.zeros((T, nh, d), f32))
     q = cuda_ref.rope_qk_store(np.zeros((T, nh, d), f32), qkv, kc, vc, cos, sin, slots, positions, *norms, 1e-5)
     cuda_attention.rope_qk_store(dq, dev(qkv), dk, dv, dev(cos), dev(sin), dev(slots), dev(positions),
                                  *[dev(n) if n.size else n for n in norms], 1e-5)
     close(dq.copy_to_host(), q)
-    close(dk.copy_to_host(), kc)
-    assert np.array_equal(dv.copy_to_host(), vc)
+    got = dk.copy_to_host().astype(f32)
+    if kv == f32:
+        close(got, kc)
+    else:   # fp32 keys a few ulps apart may round to neighbouring fp16 values: one fp16 step at most
+        assert np.abs(got - kc).max() <= 2.0 ** -10 * np.abs(kc).max()
+    assert np.array_equal(dv.copy_to_host(), vc)   # values are copied, rounded the same way (to nearest even)
 
 
 @settings(max_examples=3, deadline=None)
 @given(T=st.integers(1, 3), group=st.sampled_from([1, 2]), d=st.sampled_from([16, 40]), split=st.sampled_from([3, 256]),
-       seed=st.integers(0, 99))
-def test_attention_rows(T, group, d, split, seed):
-    """GQA decode/prefill rows over the cache, one split or several (with their merge), head dims past a warp."""
+       seed=st.integers(0, 99), half=st.booleans())
+@example(T=2, group=2, d=40, split=3, seed=0, half=True).via("the backend's fp16 cache, several splits")
+def test_attention_rows(T, group, d, split, seed, half):
+    """GQA decode/prefill rows over the cache (fp32, or fp16 as the backend keeps it), one split or several (with
+    their merge), head dims past a warp."""
     from tinyhun.kernels import cuda_attention
     rng = np.random.default_rng(seed)
     B, nkv, S = 2, 2, 11
     nh = nkv * group
     q = rng.standard_normal((T, nh, d)).astype(f32)
-    kc, vc = caches(rng, B, nkv, S, d)
+    kc, vc = caches(rng, B, nkv, S, d, np.float16 if half else f32)
     slots, positions = rng.integers(0, B, T), rng.integers(0, S, T)
     want = ref.attention_rows(np.zeros((T, nh, d), f32), q, kc, vc, slots, positions)
     out = dev(np.zeros((T, nh, d), f32))
     cuda_attention.attention_rows(out, dev(q), dev(kc), dev(vc), dev(slots), dev(positions), split=split)
     close(out.copy_to_host(), want)
+
+
+# ---- mixture of experts ----
+
+def moe_layer(rng, fmt, E, H, Ie, shared_width=None):
+    """The stacked host experts (kernels.moe.stack_linears) of a random layer and a shared MLP of width
+    shared_width (None: none)."""
+    from tinyhun.kernels import moe
+    from tinyhun.structs import DenseMLP
+
+    def lin(n, k):
+        return as_linear(FORMATS[fmt]((rng.standard_normal((n, k)) * 0.3).astype(f32)))
+    gate, up, down = (moe.stack_linears([lin(n, k) for _ in range(E)]) for n, k in ((Ie, H), (Ie, H), (H, Ie)))
+    shared = None if shared_width is None else DenseMLP(lin(shared_width, H), lin(shared_width, H),
+                                                        lin(H, shared_width))
+    return gate, up, down, shared
+
+
+def poisoned(ex, e):
+    """Experts with expert e's weights (fp16 values, or INT4 scales) all NaN."""
+    groups = ex.n_experts + ex.shared
+    for w in (ex.gate_up, ex.down):
+        n = cuda_ref.shape(w)[0] // groups
+        (w.w if isinstance(w, cuda_ref.H16) else w.scales)[e * n:(e + 1) * n] = np.nan
+    return ex
+
+
+def device_experts(host):
+    return host._replace(gate_up=device_linear(host.gate_up), down=device_linear(host.down))
+
+
+@settings(max_examples=3, deadline=None)
+@given(T=st.integers(1, 4), E=st.integers(1, 9), kk=st.integers(1, 9), H=st.sampled_from([8, 40]),
+       ties=st.booleans(), seed=st.integers(0, 99))
+@example(T=2, E=5, kk=1, H=8, ties=True, seed=0).via("top-1")
+@example(T=1, E=4, kk=4, H=40, ties=True, seed=1).via("k = E")
+def test_route(T, E, kk, H, ties, seed):
+    """RMSNorm + router + softmax + top-k: x of +-1 with unit norm weights normalizes exactly, router entries in
+    quarters make every logit exact, so the kernel and the reference see the same logits and duplicated router rows
+    tie exactly (the lower index wins)."""
+    from tinyhun.kernels import cuda_moe
+    k = min(kk, E)
+    rng = np.random.default_rng(seed)
+    x = rng.choice(np.array([-1.0, 1.0], f32), (T, H))
+    router = (rng.integers(-4, 5, (E, H)) / 4).astype(f32)
+    if ties:
+        router[rng.integers(0, E, E)] = router[rng.integers(0, E, E)]
+    norm = np.ones(H, f32)
+    ids, w = np.zeros(T * k, np.int64), np.zeros(T * k, f32)
+    cuda_ref.route(ids, w, x, router, norm, 0.0)
+    di, dw = dev(np.zeros(T * k, np.int64)), dev(np.zeros(T * k, f32))
+    cuda_moe.route(di, dw, dev(x), dev(router), dev(norm), 0.0)
+    assert np.array_equal(di.copy_to_host(), ids)
+    np.testing.assert_allclose(dw.copy_to_host(), w, rtol=1e-5)
+
+
+@settings(max_examples=5, deadline=None)
+@given(T=st.integers(5, 40), E=st.integers(1, 6), kk=st.integers(1, 6), shared=st.booleans(), seed=st.integers(0, 99))
+def test_group_rows(T, E, kk, shared, seed):
+    """A prefill's assignments sorted by expert on the device (stable) and its table of BM-row tiles."""
+    from tinyhun.kernels import cuda_moe
+    k = min(kk, E)
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([rng.permutation(E)[:k] for _ in range(T)])
+    groups, width = E + shared, k + shared
+    n = cuda_moe.n_tiles(T, width, groups)
+    order, tiles = np.zeros(T * width, np.int64), np.zeros((n, 3), np.int64)
+    cuda_ref.group_rows(order, tiles, ids, groups, width)
+    do, dt = dev(np.zeros_like(order)), dev(np.full_like(tiles, 7))
+    cuda_moe.group_rows(do, dt, dev(ids), groups, width)
+    assert np.array_equal(do.copy_to_host(), order) and np.array_equal(dt.copy_to_host(), tiles)
+
+
+@pytest.mark.parametrize("fmt, T, shared", [("f16", 1, "stacked"), ("q4", 3, "apart"), ("q4-asym-g64", 5, None)])
+def test_experts(fmt, T, shared):
+    """experts_up then experts_down: decode rows (T <= 4, GEMVs over the picked experts' rows) and a prefill (the
+    rows grouped by expert, tiled GEMMs, the weighted combine); the shared MLP stacked as expert E, or apart (its
+    width differs) and then not in the launch. Expert 1 holds NaN weights and no row picks it: nothing of it may
+    reach the output. (test_cuda_model.py runs the prefill with the shared MLP stacked, fp16 and INT4.)"""
+    from tinyhun.kernels import cuda_moe
+    rng = np.random.default_rng(5)
+    E, k, H, Ie = 4, 2, (64 if fmt == "q4-asym-g64" else 32), (64 if fmt == "q4-asym-g64" else 32)
+    layer = moe_layer(rng, fmt, E, H, Ie, {"stacked": Ie, "apart": 2 * Ie, None: None}[shared])
+    host, apart = cuda_ref.experts_of(*layer[:3], k, layer[3])
+    poisoned(host, 1)
+    assert host.shared == (shared == "stacked") and (apart is not None) == (shared == "apart")
+    ids = np.concatenate([rng.choice([0, 2, 3], k, replace=False) for _ in range(T)])
+    weights = rng.dirichlet(np.ones(k), T).astype(f32).reshape(-1)
+    x, resid = rng.standard_normal((2, T, H)).astype(f32)
+    norm = (1 + 0.1 * rng.standard_normal(H)).astype(f32)
+    kk = k + host.shared
+    h = cuda_ref.experts_up(np.zeros((T * kk, Ie), f32), x, host, ids, norm, 1e-5)
+    want = cuda_ref.experts_down(np.zeros((T, H), f32), h, host, ids, weights, resid)
+    assert np.isfinite(want).all()
+    ex = device_experts(host)
+    sc = cuda_moe.MoEScratch(__import__("numba").cuda, T, H, k, kk, Ie, E + host.shared)
+    dids, dw, dh, dx = dev(ids), dev(weights), dev(np.zeros((T * kk, Ie), f32)), dev(resid)
+    cuda_moe.experts_up(dh, dev(x), ex, dids, dev(norm), 1e-5, sc)
+    close(dh.copy_to_host(), h)
+    cuda_moe.experts_down(dx, dh, ex, dids, dw, dx, sc)   # the residual add in place, as the backend runs it
+    close(dx.copy_to_host(), want)

@@ -2,10 +2,10 @@
 
 Two comparisons, both on the same random weights:
 - exact weights: the CPU (NumPy reference backend) runs the very weights the device multiplies by (fp16-rounded
-  floats, or the INT4 weights dequantized), so only fp32 summation order differs: max |Δlogit| <= 1e-4 x max |logit|
-  (the oracle tests' tolerance);
-- as loaded: the CPU runs the fp32 checkpoint weights and the device their fp16 rounding: max |Δlogit| <= 1e-2 x
-  max |logit| (fp16's relative rounding is 2^-11 per weight).
+  floats, or the INT4 weights dequantized) and keeps its KV cache in fp16 as the device does, so only fp32
+  summation order differs: max |Δlogit| <= 1e-4 x max |logit| (the oracle tests' tolerance);
+- as loaded: the CPU runs the fp32 checkpoint weights with an fp32 KV cache, the device their fp16 rounding and an
+  fp16 cache: max |Δlogit| <= 1e-2 x max |logit| (fp16's relative rounding is 2^-11 per weight and cached value).
 """
 import os
 
@@ -13,90 +13,135 @@ import numpy as np
 import pytest
 
 from tinyhun.backend import NumpyBackend
-from tinyhun.families import hunyuan_v1_dense, llama
-from tinyhun.kernels import q4
-from tinyhun.kernels.linear import F32, as_linear
+from tinyhun.families import hunyuan_v1_moe, llama
+from tinyhun.kernels import q4, q8
+from tinyhun.kernels.linear import F32, Q4, Q8, as_linear
+from tinyhun.kernels.moe import expert, stack_linears
 from tinyhun.model import Model
-from tinyhun.structs import Attention, DenseMLP, Layer, Weights
+from tinyhun.structs import Attention, DenseMLP, Layer, MoEMLP, Weights
 
 pytestmark = pytest.mark.skipif(os.environ.get("TINYHUN_CUDA_TESTS") != "1",
                                 reason="run by test_cuda_sim.py (simulator subprocess) or bench/gpu_check.py")
 f32 = np.float32
-V, H, I, L, NH, NKV, D = 32, 32, 32, 2, 2, 1, 16   # tiny: the simulator runs a thread as a Python thread
+V, H, I, NH, NKV, D = 32, 32, 32, 2, 1, 16   # tiny: the simulator runs a thread as a Python thread
 
 
-def config(family):
+# mixture-of-experts layers (E experts of width Ie, top k, shared MLPs): layer 0 top-1 of 4 with the shared MLP
+# stacked among the experts (its width is theirs), layer 1 k = E = 3 of width 64 with the shared MLP apart (width I)
+MOE = dict(num_experts=(4, 3), moe_topk=(1, 3), moe_intermediate_size=(I, 64), num_shared_expert=(1, 1))
+COUNTING = np.zeros(1, np.bool_)   # the MoE layers' routing-statistics switch
+
+
+def config(family, layers):
+    extra = MOE if family is hunyuan_v1_moe else {}
     return family.Config(model_type=family.MODEL_TYPE, vocab_size=V, hidden_size=H, intermediate_size=I,
-                         num_layers=L, num_heads=NH, num_kv_heads=NKV, head_dim=D, rms_norm_eps=1e-5,
-                         rope_base=10000.0, max_position_embeddings=32, tie_word_embeddings=True)
+                         num_layers=layers, num_heads=NH, num_kv_heads=NKV, head_dim=D, rms_norm_eps=1e-5,
+                         rope_base=10000.0, max_position_embeddings=32, tie_word_embeddings=True, **extra)
 
 
-def weights(rng, qk_norm, fmt):
-    def mat(n, k):
+def weights(rng, qk_norm, fmts, moe=None):
+    """Random weights of len(fmts) layers, layer i's matrices in format fmts[i] (the embedding in fmts[0]): f32,
+    q4 or q4-asym."""
+    def mat(n, k, fmt=None):
+        fmt = fmt or fmts[i]
         w = (rng.standard_normal((n, k)) * 0.2).astype(f32)
         return as_linear(q4.quantize_q4(w, 32, fmt == "q4") if fmt.startswith("q4") else w)
 
     def norm(n):
         return (1 + 0.1 * rng.standard_normal(n)).astype(f32)
+
+    def mlp(i):
+        dense = DenseMLP(mat(I, H), mat(I, H), mat(H, I))
+        if moe is None:
+            return dense
+        E, Ie = moe["num_experts"][i], moe["moe_intermediate_size"][i]
+        gate, up, down = (stack_linears([mat(n, k) for _ in range(E)]) for n, k in ((Ie, H), (Ie, H), (H, Ie)))
+        return MoEMLP(rng.standard_normal((E, H)).astype(f32), gate, up, down, dense, True, moe["moe_topk"][i], Ie,
+                      np.zeros(E, np.int64), COUNTING)
     none = np.zeros(0, f32)
-    layers = tuple(Layer(norm(H), Attention(mat(NH * D, H), mat(NKV * D, H), mat(NKV * D, H), mat(H, NH * D),
-                                            norm(D) if qk_norm else none, norm(D) if qk_norm else none),
-                         norm(H), DenseMLP(mat(I, H), mat(I, H), mat(H, I)))
-                   for _ in range(L))
-    embed = mat(V, H)
-    return Weights(embed, layers, norm(H), embed)
+    layers = []
+    for i in range(len(fmts)):
+        layers.append(Layer(norm(H), Attention(mat(NH * D, H), mat(NKV * D, H), mat(NKV * D, H), mat(H, NH * D),
+                                               norm(D) if qk_norm else none, norm(D) if qk_norm else none),
+                            norm(H), mlp(i)))
+    embed = mat(V, H, fmts[0])
+    return Weights(embed, tuple(layers), norm(H), embed)
 
 
 def as_device_sees(w):
     """The weights as the device multiplies by them, as F32 (fp16-rounded floats, dequantized INT4)."""
     if isinstance(w, F32):
         return F32(w.w.astype(np.float16).astype(f32))
-    if hasattr(w, "packed"):
+    if isinstance(w, Q8):   # the device holds INT8 matrices as fp16
+        return F32(q8.dequantize_q8(w.weight()).astype(np.float16).astype(f32))
+    if isinstance(w, Q4) and w.packed.ndim == 4:   # stacked experts
+        return F32(np.stack([q4.dequantize_q4(expert(w, e).weight()) for e in range(len(w.packed))]))
+    if isinstance(w, Q4):
         return F32(q4.dequantize_q4(w.weight()))
+    if isinstance(w, MoEMLP):   # the router stays fp32 on the device
+        return w._replace(**{f: as_device_sees(getattr(w, f)) for f in ("gate", "up", "down", "shared")})
     if isinstance(w, tuple):
         parts = [as_device_sees(v) for v in w]
         return type(w)(*parts) if hasattr(w, "_fields") else tuple(parts)
     return w
 
 
+class HalfKV(NumpyBackend):
+    """The NumPy reference with the device's fp16 KV cache: keys and values rounded as the device stores them."""
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, np.float16)
+
+
 def run(model):
-    """A prefill (GEMMs), a decode step (GEMVs), and a batch step of two caches at different positions."""
+    """A prefill (GEMMs), a decode step (GEMVs), and a batch step of two caches at different positions (GEMVs of
+    two rows); the kernel launches of the decode step."""
     ids = np.array([5, 17, 2, 30, 9, 21])
     a, b = model.new_caches(2, 16)
-    out = [model.forward(a, ids[:5]).copy(), model.forward(a, ids[5:]).copy()]
-    model.forward(b, ids[:2])
+    out = [model.forward(a, ids[:5]).copy()]
+    before = getattr(model.backend, "launches", 0)
+    out.append(model.forward(a, ids[5:]).copy())
+    launches = getattr(model.backend, "launches", 0) - before
     out.append(model.forward_batch([a, b], np.array([7, 8])).copy())
-    return out
+    return out, launches
 
 
 def assert_close(got, ref, rel):
-    for g, r in zip(got, ref):
+    for g, r in zip(got[0], ref[0]):
         err, bound = float(np.abs(g - r).max()), rel * float(np.abs(r).max())
         assert err <= bound, f"max |Δlogit| {err:.3g} > {bound:.3g} (= {rel} x max |logit|)"
 
 
-@pytest.mark.parametrize("family, fmt, split", [(hunyuan_v1_dense, "f32", 4), (llama, "q4-asym", None)])
-def test_cuda_model_equals_cpu(family, fmt, split, monkeypatch):
-    """split=4: caches of 16 positions split attention along the sequence (four splits and their merge)."""
+# launches of a decode step: embed; per layer four for attention (five with its split's merge), two for a dense
+# MLP, three for a mixture of experts plus two for a shared MLP kept apart; the norm + lm_head
+LAUNCHES = {llama: 1 + (4 + 2) + 1, hunyuan_v1_moe: 1 + (5 + 3) + (5 + 5) + 1}
+
+
+@pytest.mark.parametrize("family, fmts, split", [(llama, ("q4-asym",), None), (hunyuan_v1_moe, ("f32", "q4"), 8)])
+def test_cuda_model_equals_cpu(family, fmts, split, monkeypatch):
+    """Llama: one layer, INT4 asymmetric, no QK-norm, a dense MLP. Hunyuan MoE (QK-norm): layer 0 fp16, top-1 of 4
+    experts with the shared MLP stacked among them; layer 1 INT4, k = E = 3 with the shared MLP apart (another
+    width); split=8: caches of 16 positions split attention along the sequence (two splits and their merge). The
+    mixture of experts counts its routing (tinyhun.moe_stats) on both paths: the same experts are picked."""
     from tinyhun.cuda_backend import CudaBackend
     from tinyhun.kernels import cuda_attention
     if split:
         monkeypatch.setattr(cuda_attention, "SPLIT", split)
     rng = np.random.default_rng(3)
-    cfg = config(family)
-    w = weights(rng, family is hunyuan_v1_dense, fmt)
-    got = run(Model(cfg, w, backend=CudaBackend(), max_context=16))
-    assert_close(got, run(Model(cfg, as_device_sees(w), backend=NumpyBackend(), max_context=16)), 1e-4)
-    if fmt == "f32":
+    cfg = config(family, len(fmts))
+    w = weights(rng, family is not llama, fmts, MOE if family is hunyuan_v1_moe else None)
+    COUNTING[0] = family is hunyuan_v1_moe
+    try:
+        got = run(Model(cfg, w, backend=CudaBackend(), max_context=16))
+        loads = [layer.mlp.load.copy() for layer in w.layers if isinstance(layer.mlp, MoEMLP)]
+        for layer in w.layers[:len(loads)]:
+            layer.mlp.load[:] = 0
+        device_sees = as_device_sees(w)
+        assert_close(got, run(Model(cfg, device_sees, backend=HalfKV(), max_context=16)), 1e-4)
+        for layer, load in zip(device_sees.layers, loads):
+            assert load.sum() > 0 and np.array_equal(layer.mlp.load, load)
+    finally:
+        COUNTING[0] = False
+    assert got[1] == LAUNCHES[family]
+    if fmts[0] == "f32":   # and against the fp32 weights as loaded, fp16's rounding apart
         assert_close(got, run(Model(cfg, w, backend=NumpyBackend(), max_context=16)), 1e-2)
-
-
-def test_launches_per_decoded_token():
-    from tinyhun.cuda_backend import CudaBackend
-    backend = CudaBackend()
-    model = Model(config(llama), weights(np.random.default_rng(5), False, "f32"), backend=backend, max_context=16)
-    cache = model.new_cache()
-    model.forward(cache, np.array([1]))
-    before = backend.launches
-    model.forward(cache, np.array([3]))
-    assert backend.launches - before == 1 + 6 * L + 1   # embed, six per layer, norm + lm_head

@@ -2,12 +2,17 @@
 
 At load (`prepare`) the weights go to the device once: float and INT8 matrices as fp16, INT4 kept INT4 in the
 row layout of kernels.cuda_ref.R4; q, k and v become one matrix (one GEMV), gate and up one matrix with their rows
-interleaved (the GEMV writes silu(gate) * up). The KV pool, the activation buffers and the RoPE tables live on the
-device; per forward only the token ids, slots and positions go up and the logits rows come down.
+interleaved (the GEMV writes silu(gate) * up). The KV pool (fp16), the activation buffers and the RoPE tables live
+on the device; per forward only the token ids, slots and positions go up and the logits rows come down.
 
 A decoder layer is six launches (seven when the cache is long enough to split attention along the sequence):
   1 RMSNorm + QKV GEMV   2 RoPE + QK-norm + KV store   3 attention   4 o_proj GEMV + residual add
   5 RMSNorm + gate/up GEMV + SiLU * up                 6 down GEMV + residual add
+A mixture of experts (kernels.cuda_moe) replaces 5 and 6 by three launches when decoding: 5 RMSNorm + router +
+top-k, 6 the picked experts' gate/up GEMVs (the shared MLP among them when it has their width and format), 7 their
+downs weighted + residual add; a prefill adds two, the sort grouping its rows by expert before the gate/up GEMM
+and the weighted combine after the down GEMM.
+A shared MLP of another width or format runs beside them as the dense MLP's two launches.
 """
 import threading
 from typing import NamedTuple
@@ -16,9 +21,10 @@ import numpy as np
 
 from .backend import NumpyBackend, _Quiet
 from .errors import TinyhunError
-from .structs import DenseMLP, Rows, weight_arrays
+from .structs import DenseMLP, MoEMLP, Rows, weight_arrays
 
 MAX_SPLITS = 16   # attention splits per row at most: a longer cache gets longer splits
+KV_DTYPE = np.float16   # the device KV cache's
 
 
 def require_cuda():
@@ -33,6 +39,20 @@ def require_cuda():
     return cuda
 
 
+class CudaDense(NamedTuple):
+    gate_up: object        # device linear [2 I, H], rows gate_0, up_0, gate_1, ...
+    down: object           # [H, I]
+
+
+class CudaMoE(NamedTuple):
+    router: object         # float32[E, H] (fp32, as on the CPU)
+    experts: object        # kernels.cuda_ref.Experts of device linears (the shared MLP among them when stacked)
+    apart: object          # CudaDense: a shared MLP that could not be stacked with the experts; None: none such
+    topk: int              # k
+    load: np.ndarray       # host int64[E]: tokens routed to each expert while counting (tinyhun.moe_stats)
+    counting: np.ndarray   # host bool[1], the model's switch
+
+
 class CudaLayer(NamedTuple):
     attn_norm: object      # float32[H]
     qkv: object            # device linear [(nh + 2 nkv) d, H]: q, k, v rows stacked
@@ -40,8 +60,7 @@ class CudaLayer(NamedTuple):
     q_norm: object         # float32[d], or a host [0] when the family has no QK-norm
     k_norm: object
     mlp_norm: object       # float32[H]
-    gate_up: object        # [2 I, H], rows gate_0, up_0, gate_1, ...
-    down: object           # [H, I]
+    mlp: object            # CudaDense or CudaMoE
 
 
 class CudaWeights(NamedTuple):
@@ -60,7 +79,15 @@ class CudaWeights(NamedTuple):
 
     @property
     def decode_bytes(self):
-        return sum(a.nbytes for a in self.arrays(decode=True))
+        """Bytes a decoded token reads: of a mixture of experts only its k experts' (and a stacked shared MLP's)."""
+        idle = 0
+        for layer in self.layers:
+            if isinstance(layer.mlp, CudaMoE):
+                ex = layer.mlp.experts
+                held = sum({id(a): a.nbytes for w in (ex.gate_up, ex.down) for a in w
+                            if hasattr(a, "copy_to_host")}.values())
+                idle += held * (ex.n_experts - ex.topk) // (ex.n_experts + ex.shared)
+        return sum(a.nbytes for a in self.arrays(decode=True)) - idle
 
 
 class CudaBuffers(NamedTuple):
@@ -75,8 +102,10 @@ class CudaBuffers(NamedTuple):
     part: object           # flat float32 attention partials, R * nh * MAX_SPLITS * (d + 2)
     acts: object           # None: no int8 activation scratch on the device
 
+    moe: object = None     # kernels.cuda_moe.MoEScratch of a mixture-of-experts model
+
     def rows(self, T):
-        return CudaBuffers(*(b[:T] for b in self[:7]), self.part, None)
+        return CudaBuffers(*(b[:T] for b in self[:7]), self.part, None, self.moe)
 
 
 class DeviceScratch:
@@ -87,9 +116,15 @@ class DeviceScratch:
             return cuda.device_array(shape, np.float32)
         nh, d = cfg.num_heads, cfg.head_dim
         x, attn = dev(rows, cfg.hidden_size), dev(rows, nh, d)
+        moe = None
+        if getattr(cfg, "num_experts", None):
+            from .kernels.cuda_moe import MoEScratch
+            k = max(cfg.moe_topk)
+            moe = MoEScratch(cuda, rows, cfg.hidden_size, k, k + 1, max(cfg.moe_intermediate_size),
+                             max(cfg.num_experts) + 1)
         self.bufs = CudaBuffers(x, x, dev(rows, cfg.q_dim + 2 * cfg.kv_dim), dev(rows, nh, d), attn,
                                 attn.reshape(rows, nh * d), dev(rows, cfg.intermediate_size),
-                                dev(rows * nh * MAX_SPLITS * (d + 2)), None)
+                                dev(rows * nh * MAX_SPLITS * (d + 2)), None, moe)
         self.slots = np.zeros(rows, np.int64)        # filled by Model.forward / forward_batch
         self.positions = np.zeros(rows, np.int64)
         self._stage = cuda.pinned_array(2 * rows, np.int64)
@@ -121,8 +156,9 @@ class CudaBackend(NumpyBackend):
 
     def __init__(self):
         self.cuda = require_cuda()
-        from .kernels import cuda_attention, cuda_common, cuda_linear, cuda_ref
+        from .kernels import cuda_attention, cuda_common, cuda_linear, cuda_moe, cuda_ref
         self.k_attn, self.k_common, self.k_linear, self.k_ref = cuda_attention, cuda_common, cuda_linear, cuda_ref
+        self.k_moe = cuda_moe
         self._local = threading.local()
 
     @property
@@ -131,7 +167,9 @@ class CudaBackend(NumpyBackend):
         return self.k_common.LAUNCHES[0]
 
     def zeros(self, shape, dtype):
-        return self.cuda.to_device(np.zeros(shape, dtype))
+        """The KV pool's allocator (its only caller): keys and values are held in fp16 on the device, half the
+        bytes attention reads, rounded once as they are stored."""
+        return self.cuda.to_device(np.zeros(shape, KV_DTYPE if dtype == np.float32 else dtype))
 
     def scratch(self, cfg, rows):
         return DeviceScratch(self.cuda, cfg, rows)
@@ -143,19 +181,28 @@ class CudaBackend(NumpyBackend):
         """A device linear of host arrays -> the same with its arrays on the device."""
         return type(fmt)(*(self._put(f) if isinstance(f, np.ndarray) else f for f in fmt))
 
+    def _dense(self, gate_up, down):
+        return CudaDense(self._linear(gate_up), self._linear(down))
+
+    def _mlp(self, i, m):
+        fmt, stack = self.k_ref.device_format, self.k_ref.stack
+        if isinstance(m, DenseMLP):
+            return self._dense(stack([fmt(m.gate), fmt(m.up)], interleave=True), fmt(m.down))
+        if not isinstance(m, MoEMLP):
+            raise TinyhunError(f"device 'cuda': layer {i} has a {type(m).__name__} MLP, which does not run on the "
+                               "GPU (use device 'cpu')")
+        ex, apart = self.k_ref.experts_of(m.gate, m.up, m.down, m.topk, m.shared if m.has_shared else None)
+        ex = ex._replace(gate_up=self._linear(ex.gate_up), down=self._linear(ex.down))
+        return CudaMoE(self._put(m.router), ex, apart and self._dense(*apart), m.topk, m.load, m.counting)
+
     def prepare(self, weights):
         fmt, stack = self.k_ref.device_format, self.k_ref.stack
         layers = []
         for i, lw in enumerate(weights.layers):
-            a, m = lw.attn, lw.mlp
-            if not isinstance(m, DenseMLP):
-                raise TinyhunError(f"device 'cuda': layer {i} has a {type(m).__name__} MLP; only dense MLPs run "
-                                   "on the GPU so far (use device 'cpu')")
+            a = lw.attn
             norms = [self._put(n) if n.size else n for n in (a.q_norm, a.k_norm)]
             layers.append(CudaLayer(self._put(lw.attn_norm), self._linear(stack([fmt(a.wq), fmt(a.wk), fmt(a.wv)])),
-                                    self._linear(fmt(a.wo)), *norms, self._put(lw.mlp_norm),
-                                    self._linear(stack([fmt(m.gate), fmt(m.up)], interleave=True)),
-                                    self._linear(fmt(m.down))))
+                                    self._linear(fmt(a.wo)), *norms, self._put(lw.mlp_norm), self._mlp(i, lw.mlp)))
         embed = self._linear(fmt(weights.embed))
         head = embed if weights.lm_head is weights.embed else self._linear(fmt(weights.lm_head))
         return CudaWeights(embed, tuple(layers), self._put(weights.norm), head)
@@ -177,21 +224,40 @@ class CudaBackend(NumpyBackend):
         from .families import llama
         if family.decoder_layer is not llama.decoder_layer:
             raise TinyhunError(f"device 'cuda': model family {family.MODEL_TYPE!r} is not supported on the GPU yet "
-                               "(supported: llama, hunyuan_v1_dense)")
+                               "(supported: llama, hunyuan_v1_dense, hunyuan_v1_moe)")
         linear, rope_qk_store, attention_rows = (self.k_linear.linear, self.k_attn.rope_qk_store,
                                                  self.k_attn.attention_rows)
+        km, width = self.k_moe, self.k_ref.shape
+
+        def moe_mlp(s, m, norm, eps):
+            # the router, the picked experts' gate/up and their weighted downs + residual (module docstring); a
+            # shared MLP kept apart reads x before any of the downs add to it
+            r, ex, T = s.moe, m.experts, s.x.shape[0]
+            ids, weights = r.ids[:T * ex.topk], r.weights[:T * ex.topk]
+            km.route(ids, weights, s.x, m.router, norm, eps)
+            h = r.h_rows(T, ex.topk + ex.shared, width(ex.down)[1])
+            km.experts_up(h, s.x, ex, ids, norm, eps, r)
+            if m.apart is not None:
+                linear(s.h, s.x, m.apart.gate_up, norm=norm, eps=eps, pairs=True)
+                linear(s.x, s.h, m.apart.down, resid=s.x)
+            km.experts_down(s.x, h, ex, ids, weights, s.x, r)
+            if m.counting[0]:   # routing statistics (tinyhun.moe_stats): the ids come down only while counting
+                np.add.at(m.load, ids.copy_to_host(), 1)
 
         def decoder_layer(lw, s, k_cache, v_cache, rows, dims):
-            # llama.decoder_layer's block order, fused into six launches (module docstring)
-            eps, S = dims.eps, k_cache.shape[2]
+            # llama.decoder_layer's block order in six launches, or a mixture of experts' (module docstring)
+            eps, S, m = dims.eps, k_cache.shape[2], lw.mlp
             linear(s.qkv, s.x, lw.qkv, norm=lw.attn_norm, eps=eps)
             rope_qk_store(s.q, s.qkv, k_cache, v_cache, rows.cos, rows.sin, rows.slots, rows.positions,
                           lw.q_norm, lw.k_norm, eps)
             attention_rows(s.attn, s.q, k_cache, v_cache, rows.slots, rows.positions,
                            split=max(self.k_attn.SPLIT, -(-S // MAX_SPLITS)), partials=s.part)
             linear(s.x, s.attn2, lw.wo, resid=s.x)
-            linear(s.h, s.x, lw.gate_up, norm=lw.mlp_norm, eps=eps, pairs=True)
-            linear(s.x, s.h, lw.down, resid=s.x)
+            if isinstance(m, CudaMoE):
+                moe_mlp(s, m, lw.mlp_norm, eps)
+            else:
+                linear(s.h, s.x, m.gate_up, norm=lw.mlp_norm, eps=eps, pairs=True)
+                linear(s.x, s.h, m.down, resid=s.x)
         return decoder_layer
 
     def logits(self):

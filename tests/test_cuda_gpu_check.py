@@ -1,0 +1,29 @@
+"""bench/gpu_check.py end to end with tiny shapes (--tiny), under Numba's CUDA simulator: run by test_cuda_sim.py in
+its simulator subprocess (TINYHUN_CUDA_TESTS=1), beside the kernel and model tests. Not run by gpu_check itself."""
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.environ.get("TINYHUN_CUDA_TESTS") != "1",
+                                reason="run by test_cuda_sim.py (simulator subprocess)")
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+
+
+def test_gpu_check_runs_end_to_end(tmp_path):
+    """Every section runs and writes its results: the dense and MoE checkpoints' logits equal the CPU's, decode
+    speeds and launches per token of each model, the GEMV and copy bandwidths."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    gpu_check.main([str(tmp_path / "out"), "--tiny"])
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    for name in ("tiny-hunyuan", "tiny-hunyuan-moe-int4"):   # --tiny checks each kind and format once
+        assert res["logits"][name]["ok"], (name, res["logits"][name])
+    for name in ("int4", "moe fp16"):   # --tiny runs one of each kind
+        r = res["decode"][name]
+        assert r["decode_tok_s"] > 0 and r["launches_per_token"] > 0 and r["decode_gb_s"] > 0, name
+    assert res["gemv_int4"]["gb_s"] > 0 and res["copy_gb_s"] > 0
+    assert (tmp_path / "out" / "report.md").read_text().strip()
