@@ -150,14 +150,13 @@ metric_list:
 
 @pytest.mark.slow
 def test_lm_eval_local_completions_through_the_server(ours, tmp_path, monkeypatch):
-    """EleutherAI's lm-evaluation-harness (not a test dependency: skipped without lm-eval[api]) scores the sample
+    """EleutherAI's lm-evaluation-harness (lm-eval[api], in the test extra) scores the sample
     choice task through a live server on 127.0.0.1 with its local-completions model (echo + logprobs, tinyhun's
     tokenizer through /tokenizer_info and /tokenize). Every choice's log-likelihood equals what `eval choice`'s
     scorer (evaluate.choice_scores) gives the same token ids, and so do its acc and acc_norm. lm-eval encodes the
     context without special tokens, `eval choice` with them (the tiny tokenizer's BOS): the ids are the same
     otherwise, which the test checks too."""
-    lm_eval = pytest.importorskip("lm_eval")
-    pytest.importorskip("tenacity")   # lm-eval's `api` extra, which its API models need
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     from live_server import LiveServer
