@@ -41,37 +41,14 @@ def kernel_tests():
     return {"ok": r.returncode == 0, "tail": (r.stdout + r.stderr)[-3000:]}
 
 
-def device_view(w):
-    """Host weights -> F32 weights of what the device multiplies by (floats and INT8 as fp16, INT4 dequantized)."""
-    from tinyhun.kernels import cuda_ref, moe
-    from tinyhun.kernels.linear import F32, Q4, Q8
-    from tinyhun.structs import MoEMLP
-
-    def seen(lin):
-        return F32(cuda_ref.dense(cuda_ref.device_format(lin)))
-    if isinstance(w, (F32, Q4, Q8)):
-        return seen(w)
-    if isinstance(w, MoEMLP):   # stacked experts, viewed one by one; the router stays fp32
-        return w._replace(shared=device_view(w.shared), **{
-            f: F32(np.stack([seen(moe.expert(getattr(w, f), e)).w for e in range(len(w.router))]))
-            for f in ("gate", "up", "down")})
-    if isinstance(w, tuple):
-        parts = [device_view(v) for v in w]
-        return type(w)(*parts) if hasattr(w, "_fields") else tuple(parts)
-    return w
-
-
 def compare_logits(path, cpu_kernels, rel, n, exact=False):
     """max |Δlogit| / max |logit| of device cuda vs the CPU over n tokens, and greedy agreement. exact: the CPU
     (NumPy reference, fp16 KV cache as on the device) runs the weights as the device sees them, for a model whose
     routing the CPU's int8 activation rounding would change (an INT4 mixture of experts)."""
     import tinyhun
-    from tinyhun.backend import NumpyBackend
+    from tinyhun.cuda_backend import HalfKV, device_view
     from tinyhun.model import Model
 
-    class HalfKV(NumpyBackend):
-        def zeros(self, shape, dtype):
-            return np.zeros(shape, np.float16)
     cpu = tinyhun.load(path, kernels="numpy" if exact else cpu_kernels, max_context=n)
     if exact:
         cpu = Model(cpu.config, device_view(cpu.weights), backend=HalfKV(), max_context=n)

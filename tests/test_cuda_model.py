@@ -14,9 +14,9 @@ import pytest
 
 from tinyhun.backend import NumpyBackend
 from tinyhun.families import hunyuan_v1_moe, llama
-from tinyhun.kernels import q4, q8
-from tinyhun.kernels.linear import F32, Q4, Q8, as_linear
-from tinyhun.kernels.moe import expert, stack_linears
+from tinyhun.kernels import q4
+from tinyhun.kernels.linear import as_linear
+from tinyhun.kernels.moe import stack_linears
 from tinyhun.model import Model
 from tinyhun.structs import Attention, DenseMLP, Layer, MoEMLP, Weights
 
@@ -68,31 +68,6 @@ def weights(rng, qk_norm, fmts, moe=None):
     return Weights(embed, tuple(layers), norm(H), embed)
 
 
-def as_device_sees(w):
-    """The weights as the device multiplies by them, as F32 (fp16-rounded floats, dequantized INT4)."""
-    if isinstance(w, F32):
-        return F32(w.w.astype(np.float16).astype(f32))
-    if isinstance(w, Q8):   # the device holds INT8 matrices as fp16
-        return F32(q8.dequantize_q8(w.weight()).astype(np.float16).astype(f32))
-    if isinstance(w, Q4) and w.packed.ndim == 4:   # stacked experts
-        return F32(np.stack([q4.dequantize_q4(expert(w, e).weight()) for e in range(len(w.packed))]))
-    if isinstance(w, Q4):
-        return F32(q4.dequantize_q4(w.weight()))
-    if isinstance(w, MoEMLP):   # the router stays fp32 on the device
-        return w._replace(**{f: as_device_sees(getattr(w, f)) for f in ("gate", "up", "down", "shared")})
-    if isinstance(w, tuple):
-        parts = [as_device_sees(v) for v in w]
-        return type(w)(*parts) if hasattr(w, "_fields") else tuple(parts)
-    return w
-
-
-class HalfKV(NumpyBackend):
-    """The NumPy reference with the device's fp16 KV cache: keys and values rounded as the device stores them."""
-
-    def zeros(self, shape, dtype):
-        return np.zeros(shape, np.float16)
-
-
 def run(model):
     """A prefill (GEMMs), a decode step (GEMVs), and a batch step of two caches at different positions (GEMVs of
     two rows); the kernel launches of the decode step."""
@@ -123,7 +98,7 @@ def test_cuda_model_equals_cpu(family, fmts, split, monkeypatch):
     experts with the shared MLP stacked among them; layer 1 INT4, k = E = 3 with the shared MLP apart (another
     width); split=8: caches of 16 positions split attention along the sequence (two splits and their merge). The
     mixture of experts counts its routing (tinyhun.moe_stats) on both paths: the same experts are picked."""
-    from tinyhun.cuda_backend import CudaBackend
+    from tinyhun.cuda_backend import CudaBackend, HalfKV, device_view
     from tinyhun.kernels import cuda_attention
     if split:
         monkeypatch.setattr(cuda_attention, "SPLIT", split)
@@ -136,7 +111,7 @@ def test_cuda_model_equals_cpu(family, fmts, split, monkeypatch):
         loads = [layer.mlp.load.copy() for layer in w.layers if isinstance(layer.mlp, MoEMLP)]
         for layer in w.layers[:len(loads)]:
             layer.mlp.load[:] = 0
-        device_sees = as_device_sees(w)
+        device_sees = device_view(w)
         assert_close(got, run(Model(cfg, device_sees, backend=HalfKV(), max_context=16)), 1e-4)
         for layer, load in zip(device_sees.layers, loads):
             assert load.sum() > 0 and np.array_equal(layer.mlp.load, load)

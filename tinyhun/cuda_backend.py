@@ -151,6 +151,34 @@ class DeviceScratch:
         return host
 
 
+def device_view(w):
+    """Host weights (a structs.Weights or any part of it) as the device multiplies by them, as F32: floats and INT8
+    rounded to fp16, INT4 dequantized, stacked experts one by one; the router stays fp32. With HalfKV, the NumPy
+    reference of exactly what the device computes (tests and bench/gpu_check.py compare the two)."""
+    from .kernels import cuda_ref, moe
+    from .kernels.linear import F32, Q4, Q8
+
+    def seen(lin):
+        return F32(cuda_ref.dense(cuda_ref.device_format(lin)))
+    if isinstance(w, (F32, Q4, Q8)):
+        return seen(w)
+    if isinstance(w, MoEMLP):
+        return w._replace(shared=device_view(w.shared), **{
+            f: F32(np.stack([seen(moe.expert(getattr(w, f), e)).w for e in range(len(w.router))]))
+            for f in ("gate", "up", "down")})
+    if isinstance(w, tuple):
+        parts = [device_view(v) for v in w]
+        return type(w)(*parts) if hasattr(w, "_fields") else tuple(parts)
+    return w
+
+
+class HalfKV(NumpyBackend):
+    """The NumPy reference with the device's fp16 KV cache: keys and values rounded as the device stores them."""
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, np.float16)
+
+
 class CudaBackend(NumpyBackend):
     name = "cuda"
 
