@@ -1,5 +1,5 @@
-"""`linear` inside Numba code: the kernel for each weight format of tinyhun.kernels.linear, chosen at compile time
-from the NamedTuple's class. A new format adds one entry to KERNELS."""
+"""`linear` inside Numba code: the kernel for each weight format of tinyhun.kernels.linear, chosen at compile time by
+the NamedTuple's class. A new format adds one entry to KERNELS."""
 import numpy as np
 from numba import njit, prange, types
 from numba.core.errors import TypingError

@@ -354,6 +354,26 @@ def _gemv(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
         _store_tile(out, 0, n, tile, _gemv_tile(tile, nb, ng, per, xq, xd, xqsum, xsum, packed, scales, mins, sym))
 
 
+@njit(cache=True, inline="always")
+def _unpack_block(packed, w0):
+    # the codes of one 16-row x 32-k block (256 bytes at packed[w0:]) as the eight chunks _dot32 takes
+    lo0, hi0 = _unpack(packed, w0)
+    lo1, hi1 = _unpack(packed, w0 + 64)
+    lo2, hi2 = _unpack(packed, w0 + 128)
+    lo3, hi3 = _unpack(packed, w0 + 192)
+    return lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3
+
+
+@njit(cache=True, inline="always")
+def _q4_token(acc, c, xq, xd, xqsum, xsum, i, x0, s, m, sym):
+    # acc + block i (= t nb + b) of token t against the unpacked codes c (_gemm, _gemm_few): _gemv_tile's operations
+    isum = _dot32(_splat_i(-8 * xqsum[i] if sym else 0), c, xq, x0)
+    acc = _fma(acc, isum, _mul(s, _splat_f(xd[i])))
+    if not sym:
+        acc = _fma(acc, m, _splat_f(xsum[i]))
+    return acc
+
+
 @njit(cache=True, parallel=True)
 def _gemm(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
     # out[T, N] = x[T, K] @ W[N, K].T. Per pass of GEMM_TOKENS tokens (their int8 rows stay in L2), each tile's
@@ -370,36 +390,15 @@ def _gemm(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
             for g in range(ng):
                 so = (tile * ng + g) * TILE
                 s = _load_h(scales, so)
+                m = s if sym else _load_h(mins, so)
                 for b in range(g * per, (g + 1) * per):
-                    w0 = (tile * nb + b) * 256
-                    lo0, hi0 = _unpack(packed, w0)
-                    lo1, hi1 = _unpack(packed, w0 + 64)
-                    lo2, hi2 = _unpack(packed, w0 + 128)
-                    lo3, hi3 = _unpack(packed, w0 + 192)
+                    c = _unpack_block(packed, (tile * nb + b) * 256)
                     for t in range(t0, t1):
-                        x0 = t * k + b * ACT_BLOCK
-                        isum = _splat_i(-8 * xqsum[t * nb + b] if sym else 0)
-                        isum = _dot(_dot(isum, lo0, xq, x0), hi0, xq, x0 + 4)
-                        isum = _dot(_dot(isum, lo1, xq, x0 + 8), hi1, xq, x0 + 12)
-                        isum = _dot(_dot(isum, lo2, xq, x0 + 16), hi2, xq, x0 + 20)
-                        isum = _dot(_dot(isum, lo3, xq, x0 + 24), hi3, xq, x0 + 28)
                         o = (t - t0) * TILE
-                        a = _fma(_load_f(acc, o), isum, _mul(s, _splat_f(xd[t * nb + b])))
-                        if not sym:
-                            a = _fma(a, _load_h(mins, so), _splat_f(xsum[t * nb + b]))
-                        _store_f(acc, o, a)
+                        _store_f(acc, o, _q4_token(_load_f(acc, o), c, xq, xd, xqsum, xsum, t * nb + b,
+                                                   t * k + b * ACT_BLOCK, s, m, sym))
             r0 = tile * TILE
             out[t0:t1, r0:r0 + TILE] = acc[:, :min(TILE, n - r0)]
-
-
-@njit(cache=True, inline="always")
-def _q4_token(acc, c, xq, xd, xqsum, xsum, i, x0, s, m, sym):
-    # acc + block i (= t nb + b) of token t against the unpacked codes c; the same operations as _gemv and _gemm
-    isum = _dot32(_splat_i(-8 * xqsum[i] if sym else 0), c, xq, x0)
-    acc = _fma(acc, isum, _mul(s, _splat_f(xd[i])))
-    if not sym:
-        acc = _fma(acc, m, _splat_f(xsum[i]))
-    return acc
 
 
 @njit(cache=True, parallel=True)
@@ -425,11 +424,7 @@ def _gemm_few(out, x, xq, xd, xqsum, xsum, packed, scales, mins, sym):
                     w0 = (tile * nb + b) * 256
                     for c in range(4):
                         _prefetch(packed, w0 + PREFETCH + 64 * c)
-                    lo0, hi0 = _unpack(packed, w0)
-                    lo1, hi1 = _unpack(packed, w0 + 64)
-                    lo2, hi2 = _unpack(packed, w0 + 128)
-                    lo3, hi3 = _unpack(packed, w0 + 192)
-                    c = (lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3)
+                    c = _unpack_block(packed, w0)
                     x0 = b * ACT_BLOCK
                     a0 = _q4_token(a0, c, xq, xd, xqsum, xsum, u0 * nb + b, u0 * k + x0, s, m, sym)
                     if cnt > 1:

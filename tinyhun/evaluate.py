@@ -96,12 +96,18 @@ def choice_scores(model, ids_context, continuations):
     return scores
 
 
+def _first(items, limit, task):
+    # the items a task evaluates: the first `limit` (all when None), at least one
+    items = list(items)[:limit]
+    if not items:
+        raise TinyhunError(f"{task}: no items to evaluate")
+    return items
+
+
 def choice(model, items, limit=None, progress=False):
     """Multiple-choice accuracy (summed and length-normalised log-likelihood) over items (see the module doc)."""
     tok = _tokenizer(model)
-    items = list(items)[:limit]
-    if not items:
-        raise TinyhunError("choice: no items to evaluate")
+    items = _first(items, limit, "choice")
     hits = hits_norm = tokens = 0
     rows = []
     start = time.perf_counter()
@@ -134,9 +140,7 @@ def generate(model, items, max_tokens=64, chat=None, limit=None, progress=False)
     """Greedy answers to prompts, scored by exact match and contains against each item's answer(s)."""
     from .generation import stream_generate
     _tokenizer(model)
-    items = list(items)[:limit]
-    if not items:
-        raise TinyhunError("generate: no items to evaluate")
+    items = _first(items, limit, "generate")
     exact = contains = tokens = 0
     rows = []
     start = time.perf_counter()
