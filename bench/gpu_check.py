@@ -4,9 +4,10 @@ Writes OUTDIR/results.json and OUTDIR/report.md (atomically: the folder appears 
   1. the CUDA kernel and model tests on this GPU (tests/test_cuda_kernels.py, tests/test_cuda_model.py);
   2. logits through device "cuda" vs the CPU on the tiny checkpoints, dense and mixture of experts (fp32 and
      INT4), and SmolLM2 when it is here;
-  3. prefill and decode tok/s for the Hunyuan-0.5B shape (random weights, fp16 and INT4), launches per token,
-     against transformers bf16 (eager and sdpa) on the same GPU in the same run when torch has CUDA; the same
-     for a mixture of experts of that width (MOE_SHAPE), with its decode GB/s over the bytes a token reads;
+  3. prefill and decode tok/s for the Hunyuan-0.5B shape (random weights, fp16 and INT4), kernels and host
+     launches per token, against transformers bf16 (eager and sdpa) on the same GPU in the same run when torch has
+     CUDA; the same for a mixture of experts of that width (MOE_SHAPE), with its decode GB/s over the bytes a token
+     reads; the dense decode again without CUDA graphs, and whether replayed steps' logits equal launched ones';
   4. INT4 GEMV GB/s against a device-to-device copy measured in the same run.
 --tiny: tiny shapes and no test subprocess, so the whole script runs under Numba's CUDA simulator (the CI test).
 """
@@ -121,25 +122,33 @@ def random_model(shape, fmt, backend, max_context):
     return Model(cfg, Weights(embed, layers, norm(H), embed), backend=backend, max_context=max_context)
 
 
-def tinyhun_speed(shape, fmt, prompt, gen, reps):
+def tinyhun_speed(shape, fmt, prompt, gen, reps, launched_too=False):
+    """tinyhun's prefill and decode tok/s (tinyhun.bench) and kernels and host launch calls per decoded token, with
+    decode steps replayed as CUDA graphs; launched_too: the same again on the same model with every kernel launched
+    from the host, and whether the graphs' logits equal those (the same tokens from a fresh cache)."""
     from tinyhun.bench import bench
     from tinyhun.cuda_backend import CudaBackend
     backend = CudaBackend()
     model = random_model(shape, fmt, backend, prompt + gen + 2)
-    warmup = 1 if reps > 1 else 0
-    before = backend.launches
-    r = bench(model, prompt_tokens=prompt, gen_tokens=gen, repetitions=reps, warmup=warmup)
-    if prompt == 1:   # (--tiny) every forward of the bench is one token's, as a decode step is
-        r["launches_per_token"] = (backend.launches - before) // ((1 + gen) * (warmup + reps))
-    else:
-        cache = model.new_cache()
-        model.forward(cache, np.array([1]))
-        before = backend.launches
-        model.forward(cache, np.array([2]))
-        r["launches_per_token"] = backend.launches - before
-    r["weight_gb"] = model.weights.nbytes / 1e9
-    r["decode_gb_s"] = model.weights.decode_bytes * r["decode_tok_s"] / 1e9   # bytes a token reads x tokens/s
-    return r
+
+    def measure(graphs):
+        backend.graphs = graphs
+        r = bench(model, prompt_tokens=prompt, gen_tokens=gen, repetitions=reps, warmup=1 if reps > 1 else 0)
+        cache, steps = model.new_cache(), []
+        for t in range(3):   # a graph is captured on a step's second run: the third is a replay
+            before = backend.launches, backend.host_launches
+            steps.append(model.forward(cache, np.array([t + 1])).copy())
+        r["launches_per_token"] = backend.launches - before[0]
+        r["host_launches_per_token"] = backend.host_launches - before[1]
+        r["weight_gb"] = model.weights.nbytes / 1e9
+        r["decode_gb_s"] = model.weights.decode_bytes * r["decode_tok_s"] / 1e9   # bytes a token reads x tokens/s
+        return r, steps
+    graphed, steps = measure(True)
+    if not launched_too:
+        return graphed, None
+    launched, ref = measure(False)
+    graphed["replayed_vs_launched_max_abs_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(steps, ref))
+    return graphed, launched
 
 
 def transformers_speed(shape, impl, prompt, gen, reps, device="cuda"):
@@ -213,7 +222,8 @@ def report(res):
         lines.append(f"- logits {name}: rel err {r['rel_err']:.2e} (bound {r['bound']}), argmax agree "
                      f"{r['argmax_agree']:.2f} -> {'ok' if r['ok'] else 'FAIL'}")
     for name, r in {**res["decode"], **res.get("transformers", {})}.items():
-        extra = f", {r['launches_per_token']} launches/token" if "launches_per_token" in r else ""
+        extra = (f", {r['launches_per_token']} kernels and {r['host_launches_per_token']} host launches/token"
+                 if "launches_per_token" in r else "")
         extra += f", decode {r['decode_gb_s']:.1f} GB/s of weights read" if "decode_gb_s" in r else ""
         lines.append(f"- {name}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.1f} tok/s{extra}")
     for name, v in res.get("ratios", {}).items():
@@ -223,7 +233,10 @@ def report(res):
                  f"the measured device copy ({res['copy_gb_s']:.1f} GB/s)")
     if "tests" in res:
         lines.append(f"- CUDA kernel/model tests on this GPU: {'passed' if res['tests']['ok'] else 'FAILED'}")
-    lines.append(f"- CUDA graph capture of the decode step: {res['cuda_graph']}")
+    for fmt, g in res["cuda_graph"].items():
+        lines.append(f"- CUDA graphs, {fmt}: decode {g['decode_speedup']:.2f}x the speed of launching kernel by kernel; "
+                     f"replayed vs launched logits: max |diff| {g['replayed_vs_launched_max_abs_diff']:.3g} -> "
+                     f"{'ok' if g['ok'] else 'FAIL'}")
     return "\n".join(lines) + "\n"
 
 
@@ -239,9 +252,7 @@ def main(argv=None):
     tiny = args.tiny
     clock = time.perf_counter()
     n_ids = 1 if tiny else 64   # tiny: the load path only (the model tests run the GEMMs)
-    res = {"device": device_name(cuda),
-           "cuda_graph": "not attempted: numba-cuda launches go to the legacy default stream, which cannot be "
-                         "captured; launches per token are reported instead"}
+    res = {"device": device_name(cuda)}
     if not tiny:
         res["tests"] = kernel_tests()
         print("tests:", "passed" if res["tests"]["ok"] else "FAILED", flush=True)
@@ -271,7 +282,16 @@ def main(argv=None):
     # every format through both kinds)
     runs = ((shape, "", "int4"), (moe_shape, "moe ", "fp16")) if tiny else \
         tuple((sh, name, fmt) for sh, name in ((shape, ""), (moe_shape, "moe ")) for fmt in ("fp16", "int4"))
-    res["decode"] = {name + fmt: tinyhun_speed(sh, fmt, prompt, gen, reps) for sh, name, fmt in runs}
+    res["decode"], res["cuda_graph"] = {}, {}
+    for sh, name, fmt in runs:
+        # the dense model also with every kernel launched from the host: what the graphs save
+        graphed, launched = tinyhun_speed(sh, fmt, prompt, gen, reps, launched_too=not name)
+        res["decode"][name + fmt] = graphed
+        if launched:
+            res["decode"][fmt + " without graphs"] = launched
+            diff = graphed["replayed_vs_launched_max_abs_diff"]
+            res["cuda_graph"][fmt] = {"decode_speedup": graphed["decode_tok_s"] / launched["decode_tok_s"],
+                                      "replayed_vs_launched_max_abs_diff": diff, "ok": diff == 0.0}
     print(json.dumps(res["decode"]), f"{time.perf_counter() - clock:.0f} s", flush=True)
     try:
         import torch

@@ -1,20 +1,103 @@
-"""What the numba.cuda kernels share: the launch counter, and sums across a warp or a block.
+"""What the numba.cuda kernels share: the one launch function (its counter, its target stream, the capture of a
+CUDA graph), and sums across a warp or a block.
 
 Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, how CI runs these kernels) has no warp shuffles, so `warp_sum`
 goes through shared memory there and through shfl_xor on a GPU: the one place the simulated code differs from the
 GPU's, and bench/gpu_check.py runs the kernel tests on a real GPU too. Every thread of a block must call the
 sums (they synchronize).
 """
+import threading
+from contextlib import contextmanager
+
 from numba import cuda, float32
 
 WARP = 32
 SHUFFLE = hasattr(cuda, "shfl_xor_sync")   # False under the simulator
-LAUNCHES = [0]   # kernel launches so far (the backend reports launches per token from it)
+LAUNCHES = [0]   # kernels run so far, a graph's counted as it replays (the backend reports launches per token)
+GRAPH_LAUNCHES = [0]   # graphs launched so far: one host call each, however many kernels they hold
+REPLAYED = [0]   # kernels of LAUNCHES that ran inside a graph
+_target = threading.local()   # .to: this thread's stream, or the capture in progress
 
 
 def launch(kernel, grid, block, *args):
+    """kernel[grid, block] on this thread's stream (see `on`), or into the graph being captured (see `capture`)."""
+    to = getattr(_target, "to", 0)
+    if isinstance(to, Replay):
+        to.launches.append((kernel, grid, block, args))
+    else:
+        kernel[grid, block, to](*args)
     LAUNCHES[0] += 1
-    kernel[grid, block](*args)
+
+
+@contextmanager
+def on(stream):
+    """Launches of this thread go to `stream` (a numba.cuda stream, or a graph builder) inside the block."""
+    before = getattr(_target, "to", 0)
+    _target.to = stream
+    try:
+        yield
+    finally:
+        _target.to = before
+
+
+class Replay:
+    """A CUDA graph's stand-in under the simulator (which has none): the captured launches, kernel and arguments,
+    run again in order. A graph replays exactly this (the same kernels on the same device pointers, nothing the host
+    did between them), so a step that replays correctly here is one a graph can hold."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __len__(self):
+        return len(self.launches)
+
+    def _run(self, stream):
+        for kernel, grid, block, args in self.launches:
+            kernel[grid, block, stream](*args)
+
+    def launch(self, stream):
+        """Every captured kernel, in order, on `stream`: one host call for a graph."""
+        self._run(stream)
+        LAUNCHES[0] += len(self)
+        REPLAYED[0] += len(self)
+        GRAPH_LAUNCHES[0] += 1
+
+
+class Graph(Replay):
+    """A CUDA graph captured from a stream (cuda.core's graph builder, which numba-cuda launches into)."""
+
+    def __init__(self, graph, kernels):
+        self.graph, self.kernels = graph, kernels
+
+    def __len__(self):
+        return self.kernels
+
+    def _run(self, stream):
+        from cuda.core import Stream
+        self.graph.launch(Stream.from_handle(int(stream.handle)))
+
+
+def capture(fn, stream):
+    """fn's kernel launches captured, not run: a Graph (a Replay under the simulator) whose launch(stream) runs them
+    all with one host call. fn must launch through `launch` and do nothing else on the device (no copies, no
+    allocation, no host reads), and must have run once already (so every kernel is compiled and loaded)."""
+    before = LAUNCHES[0]
+    if not SHUFFLE:
+        graph = Replay()
+        with on(graph):
+            fn()
+    else:
+        from cuda.core import Stream
+        builder = Stream.from_handle(int(stream.handle)).create_graph_builder()
+        builder.begin_building("thread_local")
+        try:
+            with on(builder):
+                fn()
+        finally:
+            builder.end_building()
+        graph = Graph(builder.complete(), LAUNCHES[0] - before)
+    LAUNCHES[0] = before   # captured, not run: counted as the graph runs
+    return graph
 
 
 if SHUFFLE:

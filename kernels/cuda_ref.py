@@ -32,7 +32,7 @@ class H16(NamedTuple):
 class R4(NamedTuple):
     words: object        # uint32[N, K/8]
     scales: object       # float16[N, K/G]
-    mins: object         # float16[N, K/G]; the scales when sym (never read then)
+    mins: object         # float16[N, K/G]; when sym the scales array itself (never read; not stored twice)
     sym: bool
     group: int
 
@@ -53,7 +53,8 @@ def r4_of(lin):
     def rows(a):
         return np.ascontiguousarray(a.view(np.float16).transpose(0, 2, 1).reshape(tiles * q4.TILE, -1)[:lin.n])
     group = c8 * 8 // lin.scales.shape[1]
-    return R4(words, rows(lin.scales), rows(lin.mins), lin.sym, group)
+    scales = rows(lin.scales)
+    return R4(words, scales, scales if lin.sym else rows(lin.mins), lin.sym, group)
 
 
 def dense(w):
@@ -87,7 +88,8 @@ def stack(ws, interleave=False):
         return (np.stack(arrays, axis=1).reshape(-1, arrays[0].shape[1]) if interleave
                 else np.concatenate(arrays))
     if all(isinstance(w, R4) for w in ws) and len({(w.sym, w.group) for w in ws}) == 1:
-        return R4(join([w.words for w in ws]), join([w.scales for w in ws]), join([w.mins for w in ws]),
+        scales = join([w.scales for w in ws])
+        return R4(join([w.words for w in ws]), scales, scales if ws[0].sym else join([w.mins for w in ws]),
                   ws[0].sym, ws[0].group)
     return H16(join([w.w if isinstance(w, H16) else dense(w).astype(np.float16) for w in ws]))
 

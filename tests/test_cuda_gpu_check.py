@@ -14,7 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
 def test_gpu_check_runs_end_to_end(tmp_path):
     """Every section runs and writes its results: the dense and MoE checkpoints' logits equal the CPU's, decode
-    speeds and launches per token of each model, the GEMV and copy bandwidths."""
+    speeds and launches per token of each model (one host launch per token when a step replays as a graph, every
+    kernel's without graphs), the GEMV and copy bandwidths."""
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
@@ -24,6 +25,11 @@ def test_gpu_check_runs_end_to_end(tmp_path):
         assert res["logits"][name]["ok"], (name, res["logits"][name])
     for name in ("int4", "moe fp16"):   # --tiny runs one of each kind
         r = res["decode"][name]
-        assert r["decode_tok_s"] > 0 and r["launches_per_token"] > 0 and r["decode_gb_s"] > 0, name
+        assert r["decode_tok_s"] > 0 and r["launches_per_token"] > 1 and r["decode_gb_s"] > 0, name
+        assert r["host_launches_per_token"] == 1, name
+        assert r["kernels_per_token"] == r["launches_per_token"], name   # tinyhun.bench's own count
+    r = res["decode"]["int4 without graphs"]
+    assert r["host_launches_per_token"] == r["launches_per_token"] == res["decode"]["int4"]["launches_per_token"]
+    assert res["cuda_graph"]["int4"]["ok"] and res["cuda_graph"]["int4"]["decode_speedup"] > 0
     assert res["gemv_int4"]["gb_s"] > 0 and res["copy_gb_s"] > 0
     assert (tmp_path / "out" / "report.md").read_text().strip()

@@ -120,3 +120,51 @@ def test_cuda_model_equals_cpu(family, fmts, split, monkeypatch):
     assert got[1] == LAUNCHES[family]
     if fmts[0] == "f32":   # and against the fp32 weights as loaded, fp16's rounding apart
         assert_close(got, run(Model(cfg, w, backend=NumpyBackend(), max_context=16)), 1e-2)
+
+
+def test_repeated_steps_replay_as_graphs(monkeypatch):
+    """A decode step seen a second time is captured (a Replay here, a CUDA graph on a GPU) and replayed with one
+    host launch from then on; every step's logits equal, bit for bit, those of the same steps launched kernel by
+    kernel (TINYHUN_CUDA_GRAPHS=0), though the position a replayed step reads and writes has moved on.
+    One INT4 mixture-of-experts layer with QK-norm (top-1 of 4, the shared MLP stacked): every decode kernel kind."""
+    from tinyhun.cuda_backend import CudaBackend, graphs_wanted
+    from tinyhun.errors import TinyhunError
+    cfg = config(hunyuan_v1_moe, 1)
+    w = weights(np.random.default_rng(5), True, ("q4",), MOE)
+
+    def steps(graphs):
+        monkeypatch.setenv("TINYHUN_CUDA_GRAPHS", graphs)
+        model = Model(cfg, w, backend=CudaBackend(), max_context=16)
+        qkv = model.weights.layers[0].qkv
+        assert qkv.mins is qkv.scales   # symmetric INT4: no mins on the device, the scales stand in
+        cache = model.new_cache(16)
+        out, host = [], []
+        for t in (5, 9, 30):
+            before = model.backend.host_launches
+            out.append(model.forward(cache, np.array([t])).copy())
+            host.append(model.backend.host_launches - before)
+        graphs = model._scratch().graphs
+        kept = len(graphs)
+        del cache
+        return out, host, kept, len(graphs)
+
+    launched, host_launched, _, _ = steps("0")
+    replayed, host_replayed, kept, left = steps("1")
+    for i, (g, r) in enumerate(zip(replayed, launched)):
+        assert np.array_equal(g, r), f"step {i}: max |Δlogit| {np.abs(g - r).max():.3g}"
+    step = 1 + (4 + 3) + 1   # embed; attention (no split); the mixture of experts; the lm_head
+    assert host_launched == [step] * 3
+    assert host_replayed == [step, 1, 1]   # run, then captured and launched, then launched
+    assert (kept, left) == (1, 0)   # one pool's graphs, gone with its caches
+    monkeypatch.setenv("TINYHUN_CUDA_GRAPHS", "yes")
+    with pytest.raises(TinyhunError, match="TINYHUN_CUDA_GRAPHS='yes': expected 0 or 1"):
+        graphs_wanted()
+    # a capture that fails (an old driver, say) warns once and the step runs launched, as do the later ones
+    monkeypatch.setenv("TINYHUN_CUDA_GRAPHS", "1")
+    model = Model(cfg, w, backend=CudaBackend(), max_context=16)
+    monkeypatch.setattr(model.backend.k_common, "capture", lambda *a: 1 / 0)
+    cache = model.new_cache(16)
+    model.forward(cache, np.array([5]))
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed .ZeroDivisionError"):
+        assert np.array_equal(model.forward(cache, np.array([9])), launched[1])
+    assert not model.backend.graphs

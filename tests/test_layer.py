@@ -44,7 +44,8 @@ def test_compiled_layer_equals_reference(qk_norm, fmt):
     for pos, T in ((0, 7), (7, 1), (8, 1)):
         positions = np.arange(pos, pos + T)
         ang = np.outer(positions, inv)
-        rows = Rows(np.zeros(T, np.int64), positions, np.cos(ang).astype(f32), np.sin(ang).astype(f32))
+        rows = Rows(np.zeros(T, np.int64), positions, np.cos(ang).astype(f32), np.sin(ang).astype(f32),
+                    np.zeros(T, np.int64))
         outs = {}
         for m, layer in runs.items():
             s = Buffers.allocate(cfg, T)

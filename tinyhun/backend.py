@@ -25,13 +25,16 @@ class HostScratch:
         self.bufs = Buffers.allocate(cfg, rows)
         self.slots = np.zeros(rows, np.int64)       # filled by Model.forward / forward_batch
         self.positions = np.zeros(rows, np.int64)
+        self.ids = np.zeros(rows, np.int64)
         self.cos = np.zeros((rows, cfg.head_dim // 2), np.float32)
         self.sin = np.zeros((rows, cfg.head_dim // 2), np.float32)
         self.logits = np.zeros((1, cfg.vocab_size), np.float32)
 
-    def rows(self, T, rope):
-        """structs.Rows of the first T rows, their RoPE angles gathered from the tables rope = (cos, sin)."""
-        rows = Rows(self.slots[:T], self.positions[:T], self.cos[:T], self.sin[:T])
+    def rows(self, T, rope, ids):
+        """structs.Rows of the first T rows, token ids `ids`, their RoPE angles gathered from the tables
+        rope = (cos, sin)."""
+        self.ids[:T] = ids
+        rows = Rows(self.slots[:T], self.positions[:T], self.cos[:T], self.sin[:T], self.ids[:T])
         np.take(rope[0], rows.positions, axis=0, out=rows.cos)
         np.take(rope[1], rows.positions, axis=0, out=rows.sin)
         return rows
@@ -72,6 +75,11 @@ class NumpyBackend:
 
     def embed(self, out, table, ids):
         table.rows(out, ids)
+
+    def run(self, scratch, key, step):
+        """step(): one forward's layers, run now. key (pool, rows, logits rows) names the arrays it uses, for a
+        backend that replays steps (the CUDA backend's graphs)."""
+        step()
 
     def layer(self, family):
         return family.decoder_layer

@@ -8,18 +8,27 @@ import numpy as np
 from .errors import TinyhunError
 
 
+def launch_counts(model):
+    """(kernels run, host launch calls) so far for a backend that launches kernels (CUDA), else (0, 0)."""
+    b = model.backend
+    return (b.launches, b.host_launches) if hasattr(b, "host_launches") else (0, 0)
+
+
 def timed_run(model, prompt, gen_tokens):
-    """One prefill of `prompt` then `gen_tokens` greedy decode steps; returns (prefill_s, ttft_s, decode_s)."""
+    """One prefill of `prompt` then `gen_tokens` greedy decode steps; returns (prefill_s, ttft_s, decode_s,
+    (kernels, host launches) of the decode steps)."""
     cache = model.new_cache(len(prompt) + gen_tokens + 1)
     t0 = time.perf_counter()
     logits = model.forward(cache, prompt)[0]
     t1 = time.perf_counter()
     token = np.array([int(np.argmax(logits))])
     ttft = time.perf_counter() - t0
+    before = launch_counts(model)
     t2 = time.perf_counter()
     for _ in range(gen_tokens):
         token[0] = int(np.argmax(model.forward(cache, token)[0]))
-    return t1 - t0, ttft, time.perf_counter() - t2
+    t3 = time.perf_counter()
+    return t1 - t0, ttft, t3 - t2, tuple(b - a for a, b in zip(before, launch_counts(model)))
 
 
 def peak_rss_mb():
@@ -45,7 +54,8 @@ def bench(model, prompt_tokens=128, gen_tokens=32, repetitions=3, warmup=1, seed
                            f"of {model.max_context}")
     prompt = np.random.default_rng(seed).integers(0, model.config.vocab_size, size=prompt_tokens)
     runs = [timed_run(model, prompt, gen_tokens) for _ in range(warmup + repetitions)][warmup:]
-    prefill_s, ttft_s, decode_s = (np.array(col) for col in zip(*runs))
+    prefill_s, ttft_s, decode_s = (np.array(col) for col in list(zip(*runs))[:3])
+    kernels, host = runs[-1][3]
     prefill_tps = prompt_tokens / prefill_s
     decode_tps = gen_tokens / decode_s
     bytes_per_token = model.weights.decode_bytes
@@ -61,6 +71,8 @@ def bench(model, prompt_tokens=128, gen_tokens=32, repetitions=3, warmup=1, seed
         "decode_gb_s": float(decode_tps.mean() * bytes_per_token / 1e9),
         "bytes_per_token": int(bytes_per_token),
         "peak_rss_mb": peak_rss_mb(),
+        "kernels_per_token": kernels / gen_tokens,   # 0 on the CPU
+        "host_launches_per_token": host / gen_tokens,   # below kernels when steps replay as CUDA graphs
     }
 
 
@@ -69,4 +81,6 @@ def format_report(r):
             f"decode  {r['decode_tok_s']:.2f} ± {r['decode_tok_s_sd']:.2f} tok/s ({r['gen_tokens']} tokens), "
             f"{r['decode_gb_s']:.2f} GB/s of weights\n"
             f"ttft    {r['ttft_s'] * 1000:.1f} ms\n"
-            f"peak RSS {r['peak_rss_mb']:.0f} MB")
+            + (f"launches {r['kernels_per_token']:.1f} kernels/token, {r['host_launches_per_token']:.1f} from the "
+               "host (CUDA graphs replay the rest)\n" if r["kernels_per_token"] else "")
+            + f"peak RSS {r['peak_rss_mb']:.0f} MB")

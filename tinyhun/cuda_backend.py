@@ -13,8 +13,16 @@ top-k, 6 the picked experts' gate/up GEMVs (the shared MLP among them when it ha
 downs weighted + residual add; a prefill adds two, the sort grouping its rows by expert before the gate/up GEMM
 and the weighted combine after the down GEMM.
 A shared MLP of another width or format runs beside them as the dense MLP's two launches.
+
+Every launch goes to the thread's own stream, and a step that repeats (a decode step: the same pool, the same
+number of rows) is captured as a CUDA graph on its second run and replayed from then on: one host launch per token
+instead of ~150 for a 24-layer model. That works because a step's kernels read everything that changes from device
+memory at fixed addresses (token ids, slots and positions uploaded before the graph runs, the KV cache indexed by
+position on the device), never from launch arguments. TINYHUN_CUDA_GRAPHS=0 turns graphs off.
 """
-import threading
+import os
+import warnings
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +33,14 @@ from .structs import DenseMLP, MoEMLP, Rows, weight_arrays
 
 MAX_SPLITS = 16   # attention splits per row at most: a longer cache gets longer splits
 KV_DTYPE = np.float16   # the device KV cache's
+
+
+def graphs_wanted():
+    """TINYHUN_CUDA_GRAPHS: 1 (the default) replays repeated steps as CUDA graphs, 0 launches every kernel."""
+    v = os.environ.get("TINYHUN_CUDA_GRAPHS", "1")
+    if v not in ("0", "1"):
+        raise TinyhunError(f"TINYHUN_CUDA_GRAPHS={v!r}: expected 0 or 1")
+    return v == "1"
 
 
 def require_cuda():
@@ -109,7 +125,8 @@ class CudaBuffers(NamedTuple):
 
 
 class DeviceScratch:
-    """One thread's device buffers (Model asks the backend for it), with host staging for what crosses."""
+    """One thread's device buffers (Model asks the backend for it), its stream, host staging for what crosses, and
+    the CUDA graphs of its steps."""
 
     def __init__(self, cuda, cfg, rows):
         def dev(*shape):
@@ -127,27 +144,32 @@ class DeviceScratch:
                                 dev(rows * nh * MAX_SPLITS * (d + 2)), None, moe)
         self.slots = np.zeros(rows, np.int64)        # filled by Model.forward / forward_batch
         self.positions = np.zeros(rows, np.int64)
-        self._stage = cuda.pinned_array(2 * rows, np.int64)
-        self._index = cuda.device_array(2 * rows, np.int64)
+        # a stream of its own: the legacy default stream cannot be captured into a graph
+        self.stream = cuda.stream()
+        self._stage = cuda.pinned_array(3 * rows, np.int64)
+        self._index = cuda.device_array(3 * rows, np.int64)
         self._logits = dev(rows, cfg.vocab_size)
         self._host_logits = cuda.pinned_array((rows, cfg.vocab_size), np.float32)
+        self.graphs = weakref.WeakKeyDictionary()   # KV pool -> {(rows, logits rows): None (seen once) or graph}
 
-    def rows(self, T, rope):
-        """structs.Rows on the device: slots and positions uploaded in one copy; cos/sin are the whole tables
-        (the RoPE kernel indexes them by position)."""
-        self._stage[:T] = self.slots[:T]
-        self._stage[T:2 * T] = self.positions[:T]
-        self._index[:2 * T].copy_to_device(self._stage[:2 * T])
-        return Rows(self._index[:T], self._index[T:2 * T], rope[0], rope[1])
+    def rows(self, T, rope, ids):
+        """structs.Rows on the device: slots, positions and token ids uploaded in one copy, always into the same
+        device array (a graph reads them there); cos/sin are the whole tables (the RoPE kernel indexes them by
+        position)."""
+        st = self._stage
+        st[:T], st[T:2 * T], st[2 * T:3 * T] = self.slots[:T], self.positions[:T], ids
+        self._index[:3 * T].copy_to_device(st[:3 * T], stream=self.stream)
+        return Rows(self._index[:T], self._index[T:2 * T], rope[0], rope[1], self._index[2 * T:3 * T])
 
     def logits_out(self, n, vocab, into):
         return self._logits[:n]
 
     def to_host(self, out, into):
-        """The logits rows down to the host: into `into` when given, else a staging array valid until the next
-        forward of this thread."""
+        """The logits rows down to the host, the step's one wait: into `into` when given, else a staging array
+        valid until the next forward of this thread."""
         host = self._host_logits[:len(out)] if into is None else into
-        out.copy_to_host(host)
+        out.copy_to_host(host, stream=self.stream)
+        self.stream.synchronize()
         return host
 
 
@@ -187,12 +209,43 @@ class CudaBackend(NumpyBackend):
         from .kernels import cuda_attention, cuda_common, cuda_linear, cuda_moe, cuda_ref
         self.k_attn, self.k_common, self.k_linear, self.k_ref = cuda_attention, cuda_common, cuda_linear, cuda_ref
         self.k_moe = cuda_moe
-        self._local = threading.local()
+        self.graphs = graphs_wanted()
+        self._counting = []   # the MoE layers' routing-statistics switches: a counting step reads ids on the host
 
     @property
     def launches(self):
-        """Kernel launches so far in this process."""
+        """Kernels run so far in this process (a graph's each time it runs)."""
         return self.k_common.LAUNCHES[0]
+
+    @property
+    def host_launches(self):
+        """Launch calls from the host so far: a kernel launched alone or a whole graph, one each."""
+        c = self.k_common
+        return c.LAUNCHES[0] - c.REPLAYED[0] + c.GRAPH_LAUNCHES[0]
+
+    def run(self, scratch, key, step):
+        """A forward's launches on the thread's stream. A step seen a second time with the same key (pool, rows,
+        logits rows) is captured as a CUDA graph and replayed from then on: its first run compiles and loads every
+        kernel (a capture must not), and a step that runs once (a prompt's prefill) is not worth capturing. Straight
+        through when graphs are off, and while routing is counted (that reads ids on the host)."""
+        with self.k_common.on(scratch.stream):
+            if not self.graphs or any(c[0] for c in self._counting):
+                return step()
+            pool, *shape = key
+            steps = scratch.graphs.setdefault(pool, {})
+            graph = steps.get(tuple(shape), False)
+            if graph is False:
+                steps[tuple(shape)] = None
+                return step()
+            if graph is None:
+                try:
+                    graph = steps[tuple(shape)] = self.k_common.capture(step, scratch.stream)
+                except Exception as e:   # e.g. a driver or cuda.core that cannot capture: the step still runs
+                    self.graphs = False
+                    warnings.warn(f"device 'cuda': CUDA graph capture failed ({type(e).__name__}: {e}); launching "
+                                  "kernel by kernel", RuntimeWarning, stacklevel=2)
+                    return step()
+            graph.launch(scratch.stream)
 
     def zeros(self, shape, dtype):
         """The KV pool's allocator (its only caller): keys and values are held in fp16 on the device, half the
@@ -206,8 +259,10 @@ class CudaBackend(NumpyBackend):
         return self.cuda.to_device(np.ascontiguousarray(a))
 
     def _linear(self, fmt):
-        """A device linear of host arrays -> the same with its arrays on the device."""
-        return type(fmt)(*(self._put(f) if isinstance(f, np.ndarray) else f for f in fmt))
+        """A device linear of host arrays -> the same with its arrays on the device, each distinct array once (a
+        symmetric INT4 matrix's mins are its scales)."""
+        up = {id(f): self._put(f) for f in fmt if isinstance(f, np.ndarray)}
+        return type(fmt)(*(up[id(f)] if isinstance(f, np.ndarray) else f for f in fmt))
 
     def _dense(self, gate_up, down):
         return CudaDense(self._linear(gate_up), self._linear(down))
@@ -221,6 +276,7 @@ class CudaBackend(NumpyBackend):
                                "GPU (use device 'cpu')")
         ex, apart = self.k_ref.experts_of(m.gate, m.up, m.down, m.topk, m.shared if m.has_shared else None)
         ex = ex._replace(gate_up=self._linear(ex.gate_up), down=self._linear(ex.down))
+        self._counting.append(m.counting)
         return CudaMoE(self._put(m.router), ex, apart and self._dense(*apart), m.topk, m.load, m.counting)
 
     def prepare(self, weights):
@@ -239,14 +295,7 @@ class CudaBackend(NumpyBackend):
         return tuple(self._put(t) for t in super().rope_tables(cfg, n))
 
     def embed(self, out, table, ids):
-        st = getattr(self._local, "ids", None)
-        if st is None or len(st[0]) < len(ids):
-            st = self._local.ids = (self.cuda.pinned_array(max(len(ids), 128), np.int64),
-                                    self.cuda.device_array(max(len(ids), 128), np.int64))
-        T = len(ids)
-        st[0][:T] = ids
-        st[1][:T].copy_to_device(st[0][:T])
-        self.k_linear.embed_rows(out, table, st[1][:T])
+        self.k_linear.embed_rows(out, table, ids)   # ids: on the device already (DeviceScratch.rows)
 
     def layer(self, family):
         from .families import llama

@@ -77,18 +77,22 @@ class Model:
         the last row's logits [1, V], 'all' for every row's (into the scratch), or an out array [T, V]."""
         sc, w, T = self._scratch(), self.weights, len(ids)
         s = sc.bufs.rows(T)
-        rows = sc.rows(T, self.rope)
-        self.backend.embed(s.x, w.embed, ids)
-        with self.backend.first_run():
+        rows = sc.rows(T, self.rope, ids)
+        if logits_rows is None:
+            n, x, xn, into = 1, s.x[T - 1:T], s.xn[T - 1:T], None
+        else:
+            n, x, xn = T, s.x, s.xn
+            into = None if isinstance(logits_rows, str) else logits_rows
+        out = sc.logits_out(n, self.config.vocab_size, into)
+
+        def step():
+            # the same arrays each time for the same (pool, T, n): a step the CUDA backend can capture as a graph
+            self.backend.embed(s.x, w.embed, rows.ids)
             for li, lw in enumerate(w.layers):
                 self._layer(lw, s, pool.k[li], pool.v[li], rows, self.dims)
-            if logits_rows is None:
-                n, x, xn, into = 1, s.x[T - 1:T], s.xn[T - 1:T], None
-            else:
-                n, x, xn = T, s.x, s.xn
-                into = None if isinstance(logits_rows, str) else logits_rows
-            out = sc.logits_out(n, self.config.vocab_size, into)
             self._logits(out, x, w.norm, w.lm_head, xn, s.acts, self.dims.eps)
+        with self.backend.first_run():
+            self.backend.run(sc, (pool, T, n), step)
         return sc.to_host(out, into)
 
     def forward(self, cache, ids, out=None):

@@ -103,6 +103,7 @@ class Rows(NamedTuple):
     positions: np.ndarray  # int64[T] the row's position in its sequence
     cos: np.ndarray        # float32[T, d/2] RoPE angles of each row's position
     sin: np.ndarray        # float32[T, d/2]
+    ids: np.ndarray        # int64[T] the row's token id (the embedding reads it)
 
 
 class Buffers(NamedTuple):
