@@ -89,7 +89,9 @@ def capture(fn, stream):
     else:
         from cuda.core import Stream
         builder = Stream.from_handle(int(stream.handle)).create_graph_builder()
-        builder.begin_building("thread_local")
+        # relaxed (cuda.core's default): a call numba makes around a launch may not be capturable, but nothing
+        # but launches changes the device here, which the simulator's Replay checks
+        builder.begin_building("relaxed")
         try:
             with on(builder):
                 fn()
