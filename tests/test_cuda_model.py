@@ -168,3 +168,17 @@ def test_repeated_steps_replay_as_graphs(monkeypatch):
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed .ZeroDivisionError"):
         assert np.array_equal(model.forward(cache, np.array([9])), launched[1])
     assert not model.backend.graphs
+
+
+def test_a_lora_side_path_is_one_clear_error():
+    """An adapter kept as a side path (adapter_mode='side') has no device kernels yet: one TinyhunError at load."""
+    from tinyhun.cuda_backend import CudaBackend
+    from tinyhun.errors import TinyhunError
+    from tinyhun.kernels.linear import side_path
+    rng = np.random.default_rng(4)
+    w = weights(rng, False, ("q4",))
+    a = w.layers[0].attn
+    lora = side_path(a.wq, rng.standard_normal((4, H)), rng.standard_normal((NH * D, 4)), 0.5, True)
+    w = w._replace(layers=(w.layers[0]._replace(attn=a._replace(wq=lora)),))
+    with pytest.raises(TinyhunError, match=r"^device 'cuda': an adapter's LoRA side path does not run on the GPU"):
+        Model(config(llama, 1), w, backend=CudaBackend(), max_context=16)

@@ -268,7 +268,7 @@ class CudaBackend(NumpyBackend):
         return CudaDense(self._linear(gate_up), self._linear(down))
 
     def _mlp(self, i, m):
-        fmt, stack = self.k_ref.device_format, self.k_ref.stack
+        fmt, stack = self._format, self.k_ref.stack
         if isinstance(m, DenseMLP):
             return self._dense(stack([fmt(m.gate), fmt(m.up)], interleave=True), fmt(m.down))
         if not isinstance(m, MoEMLP):
@@ -279,8 +279,16 @@ class CudaBackend(NumpyBackend):
         self._counting.append(m.counting)
         return CudaMoE(self._put(m.router), ex, apart and self._dense(*apart), m.topk, m.load, m.counting)
 
+    def _format(self, lin):
+        from .kernels.linear import LoRA
+        if isinstance(lin, LoRA):
+            raise TinyhunError("device 'cuda': an adapter's LoRA side path does not run on the GPU yet; merge it "
+                               "(adapter_mode='merge', or `tinyhun merge` into the float checkpoint and quantize "
+                               "that) or use device 'cpu'")
+        return self.k_ref.device_format(lin)
+
     def prepare(self, weights):
-        fmt, stack = self.k_ref.device_format, self.k_ref.stack
+        fmt, stack = self._format, self.k_ref.stack
         layers = []
         for i, lw in enumerate(weights.layers):
             a = lw.attn
