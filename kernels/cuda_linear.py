@@ -1,5 +1,5 @@
-"""numba.cuda linears: `linear` (a GEMV for a few rows, a tiled GEMM for a prefill) and `embed_rows`, with the
-signatures of their references in tinyhun.kernels.cuda_ref, on the device formats H16 and R4 described there.
+"""numba.cuda linears: `linear` (a GEMV for a few rows, a tiled GEMM for a prefill), `embed_rows`, and
+`argmax_rows` (greedy decoding's pick, so only a token id leaves the device), with the signatures of their references in tinyhun.kernels.cuda_ref, on the device formats H16 and R4 described there.
 
 The GEMV gives each warp RPW output rows (pairs of rows, gate and up, in pairs mode), WARPS warps per block: the lanes
 read consecutive 32-bit words of the row (coalesced), the activations sit in shared memory (RMSNorm applied as they
@@ -319,4 +319,38 @@ def embed_rows(out, w, ids):
     # out[T, K] = dense(w)[ids]; ids int64[T] on the device
     fmt, (a, b, c), sym, group = _fields(w)
     launch(_embed(fmt, sym, group), out.shape[0], 128, out, a, b, c, ids)
+    return out
+
+
+ARGMAX_THREADS = 256
+
+
+@cuda.jit
+def _argmax(out, x):
+    # one block per row: each thread scans a strided slice (strict > keeps its lowest index), then a tree of
+    # (value, index) pairs, ties to the lower index; V (past the end) marks a thread that saw nothing
+    t, i, V = cuda.blockIdx.x, cuda.threadIdx.x, x.shape[1]
+    vals = cuda.shared.array(ARGMAX_THREADS, float32)
+    idx = cuda.shared.array(ARGMAX_THREADS, int64)
+    best, at = float32(-np.inf), V
+    for v in range(i, V, ARGMAX_THREADS):
+        if at == V or x[t, v] > best:
+            best, at = x[t, v], v
+    vals[i], idx[i] = best, at
+    cuda.syncthreads()
+    s = ARGMAX_THREADS // 2
+    while s > 0:
+        if i < s:
+            b, j = vals[i + s], idx[i + s]
+            if b > vals[i] or (b == vals[i] and j < idx[i]):
+                vals[i], idx[i] = b, j
+        cuda.syncthreads()
+        s //= 2
+    if i == 0:
+        out[t] = idx[0]
+
+
+def argmax_rows(out, x):
+    # see kernels.cuda_ref.argmax_rows; device arrays out int64[T], x float32[T, V]
+    launch(_argmax, x.shape[0], ARGMAX_THREADS, out, x)
     return out

@@ -147,6 +147,12 @@ def embed_rows(out, w, ids):
     return out
 
 
+def argmax_rows(out, x):
+    # out int64[T] = the index of each row's largest value in float32[T, V], ties to the lowest (np.argmax's rule)
+    out[:] = np.argmax(x, axis=1)
+    return out
+
+
 def rope_qk_store(q, qkv, k_cache, v_cache, cos, sin, slots, positions, q_norm, k_norm, eps):
     # qkv[T, (nh + 2 nkv) d] (one QKV GEMV's output): q[T, nh, d] = its queries after RoPE (row t at
     # positions[t] of the tables cos/sin[S, d/2]) and the per-head QK-norm when q_norm.size; keys the same,

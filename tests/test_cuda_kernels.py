@@ -97,6 +97,22 @@ def test_gemm_shapes(T, n, kb):
     close(out.copy_to_host(), want)
 
 
+@settings(max_examples=4, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 700), st.integers(0, 2**32 - 1))
+@example(2, 600, 0)   # V past the block's 256 threads, so threads scan several values
+def test_argmax_rows(T, V, seed):
+    """The greedy pick equals np.argmax, ties to the lowest index: values drawn from a few levels (ties everywhere),
+    one row all equal, one with -inf entries (never lost as "seen nothing")."""
+    from tinyhun.kernels import cuda_linear
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 3, (T, V)).astype(f32)
+    x[0] = 1.5 if T > 1 else x[0]
+    x[-1, rng.integers(0, V, 3)] = -np.inf
+    out = dev(np.full(T, -1, np.int64))
+    cuda_linear.argmax_rows(out, dev(x))
+    assert np.array_equal(out.copy_to_host(), cuda_ref.argmax_rows(np.zeros(T, np.int64), x))
+
+
 @pytest.mark.parametrize("fmt", ["f16", "q4-asym-g64"])
 def test_embed_rows(fmt):
     from tinyhun.kernels import cuda_linear

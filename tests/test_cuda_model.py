@@ -125,7 +125,8 @@ def test_cuda_model_equals_cpu(family, fmts, split, monkeypatch):
 def test_repeated_steps_replay_as_graphs(monkeypatch):
     """A decode step seen a second time is captured (a Replay here, a CUDA graph on a GPU) and replayed with one
     host launch from then on; every step's logits equal, bit for bit, those of the same steps launched kernel by
-    kernel (TINYHUN_CUDA_GRAPHS=0), though the position a replayed step reads and writes has moved on.
+    kernel (TINYHUN_CUDA_GRAPHS=0), though the position a replayed step reads and writes has moved on; greedy
+    tokens picked on the device (forward argmax=True) equal the argmax of the launched steps' logits.
     One INT4 mixture-of-experts layer with QK-norm (top-1 of 4, the shared MLP stacked): every decode kernel kind."""
     from tinyhun.cuda_backend import CudaBackend, graphs_wanted
     from tinyhun.errors import TinyhunError
@@ -143,6 +144,11 @@ def test_repeated_steps_replay_as_graphs(monkeypatch):
             before = model.backend.host_launches
             out.append(model.forward(cache, np.array([t])).copy())
             host.append(model.backend.host_launches - before)
+        for t in (2, 3, 4):   # greedy picks on the device (one more kernel, in the graph), the logits on the host
+            before = model.backend.host_launches
+            got = model.forward(cache, np.array([t]), argmax=graphs == "1")
+            out.append(got if graphs == "1" else int(np.argmax(got)))
+            host.append(model.backend.host_launches - before)
         graphs = model._scratch().graphs
         kept = len(graphs)
         del cache
@@ -153,8 +159,9 @@ def test_repeated_steps_replay_as_graphs(monkeypatch):
     for i, (g, r) in enumerate(zip(replayed, launched)):
         assert np.array_equal(g, r), f"step {i}: max |Δlogit| {np.abs(g - r).max():.3g}"
     step = 1 + (4 + 3) + 1   # embed; attention (no split); the mixture of experts; the lm_head
-    assert host_launched == [step] * 3
-    assert host_replayed == [step, 1, 1]   # run, then captured and launched, then launched
+    assert host_launched == [step] * 6
+    # run, then captured and launched, then launched; the same for the steps that pick on the device
+    assert host_replayed == [step, 1, 1, step + 1, 1, 1]
     assert (kept, left) == (1, 0)   # one pool's graphs, gone with its caches
     monkeypatch.setenv("TINYHUN_CUDA_GRAPHS", "yes")
     with pytest.raises(TinyhunError, match="TINYHUN_CUDA_GRAPHS='yes': expected 0 or 1"):

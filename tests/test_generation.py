@@ -5,7 +5,7 @@ import pytest
 import tinyhun
 from oracle import ROOT
 from tinyhun.errors import TinyhunError
-from tinyhun.generation import generate_step, held_back
+from tinyhun.generation import generate_step, held_back, token_steps
 from tinyhun.sampling import make_sampler
 
 TINY = ROOT / "weights" / "tiny-hunyuan"
@@ -25,6 +25,23 @@ def test_text_is_the_decoded_greedy_ids(model):
     tokens = list(generate_step(model, ids, make_sampler(), 24))
     stop = next((i for i, t in enumerate(tokens) if t in model.tokenizer.stop_ids), len(tokens))
     assert full_text(model, max_tokens=24) == model.tokenizer.decode(tokens[:stop])
+
+
+def test_greedy_picked_by_the_model_equals_argmax_of_its_logits(model):
+    """generate_step lets the model pick greedy tokens (Model.forward argmax=True: on a GPU only the id comes
+    down); the tokens equal the argmax of the logits token_steps yields, and a repetition penalty (not greedy on
+    the raw logits) keeps the logits path."""
+    ids = model.tokenizer.encode("The quick brown fox")
+    steps = list((t, None if lg is None else lg.copy()) for t, lg, _ in token_steps(model, ids, make_sampler(), 12))
+    assert [t for t, _ in steps] == list(generate_step(model, ids, make_sampler(), 12))
+    assert all(t == int(np.argmax(lg)) for t, lg in steps)
+    penalised = make_sampler(repetition_penalty=1.3)
+    assert not penalised.greedy and make_sampler().greedy
+    assert all(lg is not None for _, lg, _ in token_steps(model, ids, penalised, 4, logits=False))
+    cache = model.new_cache(8)
+    with pytest.raises(TinyhunError, match="argmax=True returns a token"):
+        model.forward(cache, [1, 2], out=np.zeros((2, model.config.vocab_size), np.float32), argmax=True)
+    assert model.forward(cache, [1, 2], argmax=True) == int(np.argmax(model.logits([1, 2])[-1]))
 
 
 def test_stop_string_is_cut_and_not_emitted(model):

@@ -29,6 +29,7 @@ class HostScratch:
         self.cos = np.zeros((rows, cfg.head_dim // 2), np.float32)
         self.sin = np.zeros((rows, cfg.head_dim // 2), np.float32)
         self.logits = np.zeros((1, cfg.vocab_size), np.float32)
+        self.picks = np.zeros(rows, np.int64)
 
     def rows(self, T, rope, ids):
         """structs.Rows of the first T rows, token ids `ids`, their RoPE angles gathered from the tables
@@ -50,6 +51,13 @@ class HostScratch:
     def to_host(self, out, into):
         """The logits written into `out` (logits_out's), as a host array: here they already are."""
         return out
+
+    def pick(self, out):
+        """Each logits row's argmax (ties to the lowest id), kept for `picked`."""
+        np.argmax(out, axis=1, out=self.picks[:len(out)])
+
+    def picked(self, n):
+        return self.picks[:n]
 
 
 class NumpyBackend:

@@ -3,7 +3,8 @@
 At load (`prepare`) the weights go to the device once: float and INT8 matrices as fp16, INT4 kept INT4 in the
 row layout of kernels.cuda_ref.R4; q, k and v become one matrix (one GEMV), gate and up one matrix with their rows
 interleaved (the GEMV writes silu(gate) * up). The KV pool (fp16), the activation buffers and the RoPE tables live
-on the device; per forward only the token ids, slots and positions go up and the logits rows come down.
+on the device; per forward only the token ids, slots and positions go up and the logits rows (or, picking greedily,
+the picked ids) come down.
 
 A decoder layer is six launches (seven when the cache is long enough to split attention along the sequence):
   1 RMSNorm + QKV GEMV   2 RoPE + QK-norm + KV store   3 attention   4 o_proj GEMV + residual add
@@ -150,6 +151,8 @@ class DeviceScratch:
         self._index = cuda.device_array(3 * rows, np.int64)
         self._logits = dev(rows, cfg.vocab_size)
         self._host_logits = cuda.pinned_array((rows, cfg.vocab_size), np.float32)
+        self._picks = cuda.device_array(rows, np.int64)
+        self._host_picks = cuda.pinned_array(rows, np.int64)
         self.graphs = weakref.WeakKeyDictionary()   # KV pool -> {(rows, logits rows): None (seen once) or graph}
 
     def rows(self, T, rope, ids):
@@ -169,6 +172,18 @@ class DeviceScratch:
         valid until the next forward of this thread."""
         host = self._host_logits[:len(out)] if into is None else into
         out.copy_to_host(host, stream=self.stream)
+        self.stream.synchronize()
+        return host
+
+    def pick(self, out):
+        """Each logits row's argmax on the device (a launch of the step, so inside its graph)."""
+        from .kernels.cuda_linear import argmax_rows
+        argmax_rows(self._picks[:len(out)], out)
+
+    def picked(self, n):
+        """The picked ids down to the host (n x 8 bytes instead of n logits rows), valid until the next forward."""
+        host = self._host_picks[:n]
+        self._picks[:n].copy_to_host(host, stream=self.stream)
         self.stream.synchronize()
         return host
 

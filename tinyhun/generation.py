@@ -40,29 +40,36 @@ def check_context(model, n_prompt, max_tokens, cache):
                            f"context of {limit} tokens; shorten the prompt or lower max_tokens")
 
 
-def token_steps(model, prompt_ids, sampler, max_tokens, cache=None):
+def token_steps(model, prompt_ids, sampler, max_tokens, cache=None, logits=True):
     """Yield (token, logits [V] it was sampled from, reused prompt tokens), one per decode step, until max_tokens
-    (the caller stops on EOS). The logits are valid until the generator is resumed."""
+    (the caller stops on EOS). The logits are valid until the generator is resumed. logits=False: the caller does
+    not read them, so a greedy sampler's decode steps pick on the model's side (None in their place; on a GPU only
+    the token comes down)."""
     ids = [int(i) for i in np.asarray(prompt_ids, dtype=np.int64).reshape(-1)]
     if not ids:
         raise TinyhunError("the prompt is empty")
     check_context(model, len(ids), max_tokens, cache)
     cache = cache if cache is not None else model.new_cache(len(ids) + max_tokens)
-    logits, reused = prefill(model, cache, ids)
     history = list(ids)
     token_buf = np.zeros(1, np.int64)
+    pick_there, nxt = not logits and getattr(sampler, "greedy", False), None
+    logits, reused = prefill(model, cache, ids)
     for i in range(max_tokens):
-        token = sampler(logits, history)
+        token = sampler(logits, history) if nxt is None else nxt
         history.append(token)
         yield token, logits, reused
         if i + 1 < max_tokens:
             token_buf[0] = token
-            logits = model.forward(cache, token_buf)[0]
+            if pick_there:
+                nxt = model.forward(cache, token_buf, argmax=True)
+                logits = None
+            else:
+                logits = model.forward(cache, token_buf)[0]
 
 
 def generate_step(model, prompt_ids, sampler, max_tokens, cache=None):
     """Yield sampled token ids, one per decode step, until max_tokens (the caller stops on EOS)."""
-    for token, _, _ in token_steps(model, prompt_ids, sampler, max_tokens, cache):
+    for token, _, _ in token_steps(model, prompt_ids, sampler, max_tokens, cache, logits=False):
         yield token
 
 
@@ -173,7 +180,8 @@ def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top
                            frequency_penalty=frequency_penalty)
     ids = encode_prompt(tok, prompt, chat, system, chat_template_kwargs)
     seq = None
-    for token, logits, reused in token_steps(model, ids, sampler, max_tokens, cache):
+    for token, logits, reused in token_steps(model, ids, sampler, max_tokens, cache,
+                                             logits=bool(logprobs or top_logprobs)):
         if seq is None:
             seq = Sequence(tok, ids, sampler, max_tokens, stop, logprobs, top_logprobs, reused,
                            model.config.vocab_size)

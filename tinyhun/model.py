@@ -72,9 +72,10 @@ class Model:
             s = self._local.scratch = self.backend.scratch(self.config, CHUNK)
         return s
 
-    def _run(self, pool, ids, logits_rows):
+    def _run(self, pool, ids, logits_rows, argmax=False):
         """Run len(ids) rows (slots/positions already in the scratch) through every layer; logits_rows: None for
-        the last row's logits [1, V], 'all' for every row's (into the scratch), or an out array [T, V]."""
+        the last row's logits [1, V], 'all' for every row's (into the scratch), or an out array [T, V]. argmax:
+        return each logits row's argmax instead (int64[n]; on a GPU only those ids come down)."""
         sc, w, T = self._scratch(), self.weights, len(ids)
         s = sc.bufs.rows(T)
         rows = sc.rows(T, self.rope, ids)
@@ -91,14 +92,20 @@ class Model:
             for li, lw in enumerate(w.layers):
                 self._layer(lw, s, pool.k[li], pool.v[li], rows, self.dims)
             self._logits(out, x, w.norm, w.lm_head, xn, s.acts, self.dims.eps)
+            if argmax:
+                sc.pick(out)
         with self.backend.first_run():
-            self.backend.run(sc, (pool, T, n), step)
-        return sc.to_host(out, into)
+            self.backend.run(sc, (pool, T, n, argmax), step)
+        return sc.picked(n) if argmax else sc.to_host(out, into)
 
-    def forward(self, cache, ids, out=None):
+    def forward(self, cache, ids, out=None, argmax=False):
         """Append ids at the cache's next positions; return the last token's logits [1, V] (valid until this
-        thread's next forward), or write every position's logits into `out` [len(ids), V] and return it."""
+        thread's next forward), or write every position's logits into `out` [len(ids), V] and return it.
+        argmax=True: return the last token's greedy next token (int, ties to the lowest id) instead of its logits,
+        picked where the logits are (on a GPU they stay there)."""
         ids = check_ids(ids, self.config.vocab_size)
+        if argmax and out is not None:
+            raise TinyhunError("forward: argmax=True returns a token, not logits into `out`")
         start, T = len(cache), len(ids)
         if start + T > cache.max_context:
             raise TinyhunError(f"context full: {start} + {T} tokens exceed max_context {cache.max_context}")
@@ -110,8 +117,10 @@ class Model:
             n = len(part)
             sc.slots[:n] = cache.slot
             sc.positions[:n] = np.arange(start + c, start + c + n)
-            logits = self._run(cache.pool, part, None if out is None else out[c:c + n])
+            logits = self._run(cache.pool, part, None if out is None else out[c:c + n], argmax)
             cache.append(part)
+        if argmax:
+            return int(logits[0])
         return logits if out is None else out
 
     def forward_batch(self, caches, tokens):

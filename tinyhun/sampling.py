@@ -79,6 +79,12 @@ class Sampler:
         self._y = np.empty(0, np.float32)  # [V] partition copy / exp(x - max)
         self._mask = np.empty(0, np.bool_)  # [V]
 
+    @property
+    def greedy(self) -> bool:
+        """Picks the argmax of the raw logits: the model can pick it where the logits are (Model.forward argmax)."""
+        penalised = self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return self.temperature == 0.0 and not penalised
+
     def __call__(self, logits: np.ndarray, history) -> int:
         ids, w = self._survivors(logits, history)
         if w is None:
@@ -99,8 +105,7 @@ class Sampler:
     def _survivors(self, logits: np.ndarray, history):
         """(ids int64[n] or None for all V, unnormalised weights [n]); weights None means greedy ids[0]."""
         vocab = logits.shape[-1]
-        penalised = self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-        if not penalised and self.temperature == 0.0:
+        if self.greedy:
             return np.array([np.argmax(logits)]), None  # argmax ties -> lowest id; no copy needed
         if self._x.size != vocab:
             self._x = np.empty(vocab, np.float32)
