@@ -43,6 +43,7 @@ def main():
         cuda_linear.linear(np.zeros((T, N), f32), x, dw, resid=r)
         cuda_linear.linear(np.zeros((T, N // 2), f32), x, dw, norm=nw, eps=1e-5, pairs=True)
         cuda_linear.embed_rows(np.zeros((T, K), f32), dw, np.zeros(T, np.int64))
+        cuda_linear.argmax_rows(np.zeros(T, np.int64), np.zeros((T, N), f32))
     wide = cuda_ref.device_format(as_linear(np.zeros((cuda_linear.WIDE, K), f32)))   # several rows per warp
     cuda_linear.linear(np.zeros((1, cuda_linear.WIDE), f32), np.zeros((1, K), f32), wide, norm=np.ones(K, f32))
     B, nh, nkv, d, S = 2, 16, 8, 128, 64
