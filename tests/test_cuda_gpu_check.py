@@ -27,7 +27,8 @@ def test_gpu_check_runs_end_to_end(tmp_path):
         r = res["decode"][name]
         assert r["decode_tok_s"] > 0 and r["launches_per_token"] > 1 and r["decode_gb_s"] > 0, name
         assert r["host_launches_per_token"] == 1, name
-        assert r["kernels_per_token"] == r["launches_per_token"], name   # tinyhun.bench's own count
+        # tinyhun.bench's own count: its greedy steps also pick the token on the device, one kernel more
+        assert r["kernels_per_token"] == r["launches_per_token"] + 1, name
     r = res["decode"]["int4 without graphs"]
     assert r["host_launches_per_token"] == r["launches_per_token"] == res["decode"]["int4"]["launches_per_token"]
     assert res["cuda_graph"]["int4"]["ok"] and res["cuda_graph"]["int4"]["decode_speedup"] > 0
