@@ -110,3 +110,12 @@ def smollm2_q4_dir(smollm2_root) -> Path:
     from tinyhun import hub
     return hub.default_model_dir(progress=False, root=smollm2_root)
 
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' own fp32 load of the same GGUF, the oracle of test_gguf.py (tensors) and test_smollm2.py
+    (logits, greedy tokens): loaded once, ~10 s."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32, attn_implementation="eager").eval()
