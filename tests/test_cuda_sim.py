@@ -16,16 +16,18 @@ TINY = HERE.parent / "weights" / "tiny-hunyuan"
 SIM = {"NUMBA_ENABLE_CUDASIM": "1", "TINYHUN_CUDA_TESTS": "1"}
 
 
-def run_simulated(*args, timeout=900):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **SIM}, cwd=HERE.parent)
+def start_simulated(folder, **popen):
+    """The three files in one subprocess, started by conftest.py when collection ends (see the background mark)."""
+    files = ("test_cuda_kernels.py", "test_cuda_model.py", "test_cuda_gpu_check.py")
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--basetemp",
+                             str(folder / "tmp"), *(str(HERE / f) for f in files)],
+                            text=True, env={**os.environ, **SIM}, cwd=HERE.parent, **popen)
 
 
 @pytest.mark.slow
-def test_cuda_kernels_model_and_gpu_check_under_the_simulator(tmp_path):
-    files = ("test_cuda_kernels.py", "test_cuda_model.py", "test_cuda_gpu_check.py")
-    r = run_simulated("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--basetemp", str(tmp_path),
-                      *(str(HERE / f) for f in files))
+@pytest.mark.background(start=start_simulated, timeout=900)
+def test_cuda_kernels_model_and_gpu_check_under_the_simulator(background):
+    r = background
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
 

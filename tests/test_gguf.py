@@ -101,7 +101,11 @@ def write_tiny_gguf(path, arch="llama", types=None, untied=True, seed=0):
 def transformers_state_dict(gguf_path):
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return numpy_state(AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                            dtype=torch.float32))
+
+
+def numpy_state(model):
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
@@ -116,11 +120,11 @@ def assert_same_tensors(ours, theirs, tied):
 # --- tensors and config ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_tensors_equal_transformers_gguf_load(smollm2_gguf, smollm2_dir):
+def test_smollm2_tensors_equal_transformers_gguf_load(smollm2_transformers, smollm2_dir):
     """Every dequantized, un-permuted tensor equals transformers' load of the same file, bit for bit (needs
     `accelerate`: transformers refuses GGUF files without it)."""
     ours = load_file(smollm2_dir / "model.safetensors")
-    assert_same_tensors(ours, transformers_state_dict(smollm2_gguf), tied=True)
+    assert_same_tensors(ours, numpy_state(smollm2_transformers), tied=True)
 
 
 def test_smollm2_config_matches_transformers(smollm2_gguf, smollm2_dir):

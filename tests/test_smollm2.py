@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import tinyhun
 from oracle import assert_logits_close
@@ -18,9 +17,8 @@ def ours(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def oracle(smollm2_gguf):
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                 dtype=torch.float32, attn_implementation="eager").eval()
+def oracle(smollm2_transformers):
+    model = smollm2_transformers
     model.generation_config.eos_token_id = None   # compare full-length greedy runs
     model.generation_config.pad_token_id = 0
     return model
