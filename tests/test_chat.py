@@ -4,6 +4,7 @@ filter on the streamed output) and the one-line errors of its options."""
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,11 +24,11 @@ TINY = ROOT / "weights" / "tiny-hunyuan"
 STATS = re.compile(r"\[(\d+) tokens, [\d.]+ tok/s, (\w+); prompt (\d+) tokens, (\d+) reused")
 
 
-def spawn(*args):
+def spawn(*args, preexec_fn=None):
     # TERM=dumb: prompt_toolkit draws a plain prompt; NO_COLOR: no escape codes in what the test reads
     env = {**os.environ, "TERM": "dumb", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
     child = pexpect.spawn(sys.executable, ["-m", "tinyhun.cli", "chat", "--model", str(TINY), "--quiet", *args],
-                          env=env, encoding="utf-8", timeout=300, dimensions=(50, 400))
+                          env=env, encoding="utf-8", timeout=300, dimensions=(50, 400), preexec_fn=preexec_fn)
     child.expect("Ctrl-D to leave")
     child.expect("you>")
     return child
@@ -101,7 +102,10 @@ def test_repl_styles_system_think_reset_and_refusal(tok):
 
 @pytest.mark.slow
 def test_repl_ctrl_c_stops_the_reply_not_the_chat():
-    c = spawn("--max-tokens", "3000", "--temperature", "0")
+    """Started with SIGINT ignored, as `nohup` or a shell's `&` leave it (a child inherits that): Ctrl-C in the
+    chat still works, since the chat takes SIGINT back."""
+    c = spawn("--max-tokens", "3000", "--temperature", "0",
+              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     c.sendintr()                                   # at the prompt: the line is cleared, the chat goes on
     c.expect("you>")
     c.sendline("Hello")

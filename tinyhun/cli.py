@@ -136,6 +136,9 @@ def content_filter_of(args):
 
 def cmd_chat(args):
     from .chat import Conversation, Terminal, make_session, repl
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started by nohup or a shell's `&`: Ctrl-C typed in the chat must still stop a reply
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from .styles import STYLES, check_temperature, style_prompt
     if args.list_styles:
         for name, prompt in STYLES.items():
