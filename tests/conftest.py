@@ -11,6 +11,13 @@ from pathlib import Path
 import pytest
 
 _HOME = None
+_ROOT = Path(__file__).resolve().parents[1]
+
+# `python -m pytest` puts the checkout's root on sys.path, where kernels/ would be found as a top-level `kernels`:
+# the name of Hugging Face's package, which transformers (>= 5.25 depends on it) imports from. tinyhun.kernels comes
+# from the install's package-dir mapping, so the root is not needed here, nor in the processes tests start
+# (PYTHONSAFEPATH, below: `python -m`/`-c` leave the working folder off sys.path).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 
 def pytest_configure(config):
@@ -20,6 +27,7 @@ def pytest_configure(config):
     checkout) unless NUMBA_CACHE_DIR is set: it is keyed by tinyhun's sources, so reusing it across sessions is safe
     and saves the compile (~1 min on 2 cores) on every later run."""
     global _HOME
+    os.environ["PYTHONSAFEPATH"] = "1"
     _HOME = Path(tempfile.mkdtemp(prefix="tinyhun-test-home-"))
     os.environ["TINYHUN_HOME"] = str(_HOME)
     os.environ["HF_HOME"] = str(_HOME / "huggingface")
