@@ -248,8 +248,8 @@ def report(res):
     if "tests" in res:
         lines.append(f"- CUDA kernel/model tests on this GPU: {'passed' if res['tests']['ok'] else 'FAILED'}")
     for fmt, g in res["cuda_graph"].items():
-        lines.append(f"- CUDA graphs, {fmt}: decode {g['decode_speedup']:.2f}x the speed of launching kernel by kernel; "
-                     f"replayed vs launched logits: max |diff| {g['replayed_vs_launched_max_abs_diff']:.3g} -> "
+        lines.append(f"- CUDA graphs, {fmt}: decode {g['decode_speedup']:.2f}x the speed of launching kernel by "
+                     f"kernel; replayed vs launched logits: max |diff| {g['replayed_vs_launched_max_abs_diff']:.3g} -> "
                      f"{'ok' if g['ok'] else 'FAIL'}")
     return "\n".join(lines) + "\n"
 

@@ -42,53 +42,56 @@ def on(stream):
 
 class Replay:
     """A CUDA graph's stand-in under the simulator (which has none): the captured launches, kernel and arguments,
-    run again in order. A graph replays exactly this (the same kernels on the same device pointers, nothing the host
-    did between them), so a step that replays correctly here is one a graph can hold."""
+    run again in order on the stream they were captured from. A graph replays exactly this (the same kernels on the
+    same device pointers, nothing the host did between them), so a step that replays correctly here is one a graph
+    can hold."""
 
-    def __init__(self):
-        self.launches = []
+    def __init__(self, stream):
+        self.stream, self.launches = stream, []
 
     def __len__(self):
         return len(self.launches)
 
-    def _run(self, stream):
+    def _run(self):
         for kernel, grid, block, args in self.launches:
-            kernel[grid, block, stream](*args)
+            kernel[grid, block, self.stream](*args)
 
-    def launch(self, stream):
-        """Every captured kernel, in order, on `stream`: one host call for a graph."""
-        self._run(stream)
+    def launch(self):
+        """Every captured kernel, in order: one host call for a graph."""
+        self._run()
         LAUNCHES[0] += len(self)
         REPLAYED[0] += len(self)
         GRAPH_LAUNCHES[0] += 1
 
 
 class Graph(Replay):
-    """A CUDA graph captured from a stream (cuda.core's graph builder, which numba-cuda launches into)."""
+    """A CUDA graph captured from a stream (cuda.core's graph builder, which numba-cuda launches into), launched on
+    that stream (as cuda.core's Stream, wrapped once at capture)."""
 
-    def __init__(self, graph, kernels):
-        self.graph, self.kernels = graph, kernels
+    def __init__(self, graph, kernels, stream):
+        self.graph, self.kernels, self.stream = graph, kernels, stream
 
     def __len__(self):
         return self.kernels
 
-    def _run(self, stream):
-        from cuda.core import Stream
-        self.graph.launch(Stream.from_handle(int(stream.handle)))
+    def _run(self):
+        self.graph.launch(self.stream)
 
 
 def capture(fn, stream):
-    """fn's kernel launches captured, not run: a Graph (a Replay under the simulator) whose launch(stream) runs them
-    all with one host call. fn must launch through `launch` and do nothing else on the device (no copies, no
-    allocation, no host reads), and must have run once already (so every kernel is compiled and loaded)."""
+    """fn's kernel launches captured from `stream` (a numba.cuda stream), not run: a Graph (a Replay under the
+    simulator) whose launch() runs them all on that stream with one host call. fn must launch through `launch` and
+    do nothing else on the device (no copies, no allocation, no host reads), and must have run once already (so
+    every kernel is compiled and loaded)."""
     before = LAUNCHES[0]
     if not SHUFFLE:
-        graph = Replay()
+        graph = Replay(stream)
         with on(graph):
             fn()
     else:
         from cuda.core import Stream
-        builder = Stream.from_handle(int(stream.handle)).create_graph_builder()
+        core = Stream.from_handle(int(stream.handle))
+        builder = core.create_graph_builder()
         # relaxed (cuda.core's default): a call numba makes around a launch may not be capturable, but nothing
         # but launches changes the device here, which the simulator's Replay checks
         builder.begin_building("relaxed")
@@ -97,7 +100,7 @@ def capture(fn, stream):
                 fn()
         finally:
             builder.end_building()
-        graph = Graph(builder.complete(), LAUNCHES[0] - before)
+        graph = Graph(builder.complete(), LAUNCHES[0] - before, core)
     LAUNCHES[0] = before   # captured, not run: counted as the graph runs
     return graph
 

@@ -1,5 +1,6 @@
 """numba.cuda linears: `linear` (a GEMV for a few rows, a tiled GEMM for a prefill), `embed_rows`, and
-`argmax_rows` (greedy decoding's pick, so only a token id leaves the device), with the signatures of their references in tinyhun.kernels.cuda_ref, on the device formats H16 and R4 described there.
+`argmax_rows` (greedy decoding's pick, so only a token id leaves the device), with the signatures of their
+references in tinyhun.kernels.cuda_ref, on the device formats H16 and R4 described there.
 
 The GEMV gives each warp RPW output rows (pairs of rows, gate and up, in pairs mode), WARPS warps per block: the lanes
 read consecutive 32-bit words of the row (coalesced), the activations sit in shared memory (RMSNorm applied as they

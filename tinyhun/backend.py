@@ -85,8 +85,8 @@ class NumpyBackend:
         table.rows(out, ids)
 
     def run(self, scratch, key, step):
-        """step(): one forward's layers, run now. key (pool, rows, logits rows) names the arrays it uses, for a
-        backend that replays steps (the CUDA backend's graphs)."""
+        """step(): one forward's layers, run now. key (pool, rows, logits rows, argmax) names the arrays it uses, for
+        a backend that replays steps (the CUDA backend's graphs)."""
         step()
 
     def layer(self, family):

@@ -15,8 +15,8 @@ def launch_counts(model):
 
 
 def timed_run(model, prompt, gen_tokens):
-    """One prefill of `prompt` then `gen_tokens` greedy decode steps (as generate's); returns (prefill_s, ttft_s, decode_s,
-    (kernels, host launches) of the decode steps)."""
+    """One prefill of `prompt` then `gen_tokens` greedy decode steps (as generate's); returns (prefill_s, ttft_s,
+    decode_s, (kernels, host launches) of the decode steps)."""
     cache = model.new_cache(len(prompt) + gen_tokens + 1)
     t0 = time.perf_counter()
     logits = model.forward(cache, prompt)[0]

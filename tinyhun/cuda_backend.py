@@ -153,7 +153,10 @@ class DeviceScratch:
         self._host_logits = cuda.pinned_array((rows, cfg.vocab_size), np.float32)
         self._picks = cuda.device_array(rows, np.int64)
         self._host_picks = cuda.pinned_array(rows, np.int64)
-        self.graphs = weakref.WeakKeyDictionary()   # KV pool -> {(rows, logits rows): None (seen once) or graph}
+        from .kernels.cuda_linear import argmax_rows
+        self._argmax = argmax_rows
+        # KV pool -> {(rows, logits rows, argmax): None (seen once) or its graph}
+        self.graphs = weakref.WeakKeyDictionary()
 
     def rows(self, T, rope, ids):
         """structs.Rows on the device: slots, positions and token ids uploaded in one copy, always into the same
@@ -177,8 +180,7 @@ class DeviceScratch:
 
     def pick(self, out):
         """Each logits row's argmax on the device (a launch of the step, so inside its graph)."""
-        from .kernels.cuda_linear import argmax_rows
-        argmax_rows(self._picks[:len(out)], out)
+        self._argmax(self._picks[:len(out)], out)
 
     def picked(self, n):
         """The picked ids down to the host (n x 8 bytes instead of n logits rows), valid until the next forward."""
@@ -225,7 +227,8 @@ class CudaBackend(NumpyBackend):
         self.k_attn, self.k_common, self.k_linear, self.k_ref = cuda_attention, cuda_common, cuda_linear, cuda_ref
         self.k_moe = cuda_moe
         self.graphs = graphs_wanted()
-        self._counting = []   # the MoE layers' routing-statistics switches: a counting step reads ids on the host
+        self._counting = []   # the MoE layers' routing-statistics switches (each once): a counting step reads ids
+        # on the host
 
     @property
     def launches(self):
@@ -240,27 +243,26 @@ class CudaBackend(NumpyBackend):
 
     def run(self, scratch, key, step):
         """A forward's launches on the thread's stream. A step seen a second time with the same key (pool, rows,
-        logits rows) is captured as a CUDA graph and replayed from then on: its first run compiles and loads every
-        kernel (a capture must not), and a step that runs once (a prompt's prefill) is not worth capturing. Straight
-        through when graphs are off, and while routing is counted (that reads ids on the host)."""
+        logits rows, argmax) is captured as a CUDA graph and replayed from then on: its first run compiles and loads
+        every kernel (a capture must not), and a step that runs once (a prompt's prefill) is not worth capturing.
+        Straight through when graphs are off, and while routing is counted (that reads ids on the host)."""
         with self.k_common.on(scratch.stream):
             if not self.graphs or any(c[0] for c in self._counting):
                 return step()
-            pool, *shape = key
-            steps = scratch.graphs.setdefault(pool, {})
-            graph = steps.get(tuple(shape), False)
+            steps, shape = scratch.graphs.setdefault(key[0], {}), key[1:]
+            graph = steps.get(shape, False)
             if graph is False:
-                steps[tuple(shape)] = None
+                steps[shape] = None
                 return step()
             if graph is None:
                 try:
-                    graph = steps[tuple(shape)] = self.k_common.capture(step, scratch.stream)
+                    graph = steps[shape] = self.k_common.capture(step, scratch.stream)
                 except Exception as e:   # e.g. a driver or cuda.core that cannot capture: the step still runs
                     self.graphs = False
                     warnings.warn(f"device 'cuda': CUDA graph capture failed ({type(e).__name__}: {e}); launching "
                                   "kernel by kernel", RuntimeWarning, stacklevel=2)
                     return step()
-            graph.launch(scratch.stream)
+            graph.launch()
 
     def zeros(self, shape, dtype):
         """The KV pool's allocator (its only caller): keys and values are held in fp16 on the device, half the
@@ -291,7 +293,8 @@ class CudaBackend(NumpyBackend):
                                "GPU (use device 'cpu')")
         ex, apart = self.k_ref.experts_of(m.gate, m.up, m.down, m.topk, m.shared if m.has_shared else None)
         ex = ex._replace(gate_up=self._linear(ex.gate_up), down=self._linear(ex.down))
-        self._counting.append(m.counting)
+        if not any(c is m.counting for c in self._counting):
+            self._counting.append(m.counting)
         return CudaMoE(self._put(m.router), ex, apart and self._dense(*apart), m.topk, m.load, m.counting)
 
     def _format(self, lin):
