@@ -32,6 +32,8 @@ def main():
             print(f"ok {kern.py_func.__name__} grid {grid} block {block}: {len(ptx)} chars of PTX")
     cuda_linear.launch = cuda_attention.launch = cuda_moe.launch = compile_launch
     cuda_linear.no_routing = cuda_moe.no_routing = lambda: (np.zeros((1, 3), np.int64), np.zeros(1, np.float32))
+    cuda_linear.no_side = lambda: (np.zeros((1, 1), np.float16), np.zeros(1, np.int32), np.zeros(1, np.float32),
+                                   np.zeros((1, 1), np.float32))
     f32 = np.float32
     N, K = 64, 128
     w = np.random.default_rng(0).standard_normal((N, K)).astype(f32)
@@ -44,6 +46,7 @@ def main():
         cuda_linear.linear(np.zeros((T, N // 2), f32), x, dw, norm=nw, eps=1e-5, pairs=True)
         cuda_linear.embed_rows(np.zeros((T, K), f32), dw, np.zeros(T, np.int64))
         cuda_linear.argmax_rows(np.zeros(T, np.int64), np.zeros((T, N), f32))
+    side_variants(f32)
     wide = cuda_ref.device_format(as_linear(np.zeros((cuda_linear.WIDE, K), f32)))   # several rows per warp
     cuda_linear.linear(np.zeros((1, cuda_linear.WIDE), f32), np.zeros((1, K), f32), wide, norm=np.ones(K, f32))
     B, nh, nkv, d, S = 2, 16, 8, 128, 64
@@ -57,6 +60,22 @@ def main():
                                           idx, split=split, partials=np.zeros(T * nh * 4 * (d + 2), f32))
     moe_variants(f32)
     print(f"{len(done)} kernels compiled to PTX for sm_90")
+
+
+def side_variants(f32):
+    """A LoRA side path (cuda_ref.Adapted) on INT4 bases, symmetric and not, GEMV and GEMM, with each epilogue."""
+    from tinyhun.kernels.linear import side_path
+    N, K, r = 64, 128, 4
+    rng = np.random.default_rng(2)
+    for quant, T in itertools.product([(32, True), (64, False)], (1, 6)):
+        w = rng.standard_normal((N, K)).astype(f32)
+        lin = side_path(as_linear(q4.quantize_q4(w, *quant)), rng.standard_normal((r, K)),
+                        rng.standard_normal((N, r)), 0.5, True)
+        dw = cuda_ref.device_format(lin)
+        x, nw, side = np.zeros((T, K), f32), np.ones(K, f32), np.zeros(T * K, f32)
+        cuda_linear.linear(np.zeros((T, N), f32), x, dw, norm=nw, eps=1e-5, side=side)
+        cuda_linear.linear(np.zeros((T, N), f32), x, dw, resid=np.zeros((T, N), f32), side=side)
+        cuda_linear.linear(np.zeros((T, N // 2), f32), x, dw, norm=nw, eps=1e-5, pairs=True, side=side)
 
 
 def moe_variants(f32):

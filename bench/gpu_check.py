@@ -8,6 +8,7 @@ Writes OUTDIR/results.json and OUTDIR/report.md (atomically: the folder appears 
      launches per token, against transformers bf16 (eager and sdpa) on the same GPU in the same run when torch has
      CUDA; the same for a mixture of experts of that width (MOE_SHAPE), with its decode GB/s over the bytes a token
      reads; the dense decode again without CUDA graphs, and whether replayed steps' logits equal launched ones';
+     the dense INT4 decode again with a rank-16 LoRA adapter on all seven linears as a side path (LORA_RANK);
   4. INT4 GEMV GB/s against a device-to-device copy measured in the same run.
 --tiny: tiny shapes and no test subprocess, so the whole script runs under Numba's CUDA simulator (the CI test).
 """
@@ -31,6 +32,7 @@ MOE_SHAPE = dict(HUNYUAN_05B, intermediate_size=1792, num_experts=16, moe_topk=2
 TINY_SHAPE = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                   head_dim=16)
 TINY_MOE = dict(TINY_SHAPE, num_experts=3, moe_topk=2, moe_intermediate_size=32, num_shared_expert=1)
+LORA_RANK = 16
 
 
 def kernel_tests():
@@ -80,9 +82,11 @@ def tiny_checkpoint(folder, shape, like):
     return Path(folder)
 
 
-def random_model(shape, fmt, backend, max_context):
+def random_model(shape, fmt, backend, max_context, lora_rank=0):
     """A Hunyuan model of `shape` (dense, or a mixture of experts when it has num_experts) with random weights as
-    fp32 (the device makes them fp16) or INT4."""
+    fp32 (the device makes them fp16) or INT4; lora_rank: with a LoRA adapter of that rank on every linear of every
+    layer, kept as a side path."""
+    from tinyhun.adapters import TARGETS, Adapter, Update, attach
     from tinyhun.families import hunyuan_v1_dense, hunyuan_v1_moe
     from tinyhun.kernels import q4
     from tinyhun.kernels.linear import as_linear
@@ -127,17 +131,26 @@ def random_model(shape, fmt, backend, max_context):
                                             norm(d), norm(d)), norm(H), mlp())
                    for _ in range(L))
     embed = mat(cfg.vocab_size, H)
-    return Model(cfg, Weights(embed, layers, norm(H), embed), backend=backend, max_context=max_context)
+    weights = Weights(embed, layers, norm(H), embed)
+    if lora_rank:
+        shapes = {"q_proj": (nh * d, H), "k_proj": (nkv * d, H), "v_proj": (nkv * d, H), "o_proj": (H, nh * d),
+                  "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+        ab = {m: (rng.standard_normal((lora_rank, k), np.float32) * 0.02,
+                  rng.standard_normal((n, lora_rank), np.float32) * 0.02) for m, (n, k) in shapes.items()}
+        weights = attach(weights, cfg, Adapter(None, None, {(i, m): Update(*ab[m], 2.0, m) for i in range(L)
+                                                            for m in TARGETS}), "side")
+    return Model(cfg, weights, backend=backend, max_context=max_context)
 
 
-def tinyhun_speed(shape, fmt, prompt, gen, reps, launched_too=False):
+def tinyhun_speed(shape, fmt, prompt, gen, reps, launched_too=False, lora_rank=0):
     """tinyhun's prefill and decode tok/s (tinyhun.bench) and kernels and host launch calls per decoded token, with
     decode steps replayed as CUDA graphs; launched_too: the same again on the same model with every kernel launched
-    from the host, and whether the graphs' logits equal those (the same tokens from a fresh cache)."""
+    from the host, and whether the graphs' logits equal those (the same tokens from a fresh cache); lora_rank: the
+    model with an adapter (random_model)."""
     from tinyhun.bench import bench
     from tinyhun.cuda_backend import CudaBackend
     backend = CudaBackend()
-    model = random_model(shape, fmt, backend, prompt + gen + 2)
+    model = random_model(shape, fmt, backend, prompt + gen + 2, lora_rank)
 
     def measure(graphs):
         backend.graphs = graphs
@@ -306,6 +319,11 @@ def main(argv=None):
             diff = graphed["replayed_vs_launched_max_abs_diff"]
             res["cuda_graph"][fmt] = {"decode_speedup": graphed["decode_tok_s"] / launched["decode_tok_s"],
                                       "replayed_vs_launched_max_abs_diff": diff, "ok": diff == 0.0}
+    rank = 2 if tiny else LORA_RANK
+    lora = f"int4 + LoRA r{rank} side path (all 7 linears)"
+    res["decode"][lora] = tinyhun_speed(shape, "int4", prompt, gen, reps, lora_rank=rank)[0]
+    res["ratios"] = {f"{lora} decode / int4 decode": res["decode"][lora]["decode_tok_s"]
+                     / res["decode"]["int4"]["decode_tok_s"]}
     print(json.dumps(res["decode"]), f"{time.perf_counter() - clock:.0f} s", flush=True)
     try:
         import torch
@@ -314,9 +332,9 @@ def main(argv=None):
         has_torch_cuda = False
     if has_torch_cuda:
         res["transformers"] = transformers_speed(shape, prompt, gen, reps)
-        res["ratios"] = {f"tinyhun {fmt} decode / transformers {impl}": res["decode"][fmt]["decode_tok_s"]
-                         / res["transformers"][f"transformers bf16 {impl}"]["decode_tok_s"]
-                         for fmt in ("fp16", "int4") for impl in ("eager", "sdpa")}
+        res["ratios"].update({f"tinyhun {fmt} decode / transformers {impl}": res["decode"][fmt]["decode_tok_s"]
+                              / res["transformers"][f"transformers bf16 {impl}"]["decode_tok_s"]
+                              for fmt in ("fp16", "int4") for impl in ("eager", "sdpa")})
     res["gemv_int4"], res["copy_gb_s"] = bandwidth(*((64, 256, 2) if tiny else (14336, 4096, 200)))
     text = report(res)
     print(text)

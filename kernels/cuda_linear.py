@@ -7,6 +7,10 @@ read consecutive 32-bit words of the row (coalesced), the activations sit in sha
 are loaded, so a norm costs no launch), and the epilogue adds the residual or writes silu(gate) * up. For INT4 the
 shared activations are stored permuted, xs[j * K/8 + c] = x[8c + j], so the lanes' reads of one word's eight
 activations hit distinct banks. Kernels are compiled per (format, K, options) on first use.
+
+An Adapted linear (a LoRA side path, cuda_ref.Side) costs one more launch, t = x_in @ A.T for all its adapted parts
+(a plain fp16 GEMV or GEMM into the caller's `side` scratch); the base's kernel then adds scale[n] * B[n] . t[row,
+first[n]:] to output n's sum before its epilogue: in the GEMV the lanes split the r terms as they split K's.
 """
 import math
 from functools import lru_cache
@@ -15,7 +19,7 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from .cuda_common import SHUFFLE, WARP, block_sum, launch, warp_sums
-from .cuda_ref import BM, H16, shape
+from .cuda_ref import BM, H16, Adapted, shape
 
 WARPS = 4          # GEMV warps per block
 # GEMV output rows per warp: one on a GPU (many blocks in flight), four for a wide matrix (the lm_head: each block
@@ -96,8 +100,18 @@ def expert_of(ids, rw, t, j, k, n_experts):
     return n_experts, float32(1.0)
 
 
+@cuda.jit(device=True)
+def side_term(lb, lf, ls, lt, n, t, first, step):
+    # this thread's share (terms first, first + step, ...) of row n's LoRA update for x row t
+    acc = float32(0.0)
+    f = lf[n]
+    for q in range(first, lb.shape[1], step):
+        acc += float32(lb[n, q]) * lt[t, f + q]
+    return ls[n] * acc
+
+
 @lru_cache(maxsize=None)
-def _gemv(fmt, K, has_norm, mode, sym, group, rpw, moe=DENSE):
+def _gemv(fmt, K, has_norm, mode, sym, group, rpw, moe=DENSE, side=False):
     NT = WARPS * WARP
     C = K // 8
     permute = fmt == "r4"
@@ -106,9 +120,9 @@ def _gemv(fmt, K, has_norm, mode, sym, group, rpw, moe=DENSE):
     dot = _row_dot(fmt, K, sym, group)
 
     @cuda.jit
-    def gemv(out, x, nw, eps, a, b, c, resid, units, ids, rw, k, kk, n_experts):
+    def gemv(out, x, nw, eps, a, b, c, resid, units, ids, rw, k, kk, n_experts, lb, lf, ls, lt):
         # out[row, unit], rpw units per warp; units: output rows (plain/resid) or gate/up pairs (per expert when
-        # moe). blockIdx.y: DENSE a row t of x; UP an assignment t kk + j (x row t, its j-th expert's rows, out
+        # moe); lb, lf, ls, lt: a side path's B, first, scale and t (side; dense rows only). blockIdx.y: DENSE a row t of x; UP an assignment t kk + j (x row t, its j-th expert's rows, out
         # row t kk + j); DOWN a row t summing its kk experts, each reading x row t kk + j, weighted
         tid = cuda.threadIdx.x
         by = cuda.blockIdx.y
@@ -146,6 +160,8 @@ def _gemv(fmt, K, has_norm, mode, sym, group, rpw, moe=DENSE):
                 u = min(first + i, units - 1)   # every warp takes part in the sums (they synchronize)
                 for p in range(per):
                     acc[i * per + p] += wt * dot(a, b, c, (base + u) * per + p, xs, lane)
+                    if side:
+                        acc[i * per + p] += side_term(lb, lf, ls, lt, u * per + p, t, lane, WARP)
         warp_sums(acc, nacc, reds, tid)
         if lane == 0:
             for i in range(rpw):
@@ -162,16 +178,17 @@ def _gemv(fmt, K, has_norm, mode, sym, group, rpw, moe=DENSE):
 
 
 @lru_cache(maxsize=None)
-def _gemm(fmt, K, has_norm, mode, sym, group, moe=DENSE):
+def _gemm(fmt, K, has_norm, mode, sym, group, moe=DENSE, side=False):
     element = _weight_element(fmt, sym, group)
 
     @cuda.jit
-    def gemm(out, x, nw, eps, a, b, c, resid, n_rows, tiles, order, ids, rw, k, kk, n_experts):
+    def gemm(out, x, nw, eps, a, b, c, resid, n_rows, tiles, order, ids, rw, k, kk, n_experts, lb, lf, ls, lt):
         # a BM x BN tile of out (blockIdx.x: rows of w; thread (tx, ty) holds rows 2ty+i, columns 2tx+j).
         # blockIdx.y: DENSE the x rows from BM * blockIdx.y; UP/DOWN tile i of one expert's group of assignments
         # (tiles[i] = expert, start, end in `order`, which lists assignments t kk + j grouped by expert; an
         # empty tile returns): UP reads x row t and writes out row t kk + j (PAIRS), DOWN reads x row t kk + j and
-        # writes out row t kk + j times its routing weight. n_rows: rows of w (per expert when moe)
+        # writes out row t kk + j times its routing weight. n_rows: rows of w (per expert when moe); lb, lf, ls,
+        # lt: a side path's (as the GEMV's)
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         tid = ty * 16 + tx
         n0 = cuda.blockIdx.x * BN
@@ -237,6 +254,15 @@ def _gemm(fmt, K, has_norm, mode, sym, group, moe=DENSE):
                     acc11 += x1 * w1
             cuda.syncthreads()
         n = n0 + 2 * tx
+        if side and live:   # live: row 2 ty of x and output n exist; their neighbours are checked here
+            s0, s1 = src[2 * ty], src[2 * ty + 1]
+            acc00 += side_term(lb, lf, ls, lt, n, s0, 0, 1)
+            if n + 1 < n_rows:
+                acc01 += side_term(lb, lf, ls, lt, n + 1, s0, 0, 1)
+            if s1 >= 0:
+                acc10 += side_term(lb, lf, ls, lt, n, s1, 0, 1)
+                if n + 1 < n_rows:
+                    acc11 += side_term(lb, lf, ls, lt, n + 1, s1, 0, 1)
         for q in range(2):
             pos = lo + 2 * ty + q
             y0, y1 = (acc00, acc01) if q == 0 else (acc10, acc11)
@@ -271,21 +297,40 @@ def no_routing():
     return cuda.to_device(np.zeros((1, 3), np.int64)), cuda.to_device(np.zeros(1, np.float32))
 
 
-def linear(out, x, w, norm=None, eps=0.0, resid=None, pairs=False, rpw=None):
+@lru_cache(maxsize=None)
+def no_side():
+    # side-path arguments that are never read (a linear without one): B, first, scale, t
+    return (cuda.to_device(np.zeros((1, 1), np.float16)), cuda.to_device(np.zeros(1, np.int32)),
+            cuda.to_device(np.zeros(1, np.float32)), cuda.to_device(np.zeros((1, 1), np.float32)))
+
+
+def linear(out, x, w, norm=None, eps=0.0, resid=None, pairs=False, rpw=None, side=None):
     # see kernels.cuda_ref.linear; device arrays: x float32[T, K], out float32[T, N] (or [T, N/2] in pairs mode);
-    # rpw: GEMV rows per warp (default rows_per_warp)
+    # rpw: GEMV rows per warp (default rows_per_warp); side: flat float32 scratch of at least T x (the side path's
+    # A rows) for an Adapted w's t
     idx, rw = no_routing()
-    dispatch(out, x, w, norm, eps, resid, pairs, rpw, DENSE, x.shape[0], shape(w)[0],
-             (idx, idx[0], idx[0], rw, 1, 1, 0))
+    routing = (idx, idx[0], idx[0], rw, 1, 1, 0)
+    T = x.shape[0]
+    lora = None
+    if isinstance(w, Adapted):
+        s = w.side
+        R = shape(s.a)[0]
+        t = side[:T * R].reshape(T, R)
+        dispatch(t, x, s.a, norm, eps, None, False, None, DENSE, T, R, routing)
+        w, lora = w.base, (s.b, s.first, s.scale, t)
+    dispatch(out, x, w, norm, eps, resid, pairs, rpw, DENSE, T, shape(w)[0], routing, lora)
     return out
 
 
-def dispatch(out, x, w, norm, eps, resid, pairs, rpw, moe, T, N, routing):
+def dispatch(out, x, w, norm, eps, resid, pairs, rpw, moe, T, N, routing, lora=None):
     """One GEMV (T <= GEMV_ROWS rows of x) or GEMM launch of w (N rows, per expert when moe) on x: the dense
     linear and the experts' (kernels.cuda_moe). routing = (tiles, order, ids, weights, k, kk, n_experts), the
-    grouping arrays read by a GEMM of experts, the routing read by a GEMV of them."""
+    grouping arrays read by a GEMM of experts, the routing read by a GEMV of them; lora: (B, first, scale, t) of
+    a side path whose t is computed (dense rows only)."""
     K = x.shape[1]
     fmt, (a, b, c), sym, group = _fields(w)
+    side = lora is not None
+    lora = lora or no_side()
     mode = PAIRS if pairs else (PLAIN if resid is None else RESID)
     nw = x[0] if norm is None else norm    # never read without a norm
     rs = out if resid is None else resid   # never read without a residual
@@ -293,15 +338,15 @@ def dispatch(out, x, w, norm, eps, resid, pairs, rpw, moe, T, N, routing):
     if T <= GEMV_ROWS:
         units = N // 2 if pairs else N
         rpw = rpw or rows_per_warp(units)
-        kern = _gemv(fmt, K, norm is not None, mode, sym, group, rpw, moe)
+        kern = _gemv(fmt, K, norm is not None, mode, sym, group, rpw, moe, side)
         grid_y = T * kk if moe == UP else T
         launch(kern, (-(-units // (WARPS * rpw)), grid_y), WARPS * WARP, out, x, nw, eps, a, b, c, rs, units, ids,
-               rw, k, kk, ne)
+               rw, k, kk, ne, *lora)
     else:
-        kern = _gemm(fmt, K, norm is not None, mode, sym, group, moe)
+        kern = _gemm(fmt, K, norm is not None, mode, sym, group, moe, side)
         grid_y = -(-T // BM) if moe == DENSE else tiles.shape[0]
         launch(kern, (-(-N // BN), grid_y), (16, 16), out, x, nw, eps, a, b, c, rs, N, tiles, order, ids, rw, k,
-               kk, ne)
+               kk, ne, *lora)
 
 
 @lru_cache(maxsize=None)

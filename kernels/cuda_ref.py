@@ -9,6 +9,11 @@ A word holds 8 codes of k = 8c..8c+7: byte j's low nibble is k = 8c + j, its hig
 bytes as one row's 4-byte slice of a q4_tiled16 chunk, so R4 is a row gather of that layout, no requantization.
 The kernels read fp32 activations (no int8 rounding of x as on the CPU): out = x @ dense(w).T in fp32.
 
+An adapter's LoRA side path stays beside its base (`Adapted`: the base device linear and its `Side`): the kernels
+compute t = x_in @ A.T for every adapted part of a (stacked) linear in one GEMV first, then add each output row's
+scale * B[n] . t[its part's columns] inside the base's GEMV or GEMM, before its epilogue (so gate and up get their
+updates before silu(gate) * up).
+
 A mixture of experts (`Experts`) is two device linears of all its experts' rows: gate_up [G 2 Ie, H] (expert e's
 rows 2 e Ie.., gate and up interleaved as `stack` does) and down [G H, Ie], G = E experts, and the shared MLP as
 expert E when it has the experts' width and device format (`shared`), so it runs in the same launches as the
@@ -19,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import moe, q4, q8
-from .linear import F32, Q4, Q8
+from .linear import F32, LoRA, Q4, Q8, lora_b, side_path
 from .ref import rmsnorm, rope, store_kv
 
 BM = 32   # rows of a prefill GEMM tile (kernels.cuda_linear.BM): the tiles of group_rows
@@ -37,9 +42,59 @@ class R4(NamedTuple):
     group: int
 
 
+class Side(NamedTuple):
+    """The LoRA side path of a device linear [N, K] whose parts (q, k, v of a stacked QKV; gate, up) are adapted
+    at ranks up to r. A and B are fp16 as the CPU keeps them beside a quantized base (each divided by a power of
+    two that fp16's range holds; the powers are in scale)."""
+    a: object            # H16 [P r, K]: the P adapted parts' lora_A, each padded to r rows with zeros (so every
+    #                      column of t a row reads was computed, and no stale value meets a zero of B)
+    b: object            # float16[N, r]: lora_B's rows in the linear's row order; zeros past a part's rank and in
+    #                      the rows of parts not adapted
+    first: object        # int32[N]: the column of t where each row's part starts (p r)
+    scale: object        # float32[N]: each row's part's scale (lora_alpha / rank, times the powers of two); 0: none
+
+
+class Adapted(NamedTuple):
+    base: object         # H16 or R4
+    side: Side
+
+
 def shape(w):
     """(N, K) of a device linear."""
+    if isinstance(w, Adapted):
+        w = w.base
     return (w.w.shape if isinstance(w, H16) else (w.words.shape[0], w.words.shape[1] * 8))
+
+
+def side_of(lin):
+    """kernels.linear.LoRA -> the Side of that one linear (fp16: a float32 side path is rounded as the CPU rounds
+    one beside a quantized base)."""
+    if lin.a.dtype != np.uint16:
+        lin = side_path(lin.base, lin.a, lora_b(lin), lin.scale, half=True)
+    n, r = lin.shape[0], lin.a.shape[0]
+    b = lin.b.view(np.float16).transpose(0, 2, 1).reshape(-1, r)[:n]
+    return Side(H16(lin.a.view(np.float16)), np.ascontiguousarray(b), np.zeros(n, np.int32),
+                np.full(n, lin.scale, np.float32))
+
+
+def join_sides(sides, rows, join):
+    """The Side of a stacked linear from its parts' (None: a part not adapted; rows: each part's row count),
+    their rows joined by `join` as the bases' are."""
+    r = max(s.b.shape[1] for s in sides if s is not None)
+    k = next(s.a.w.shape[1] for s in sides if s is not None)
+    a, b, first, scale = [], [], [], []
+    for s, n in zip(sides, rows):
+        bs, fs, ss = np.zeros((n, r), np.float16), np.zeros(n, np.int32), np.zeros(n, np.float32)
+        if s is not None:
+            rs = s.b.shape[1]
+            fs[:], ss[:], bs[:, :rs] = len(a) * r, s.scale, s.b
+            pa = np.zeros((r, k), np.float16)
+            pa[:rs] = s.a.w
+            a.append(pa)
+        b.append(bs)
+        first.append(fs)
+        scale.append(ss)
+    return Side(H16(np.concatenate(a)), *(join(m) for m in (b, first, scale)))
 
 
 # ---- host formats -> device layouts (host arrays; the backend copies their fields to the device) ----
@@ -58,7 +113,16 @@ def r4_of(lin):
 
 
 def dense(w):
-    """A device linear of host arrays -> float32[N, K], the weight its kernels multiply by."""
+    """A device linear of host arrays -> float32[N, K], the weight its kernels multiply by (an adapter's update
+    merged in: row n + scale[n] * B[n] @ A[its part's rows])."""
+    if isinstance(w, Adapted):
+        out, s = dense(w.base), w.side
+        r = s.b.shape[1]
+        a = s.a.w.astype(np.float32)
+        for f in np.unique(s.first):
+            m = s.first == f
+            out[m] += s.scale[m, None] * (s.b[m].astype(np.float32) @ a[f:f + r])
+        return out
     if isinstance(w, H16):
         return w.w.astype(np.float32)
     n = len(w.words)
@@ -70,7 +134,10 @@ def dense(w):
 
 
 def device_format(lin):
-    """A host linear (F32, Q4, Q8) -> its device linear of host arrays: INT4 stays INT4, the rest fp16."""
+    """A host linear (F32, Q4, Q8, LoRA) -> its device linear of host arrays: INT4 stays INT4, the rest fp16; a
+    LoRA stays a side path (Adapted)."""
+    if isinstance(lin, LoRA):
+        return Adapted(device_format(lin.base), side_of(lin))
     if isinstance(lin, Q4):
         return r4_of(lin)
     if isinstance(lin, Q8):
@@ -80,13 +147,24 @@ def device_format(lin):
     raise TypeError(f"no device format for {type(lin).__name__}")
 
 
+def joiner(interleave):
+    """Arrays of rows -> one: concatenated, or interleaved (row 0 of each, then row 1 of each, ...)."""
+    def join(arrays):
+        return (np.stack(arrays, axis=1).reshape(-1, *arrays[0].shape[1:]) if interleave
+                else np.concatenate(arrays))
+    return join
+
+
 def stack(ws, interleave=False):
     """Device linears of host arrays -> one with their rows concatenated (QKV as one GEMV) or, interleave=True,
     alternating (gate_0, up_0, gate_1, ...: a warp computes a gate and its up and writes silu(gate) * up).
-    INT4 stays INT4 when all parts share sym and group; otherwise every part goes to fp16."""
-    def join(arrays):
-        return (np.stack(arrays, axis=1).reshape(-1, arrays[0].shape[1]) if interleave
-                else np.concatenate(arrays))
+    INT4 stays INT4 when all parts share sym and group; otherwise every part goes to fp16. Adapted parts give an
+    Adapted stack (join_sides)."""
+    join = joiner(interleave)
+    sides = [w.side if isinstance(w, Adapted) else None for w in ws]
+    if any(s is not None for s in sides):
+        ws = [w.base if isinstance(w, Adapted) else w for w in ws]
+        return Adapted(stack(ws, interleave), join_sides(sides, [shape(w)[0] for w in ws], join))
     if all(isinstance(w, R4) for w in ws) and len({(w.sym, w.group) for w in ws}) == 1:
         scales = join([w.scales for w in ws])
         return R4(join([w.words for w in ws]), scales, scales if ws[0].sym else join([w.mins for w in ws]),
@@ -131,8 +209,15 @@ def linear(out, x, w, norm=None, eps=0.0, resid=None, pairs=False):
     # out = (rmsnorm(x) * norm if norm is given else x) @ dense(w).T, then
     #   pairs:  out[T, N/2] = silu(y[:, 0::2]) * y[:, 1::2]   (w's rows interleaved gate/up, `stack`)
     #   else:   out[T, N]   = y + resid (resid may be out itself: the residual add fused into its producer)
+    # where an Adapted w's y[:, n] gains scale[n] * B[n] . t[:, first[n]:first[n] + r], t = xin @ A.T
     xin = x if norm is None else rmsnorm(np.empty_like(x), x, norm, eps)
-    y = xin @ dense(w).T
+    if isinstance(w, Adapted):
+        s = w.side
+        t = xin @ dense(s.a).T
+        cols = s.first[:, None] + np.arange(s.b.shape[1])
+        y = xin @ dense(w.base).T + s.scale * np.einsum("tnr,nr->tn", t[:, cols], s.b.astype(np.float32))
+    else:
+        y = xin @ dense(w).T
     if pairs:
         g, u = y[:, 0::2], y[:, 1::2]
         out[:] = g / (1.0 + np.exp(-g)) * u

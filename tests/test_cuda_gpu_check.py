@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 def test_gpu_check_runs_end_to_end(tmp_path):
     """Every section runs and writes its results: the dense and MoE checkpoints' logits equal the CPU's, decode
     speeds and launches per token of each model (one host launch per token when a step replays as a graph, every
-    kernel's without graphs), the GEMV and copy bandwidths."""
+    kernel's without graphs), the INT4 model with a LoRA side path, the GEMV and copy bandwidths."""
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
@@ -32,5 +32,8 @@ def test_gpu_check_runs_end_to_end(tmp_path):
     r = res["decode"]["int4 without graphs"]
     assert r["host_launches_per_token"] == r["launches_per_token"] == res["decode"]["int4"]["launches_per_token"]
     assert res["cuda_graph"]["int4"]["ok"] and res["cuda_graph"]["int4"]["decode_speedup"] > 0
+    lora = res["decode"]["int4 + LoRA r2 side path (all 7 linears)"]   # four A products more per layer
+    assert lora["launches_per_token"] == res["decode"]["int4"]["launches_per_token"] + 4
+    assert lora["host_launches_per_token"] == 1 and lora["weight_gb"] > res["decode"]["int4"]["weight_gb"]
     assert res["gemv_int4"]["gb_s"] > 0 and res["copy_gb_s"] > 0
     assert (tmp_path / "out" / "report.md").read_text().strip()

@@ -24,7 +24,7 @@ def dev(a):
 
 
 def device_linear(host):
-    return type(host)(*(dev(f) for f in host))
+    return type(host)(*(device_linear(f) if isinstance(f, tuple) else dev(f) for f in host))
 
 
 def matrix(rng, fmt, n, k):
@@ -80,6 +80,69 @@ def test_linear(fmt, T, rpw, epilogue):
     want = cuda_ref.linear(np.zeros((T, N // 2 if kw["pairs"] else N), f32), x, w, **kw)
     out = dev(np.zeros_like(want))
     cuda_linear.linear(out, dev(x), device_linear(w), **{k: dev(v) for k, v in kw.items()}, rpw=rpw)
+    close(out.copy_to_host(), want)
+
+
+def adapted(rng, fmt, rows, ranks, K, interleave=False):
+    """A stacked device linear of parts with `rows` rows each, part i with a LoRA side path of rank ranks[i] (0:
+    none); with the host parts' merged float32 weights (base + scale * B @ A) for the reference."""
+    from tinyhun.kernels.linear import side_path
+    parts, merged = [], []
+    for n, r in zip(rows, ranks):
+        w = (rng.standard_normal((n, K)) * 0.3).astype(f32)
+        base = as_linear(FORMATS[fmt](w))
+        want = cuda_ref.dense(cuda_ref.device_format(base))
+        if r:
+            a, b, scale = rng.standard_normal((r, K)) * 0.2, rng.standard_normal((n, r)) * 0.2, 2.0 / r
+            lin = side_path(base, a, b, scale, half=True)
+            a16, b16 = (m.astype(np.float16).astype(f32) for m in (a, b))   # the powers of two are exact
+            want = want + f32(scale) * (b16 @ a16)
+            base = lin
+        parts.append(cuda_ref.device_format(base))
+        merged.append(want)
+    stacked = cuda_ref.stack(parts, interleave)
+    return stacked, cuda_ref.joiner(interleave)(merged)
+
+
+def test_side_path_reference_is_the_merged_weight():
+    """A stacked side path (q adapted at rank 4, k not, v at rank 2; gate and up interleaved at ranks 3 and 1)
+    multiplies as the parts' merged weights would: B @ A of each part in its own rows, nothing across parts."""
+    rng = np.random.default_rng(9)
+    for rows, ranks, inter in (((16, 8, 8), (4, 0, 2), False), ((12, 12), (3, 1), True)):
+        w, merged = adapted(rng, "q4", rows, ranks, 64, inter)
+        assert isinstance(w, cuda_ref.Adapted) and w.side.a.w.shape == (sum(r > 0 for r in ranks) * max(ranks), 64)
+        assert np.allclose(cuda_ref.dense(w), merged, rtol=1e-5, atol=1e-6)
+        x = rng.standard_normal((3, 64)).astype(f32)
+        got = cuda_ref.linear(np.zeros((3, sum(rows)), f32), x, w)
+        assert np.allclose(got, x @ merged.T, rtol=1e-4, atol=1e-5)
+
+
+# (format, rows of x, parts' rows, their ranks, epilogue): QKV-like stacks and a gate/up pair, GEMV and GEMM
+SIDE_CASES = [("q4", 1, (16, 8, 8), (4, 0, 2), "norm"), ("q4-asym-g64", 3, (38,), (3,), "resid"),
+              ("f16", 2, (19, 19), (2, 4), "norm+pairs"), ("q4", 6, (16, 8, 8), (3, 4, 0), "norm"),
+              ("q4", 7, (17, 17), (4, 4), "norm+pairs"), ("f16", 5, (21,), (2,), "resid")]
+
+
+@pytest.mark.parametrize("fmt, T, rows, ranks, epilogue", SIDE_CASES)
+def test_linear_with_a_side_path(fmt, T, rows, ranks, epilogue):
+    """An Adapted linear: the A pass into the side scratch, then the base's GEMV (T <= 4) or GEMM adding each
+    row's B . t before its epilogue."""
+    from tinyhun.kernels import cuda_linear
+    rng = np.random.default_rng(T * 10 + len(rows))
+    K = 128 if fmt == "q4-asym-g64" else 64
+    pairs = "pairs" in epilogue
+    w, _ = adapted(rng, fmt, rows, ranks, K, pairs)
+    N = sum(rows)
+    x = rng.standard_normal((T, K)).astype(f32)
+    kw = {"pairs": pairs}
+    if "norm" in epilogue:
+        kw.update(norm=(1 + 0.1 * rng.standard_normal(K)).astype(f32), eps=1e-5)
+    if "resid" in epilogue:
+        kw["resid"] = rng.standard_normal((T, N)).astype(f32)
+    want = cuda_ref.linear(np.zeros((T, N // 2 if pairs else N), f32), x, w, **kw)
+    out = dev(np.zeros_like(want))
+    side = dev(np.full(T * 3 * K, np.nan, f32))   # stale scratch: a read past the computed t would show
+    cuda_linear.linear(out, dev(x), device_linear(w), **{k: dev(v) for k, v in kw.items()}, side=side)
     close(out.copy_to_host(), want)
 
 

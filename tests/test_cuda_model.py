@@ -177,15 +177,67 @@ def test_repeated_steps_replay_as_graphs(monkeypatch):
     assert not model.backend.graphs
 
 
-def test_a_lora_side_path_is_one_clear_error():
-    """An adapter kept as a side path (adapter_mode='side') has no device kernels yet: one TinyhunError at load."""
-    from tinyhun.cuda_backend import CudaBackend
+def adapter_folder(folder, rng, ranks):
+    """A peft adapter folder (as peft saves one) of random lora_A/lora_B: ranks[layer] maps module -> rank, each
+    module's scale 2 / rank (lora_alpha 2, rank_pattern)."""
+    import json
+    from safetensors.numpy import save_file
+    from tinyhun.adapters import PARENT
+    shapes = {"q_proj": (NH * D, H), "k_proj": (NKV * D, H), "v_proj": (NKV * D, H), "o_proj": (H, NH * D),
+              "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    tensors, pattern = {}, {}
+    for layer, rs in enumerate(ranks):
+        for m, r in rs.items():
+            name = f"base_model.model.model.layers.{layer}.{PARENT[m]}.{m}"
+            pattern[name[len("base_model.model."):]] = r
+            tensors[f"{name}.lora_A.weight"] = rng.standard_normal((r, shapes[m][1])).astype(f32) * 0.3
+            tensors[f"{name}.lora_B.weight"] = rng.standard_normal((shapes[m][0], r)).astype(f32) * 0.3
+    folder.mkdir()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=4, lora_alpha=2, target_modules=sorted({m for rs in ranks for m in rs}),
+        rank_pattern=pattern)))
+    return folder
+
+
+def test_lora_side_paths_on_the_device(tmp_path):
+    """An adapter kept as LoRA side paths beside INT4 bases: layer 0 adapts all seven linears at mixed ranks
+    (q 4, k 2, v none; o 3; gate 4, up 1, down 2), layer 1 q and v only. The device equals the NumPy reference of
+    the same merged fp16 weights (max |Δlogit| <= 1e-4 x max |logit|), the adapter moves the logits far more than
+    that, and each adapted linear costs one launch (its A product). An adapter added to a model already on the
+    device (adapters.with_adapter, as `tinyhun serve --adapter` does) shares the base's device arrays and gives the
+    same logits, bit for bit, as the adapter attached before loading; one clear error each for merging there, for
+    a second adapter, and for an MLP adapter over a mixture of experts."""
+    from tinyhun.adapters import attach, read_adapter, with_adapter
+    from tinyhun.cuda_backend import CudaBackend, HalfKV, device_view
     from tinyhun.errors import TinyhunError
-    from tinyhun.kernels.linear import side_path
+    from tinyhun.kernels.linear import LoRA
     rng = np.random.default_rng(4)
-    w = weights(rng, False, ("q4",))
-    a = w.layers[0].attn
-    lora = side_path(a.wq, rng.standard_normal((4, H)), rng.standard_normal((NH * D, 4)), 0.5, True)
-    w = w._replace(layers=(w.layers[0]._replace(attn=a._replace(wq=lora)),))
-    with pytest.raises(TinyhunError, match=r"^device 'cuda': an adapter's LoRA side path does not run on the GPU"):
-        Model(config(llama, 1), w, backend=CudaBackend(), max_context=16)
+    cfg = config(llama, 2)
+    w = weights(rng, False, ("q4", "q4-asym"))
+    ranks = [dict(q_proj=4, k_proj=2, o_proj=3, gate_proj=4, up_proj=1, down_proj=2), dict(q_proj=4, v_proj=2)]
+    folder = adapter_folder(tmp_path / "lora", rng, ranks)
+    tuned = attach(w, cfg, read_adapter(folder))
+    assert isinstance(tuned.layers[0].mlp.down, LoRA)
+    got = run(Model(cfg, tuned, backend=CudaBackend(), max_context=16))
+    assert_close(got, run(Model(cfg, device_view(tuned), backend=HalfKV(), max_context=16)), 1e-4)
+    bare = run(Model(cfg, device_view(w), backend=HalfKV(), max_context=16))
+    moved = max(float(np.abs(g - b).max() / np.abs(b).max()) for g, b in zip(got[0], bare[0]))
+    assert moved > 100 * 1e-4, f"the adapter moved the logits by only {moved:.3g} x max |logit|"
+    assert got[1] == 1 + 2 * (4 + 2) + 1 + 4 + 1   # LAUNCHES[llama] per layer, + layer 0's four A products + one
+
+    base = Model(cfg, w, backend=CudaBackend(), max_context=16)
+    added = with_adapter(base, folder)
+    assert added.weights.layers[0].qkv.base is base.weights.layers[0].qkv   # the base's device arrays, shared
+    assert added.weights.layers[1].mlp is base.weights.layers[1].mlp        # not adapted: the very same
+    again = run(added)
+    for g, r in zip(again[0], got[0]):
+        assert np.array_equal(g, r)
+    with pytest.raises(TinyhunError, match=r"^device 'cuda': an adapter added to a model already on the GPU runs"):
+        with_adapter(base, folder, mode="merge")
+    with pytest.raises(TinyhunError, match=r"^device 'cuda': this model already has an adapter on the GPU"):
+        with_adapter(added, folder)
+    moe_cfg = config(hunyuan_v1_moe, 2)
+    moe = Model(moe_cfg, weights(rng, True, ("q4", "q4"), MOE), backend=CudaBackend(), max_context=16)
+    with pytest.raises(TinyhunError, match=r"down_proj targets a dense MLP; this model's layer 0 has MoEMLP"):
+        with_adapter(moe, folder)

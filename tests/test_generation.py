@@ -42,6 +42,13 @@ def test_greedy_picked_by_the_model_equals_argmax_of_its_logits(model):
     with pytest.raises(TinyhunError, match="argmax=True returns a token"):
         model.forward(cache, [1, 2], out=np.zeros((2, model.config.vocab_size), np.float32), argmax=True)
     assert model.forward(cache, [1, 2], argmax=True) == int(np.argmax(model.logits([1, 2])[-1]))
+    a, b = model.new_caches(2, 8)
+    model.forward(a, [5, 6, 7])
+    model.forward(b, [9])
+    want = model.forward_batch([a, b], [3, 4]).copy()
+    a.trim(3)
+    b.trim(1)
+    assert list(model.forward_batch([a, b], [3, 4], argmax=True)) == list(np.argmax(want, axis=1))
 
 
 def test_stop_string_is_cut_and_not_emitted(model):

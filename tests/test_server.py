@@ -14,6 +14,7 @@ import pytest
 import tinyhun
 from live_server import LiveServer, wait_healthy
 from oracle import ROOT
+from tinyhun.model import Model
 from tinyhun.server import Settings, create_app
 
 TINY = ROOT / "weights" / "tiny-hunyuan"
@@ -183,13 +184,28 @@ def test_utf8_intact_across_chunks(live, model):
         assert echoed["choices"][0]["text"].startswith(prompt)
 
 
-def test_batched_greedy_equals_single_streams(live, model):
+def test_batched_greedy_equals_single_streams(live, model, monkeypatch):
+    """Greedy jobs decoded together equal their single streams; their steps pick the tokens in the forward
+    (forward_batch argmax=True: on a GPU only ids come down), while a step holding a job that wants logprobs
+    brings the logits up."""
+    picks, forward_batch = [], Model.forward_batch
+
+    def recorded(self, caches, tokens, argmax=False):
+        picks.append(argmax)
+        return forward_batch(self, caches, tokens, argmax)
+    monkeypatch.setattr(Model, "forward_batch", recorded)
     prompts = ["Hello", "What is two plus two?", "你好", "A long time ago in a galaxy far away"]
     want = [direct(model, [{"role": "user", "content": p}], max_tokens=30) for p in prompts]
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda p: post(live, "/v1/chat/completions", chat(p, max_tokens=30, temperature=0))
                             .json()["choices"][0]["message"]["content"], prompts))
     assert got == want
+    assert picks and all(picks)
+    picks.clear()
+    r = post(live, "/v1/chat/completions", chat("Hello", max_tokens=5, temperature=0, logprobs=True)).json()
+    assert r["choices"][0]["message"]["content"] == direct(model, [{"role": "user", "content": "Hello"}],
+                                                           max_tokens=5)
+    assert picks and not any(picks)
 
 
 def test_conversation_reuses_its_prefix(client):

@@ -238,7 +238,7 @@ def with_adapter(model, adapter_dir, mode=None, base_name=None):
     its own matrices in side mode, so several can be held over one base and chosen per request)."""
     from .model import Model
     adapter = read_adapter(adapter_dir)
-    weights = attach(model.weights, model.config, adapter, mode)
+    weights = model.backend.attach(model.weights, model.config, adapter, mode)
     if base_name:
         check_base(adapter, base_name)
     return Model(model.config, weights, tokenizer=model.tokenizer, backend=model.backend,

@@ -73,6 +73,11 @@ class NumpyBackend:
         """Weights as this backend reads them: host arrays, as loaded (memory-mapped where they were fp32)."""
         return weights
 
+    def attach(self, weights, cfg, adapter, mode=None):
+        """Prepared weights with a peft adapter attached (tinyhun.adapters.attach), sharing every base array."""
+        from .adapters import attach
+        return attach(weights, cfg, adapter, mode)
+
     def rope_tables(self, cfg, n):
         """cos/sin [n, d/2] in float32, as transformers computes them (fp32 inv_freq, fp32 angles)."""
         d = cfg.head_dim

@@ -13,7 +13,9 @@ A mixture of experts (kernels.cuda_moe) replaces 5 and 6 by three launches when 
 top-k, 6 the picked experts' gate/up GEMVs (the shared MLP among them when it has their width and format), 7 their
 downs weighted + residual add; a prefill adds two, the sort grouping its rows by expert before the gate/up GEMM
 and the weighted combine after the down GEMM.
-A shared MLP of another width or format runs beside them as the dense MLP's two launches.
+A shared MLP of another width or format runs beside them as the dense MLP's two launches. An adapter kept as a
+LoRA side path adds one launch per adapted linear (QKV, o_proj, gate/up, down): its A product, before the GEMV
+that adds the B product to each output (kernels.cuda_linear).
 
 Every launch goes to the thread's own stream, and a step that repeats (a decode step: the same pool, the same
 number of rows) is captured as a CUDA graph on its second run and replayed from then on: one host launch per token
@@ -30,7 +32,7 @@ import numpy as np
 
 from .backend import NumpyBackend, _Quiet
 from .errors import TinyhunError
-from .structs import DenseMLP, MoEMLP, Rows, weight_arrays
+from .structs import Attention, DenseMLP, Layer, MoEMLP, Rows, Weights, weight_arrays
 
 MAX_SPLITS = 16   # attention splits per row at most: a longer cache gets longer splits
 KV_DTYPE = np.float16   # the device KV cache's
@@ -107,6 +109,12 @@ class CudaWeights(NamedTuple):
         return sum(a.nbytes for a in self.arrays(decode=True)) - idle
 
 
+class Shaped(NamedTuple):
+    """A part of a device linear as tinyhun.adapters.attach sees it when an adapter goes beside weights already on
+    the device: only its shape."""
+    shape: tuple
+
+
 class CudaBuffers(NamedTuple):
     """Device activation scratch for up to R rows; `rows(T)` views the first T rows."""
     x: object              # [R, H] residual stream
@@ -120,9 +128,16 @@ class CudaBuffers(NamedTuple):
     acts: object           # None: no int8 activation scratch on the device
 
     moe: object = None     # kernels.cuda_moe.MoEScratch of a mixture-of-experts model
+    side: object = None    # flat float32, R * side_width(cfg): a LoRA side path's t
 
     def rows(self, T):
-        return CudaBuffers(*(b[:T] for b in self[:7]), self.part, None, self.moe)
+        return CudaBuffers(*(b[:T] for b in self[:7]), self.part, None, self.moe, self.side)
+
+
+def side_width(cfg):
+    """Columns of t a LoRA side path needs at most: three adapted parts (q, k, v) of rank hidden/4 each (the most
+    tinyhun.adapters allows)."""
+    return 3 * (cfg.hidden_size // 4)
 
 
 class DeviceScratch:
@@ -142,7 +157,7 @@ class DeviceScratch:
                              max(cfg.num_experts) + 1)
         self.bufs = CudaBuffers(x, x, dev(rows, cfg.q_dim + 2 * cfg.kv_dim), dev(rows, nh, d), attn,
                                 attn.reshape(rows, nh * d), dev(rows, cfg.intermediate_size),
-                                dev(rows * nh * MAX_SPLITS * (d + 2)), None, moe)
+                                dev(rows * nh * MAX_SPLITS * (d + 2)), None, moe, dev(rows * side_width(cfg)))
         self.slots = np.zeros(rows, np.int64)        # filled by Model.forward / forward_batch
         self.positions = np.zeros(rows, np.int64)
         # a stream of its own: the legacy default stream cannot be captured into a graph
@@ -192,14 +207,15 @@ class DeviceScratch:
 
 def device_view(w):
     """Host weights (a structs.Weights or any part of it) as the device multiplies by them, as F32: floats and INT8
-    rounded to fp16, INT4 dequantized, stacked experts one by one; the router stays fp32. With HalfKV, the NumPy
-    reference of exactly what the device computes (tests and bench/gpu_check.py compare the two)."""
+    rounded to fp16, INT4 dequantized, stacked experts one by one, a LoRA side path merged (in fp16, as the device
+    holds it); the router stays fp32. With HalfKV, the NumPy reference of exactly what the device computes (tests
+    and bench/gpu_check.py compare the two)."""
     from .kernels import cuda_ref, moe
-    from .kernels.linear import F32, Q4, Q8
+    from .kernels.linear import F32, Q4, Q8, LoRA
 
     def seen(lin):
         return F32(cuda_ref.dense(cuda_ref.device_format(lin)))
-    if isinstance(w, (F32, Q4, Q8)):
+    if isinstance(w, (F32, Q4, Q8, LoRA)):
         return seen(w)
     if isinstance(w, MoEMLP):
         return w._replace(shared=device_view(w.shared), **{
@@ -276,16 +292,17 @@ class CudaBackend(NumpyBackend):
         return self.cuda.to_device(np.ascontiguousarray(a))
 
     def _linear(self, fmt):
-        """A device linear of host arrays -> the same with its arrays on the device, each distinct array once (a
-        symmetric INT4 matrix's mins are its scales)."""
+        """A device linear of host arrays (an Adapted one's base and side too) -> the same with its arrays on the
+        device, each distinct array once (a symmetric INT4 matrix's mins are its scales)."""
         up = {id(f): self._put(f) for f in fmt if isinstance(f, np.ndarray)}
-        return type(fmt)(*(up[id(f)] if isinstance(f, np.ndarray) else f for f in fmt))
+        return type(fmt)(*(up[id(f)] if isinstance(f, np.ndarray) else self._linear(f) if isinstance(f, tuple)
+                           else f for f in fmt))
 
     def _dense(self, gate_up, down):
         return CudaDense(self._linear(gate_up), self._linear(down))
 
     def _mlp(self, i, m):
-        fmt, stack = self._format, self.k_ref.stack
+        fmt, stack = self.k_ref.device_format, self.k_ref.stack
         if isinstance(m, DenseMLP):
             return self._dense(stack([fmt(m.gate), fmt(m.up)], interleave=True), fmt(m.down))
         if not isinstance(m, MoEMLP):
@@ -297,16 +314,51 @@ class CudaBackend(NumpyBackend):
             self._counting.append(m.counting)
         return CudaMoE(self._put(m.router), ex, apart and self._dense(*apart), m.topk, m.load, m.counting)
 
-    def _format(self, lin):
+    def attach(self, weights, cfg, adapter, mode=None):
+        """CudaWeights with an adapter's LoRA side paths beside their device bases, which are shared, not copied
+        (adapters.with_adapter): adapters.attach checks the adapter against the layers' shapes and builds each
+        part's side path; each layer's QKV, o_proj, gate/up and down gets the Side of its adapted parts."""
+        from .adapters import attach
         from .kernels.linear import LoRA
-        if isinstance(lin, LoRA):
-            raise TinyhunError("device 'cuda': an adapter's LoRA side path does not run on the GPU yet; merge it "
-                               "(adapter_mode='merge', or `tinyhun merge` into the float checkpoint and quantize "
-                               "that) or use device 'cpu'")
-        return self.k_ref.device_format(lin)
+        if mode == "merge":
+            raise TinyhunError("device 'cuda': an adapter added to a model already on the GPU runs as a side path "
+                               "(adapter_mode='side'); to merge it, load with tinyhun.load(path, device='cuda', "
+                               "adapter=DIR, adapter_mode='merge')")
+        H, shape = cfg.hidden_size, self.k_ref.shape
+
+        def parts(lw):
+            attn = Attention(*(Shaped(s) for s in ((cfg.q_dim, H), (cfg.kv_dim, H), (cfg.kv_dim, H),
+                                                   (H, cfg.q_dim))), None, None)
+            if isinstance(lw.mlp, CudaMoE):
+                return Layer(None, attn, None, MoEMLP(*[None] * len(MoEMLP._fields)))
+            I = shape(lw.mlp.down)[1]
+            return Layer(None, attn, None, DenseMLP(Shaped((I, H)), Shaped((I, H)), Shaped((H, I))))
+
+        def adapt(base, lins, interleave=False):
+            sides = [self.k_ref.side_of(lin) if isinstance(lin, LoRA) else None for lin in lins]
+            if all(s is None for s in sides):
+                return base
+            if isinstance(base, self.k_ref.Adapted):
+                raise TinyhunError("device 'cuda': this model already has an adapter on the GPU; add adapters to "
+                                   "the base model (one side path per linear)")
+            side = self.k_ref.join_sides(sides, [lin.shape[0] for lin in lins], self.k_ref.joiner(interleave))
+            return self.k_ref.Adapted(base, self._linear(side))
+        tuned = attach(Weights(None, tuple(parts(lw) for lw in weights.layers), None, None), cfg, adapter, "side")
+        layers = []
+        for lw, t in zip(weights.layers, tuned.layers):
+            a, m = t.attn, t.mlp
+            new = dict(qkv=adapt(lw.qkv, [a.wq, a.wk, a.wv]), wo=adapt(lw.wo, [a.wo]))
+            if isinstance(m, DenseMLP):
+                gate_up, down = adapt(lw.mlp.gate_up, [m.gate, m.up], True), adapt(lw.mlp.down, [m.down])
+                if gate_up is not lw.mlp.gate_up or down is not lw.mlp.down:
+                    new["mlp"] = CudaDense(gate_up, down)
+            layers.append(lw._replace(**new))
+        return weights._replace(layers=tuple(layers))
 
     def prepare(self, weights):
-        fmt, stack = self._format, self.k_ref.stack
+        if isinstance(weights, CudaWeights):   # already on the device (an adapter added by attach)
+            return weights
+        fmt, stack = self.k_ref.device_format, self.k_ref.stack
         layers = []
         for i, lw in enumerate(weights.layers):
             a = lw.attn
@@ -349,18 +401,18 @@ class CudaBackend(NumpyBackend):
 
         def decoder_layer(lw, s, k_cache, v_cache, rows, dims):
             # llama.decoder_layer's block order in six launches, or a mixture of experts' (module docstring)
-            eps, S, m = dims.eps, k_cache.shape[2], lw.mlp
-            linear(s.qkv, s.x, lw.qkv, norm=lw.attn_norm, eps=eps)
+            eps, S, m, side = dims.eps, k_cache.shape[2], lw.mlp, s.side
+            linear(s.qkv, s.x, lw.qkv, norm=lw.attn_norm, eps=eps, side=side)
             rope_qk_store(s.q, s.qkv, k_cache, v_cache, rows.cos, rows.sin, rows.slots, rows.positions,
                           lw.q_norm, lw.k_norm, eps)
             attention_rows(s.attn, s.q, k_cache, v_cache, rows.slots, rows.positions,
                            split=max(self.k_attn.SPLIT, -(-S // MAX_SPLITS)), partials=s.part)
-            linear(s.x, s.attn2, lw.wo, resid=s.x)
+            linear(s.x, s.attn2, lw.wo, resid=s.x, side=side)
             if isinstance(m, CudaMoE):
                 moe_mlp(s, m, lw.mlp_norm, eps)
             else:
-                linear(s.h, s.x, m.gate_up, norm=lw.mlp_norm, eps=eps, pairs=True)
-                linear(s.x, s.h, m.down, resid=s.x)
+                linear(s.h, s.x, m.gate_up, norm=lw.mlp_norm, eps=eps, pairs=True, side=side)
+                linear(s.x, s.h, m.down, resid=s.x, side=side)
         return decoder_layer
 
     def logits(self):

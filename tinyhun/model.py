@@ -123,9 +123,11 @@ class Model:
             return int(logits[0])
         return logits if out is None else out
 
-    def forward_batch(self, caches, tokens):
+    def forward_batch(self, caches, tokens, argmax=False):
         """One new token for each cache (caches of one pool, from new_caches): logits [len(caches), V], row i for
-        caches[i], each token at its own cache's next position. The weights are read once for all of them."""
+        caches[i], each token at its own cache's next position. The weights are read once for all of them.
+        argmax=True: each row's greedy next token instead (int64[len(caches)], valid until this thread's next
+        forward), picked where the logits are."""
         ids = check_ids(tokens, self.config.vocab_size)
         B = len(caches)
         if B != len(ids) or not 0 < B <= CHUNK:
@@ -140,10 +142,10 @@ class Model:
         sc = self._scratch()
         sc.slots[:B] = [c.slot for c in caches]
         sc.positions[:B] = [len(c) for c in caches]
-        logits = self._run(pool, ids, "all")
+        out = self._run(pool, ids, "all", argmax)
         for c, t in zip(caches, ids):
             c.append((t,))
-        return logits
+        return out
 
     def logits(self, ids):
         """float32 [len(ids), V] logits of every position, from a fresh cache."""

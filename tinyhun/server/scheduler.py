@@ -16,6 +16,9 @@ the order they first appear: each reads the base weights once for its rows. Per-
 would read them once for all, at the cost of a LoRA kernel that gathers each row's A and B; with a handful of
 adapters in use at once the simple split costs one weight pass per adapter per step. A slot's cached keys belong to
 the model that computed them: a prefix is reused only by a job of the same model.
+
+A group whose every job samples greedily and asks for no logprobs has its tokens picked where the logits are
+(forward_batch argmax=True): on a GPU only the ids come down, not a logits row of the vocabulary per slot.
 """
 import threading
 from collections import deque
@@ -59,6 +62,7 @@ class _Running:
     cache: object
     seq: Sequence
     token: int = 0
+    picked: int | None = None   # its next token when the forward picked it (greedy, no logprobs)
 
 
 class Engine:
@@ -189,9 +193,9 @@ class Engine:
 
     def _sample(self, r):
         """Sample r's next token from its slot's logits and hand its Step out; False when r is done."""
-        logits = self._next[r.cache.slot]
+        logits = None if r.picked is not None else self._next[r.cache.slot]
         try:
-            r.token = r.seq.sample(logits)
+            r.token = r.seq.sample(logits) if logits is not None else r.picked
             step = r.seq.advance(r.token, logits)
             r.job.emit(step)
         except Exception as e:   # noqa: BLE001 - this job ends with the error; the others go on
@@ -219,16 +223,22 @@ class Engine:
             groups.setdefault(id(r.job.model), []).append(r)
         ok = []
         for group in groups.values():
+            pick = all(r.seq.logprob is None and getattr(r.seq.sampler, "greedy", False) for r in group)
             try:
-                logits = group[0].job.model.forward_batch([r.cache for r in group], [r.token for r in group])
+                out = group[0].job.model.forward_batch([r.cache for r in group], [r.token for r in group],
+                                                       argmax=pick)
             except Exception as e:   # noqa: BLE001
                 for r in group:
                     r.job.emit(e)
                     r.cache.reset()
                     self._release(r)
                 continue
-            for r, row in zip(group, logits):   # copied out before the next group's forward reuses the scratch
-                self._next[r.cache.slot] = row
+            for r, row in zip(group, out):   # copied out before the next group's forward reuses the scratch
+                if pick:
+                    r.picked = int(row)
+                else:
+                    r.picked = None
+                    self._next[r.cache.slot] = row
             ok.extend(group)
         self._active = [r for r in ok if self._sample(r)]
 
