@@ -11,6 +11,9 @@
 3. A 10-turn chat through the server: the prompt tokens the slot's cache reused (prefill saved).
 4. Adapters (`--adapters`: only this): 2 concurrent streaming clients on two different adapters (one forward per
    adapter per step) vs both on one adapter (one forward of 2 rows) vs both on the base, interleaved, total tok/s.
+5. Chunked prefill (`--long-joiner N`: only this): a job with an N-token prompt joins one that is decoding; the
+   decoding job's longest wait between two tokens and the joiner's time to first token, with the engine's
+   chunked prefill (scheduler.PREFILL_BUDGET) and with each prompt prefilled whole in one turn, interleaved.
 """
 import argparse
 import asyncio
@@ -191,6 +194,52 @@ def bench_adapter_clients(model, gen, rounds, rank=16):
         print(f"  {name:28s} {rate:7.1f} tok/s total  x{rate / peer:.2f} of a + a")
 
 
+def bench_long_joiner(model, n_prompt, rounds):
+    """(longest gap between the decoding job's tokens while the joiner prefills, the joiner's time to first token),
+    chunked vs whole, median of `rounds`."""
+    from tinyhun.sampling import make_sampler
+    from tinyhun.server import scheduler
+    long = ids_of(model, " ".join(PROMPTS * 200))[:n_prompt]
+    if len(long) < n_prompt:
+        raise SystemExit(f"--long-joiner {n_prompt}: the sample text has only {len(long)} tokens")
+    chunk = scheduler.PREFILL_BUDGET
+
+    def once(budget):
+        scheduler.PREFILL_BUDGET = budget
+        engine = scheduler.Engine(model, 2, 0, max_context=n_prompt + 300)
+        stamps, joined, first = [], threading.Event(), []
+        done = threading.Event()
+
+        def decoding(step):
+            stamps.append(time.perf_counter())
+            if isinstance(step, Exception) or step.finish_reason:
+                done.set()
+        try:
+            engine.submit(scheduler.Job(ids_of(model, PROMPTS[0]), lambda logits, h: 42, 250, decoding))
+            while len(stamps) < 5:
+                time.sleep(0.001)
+            t0 = time.perf_counter()
+            engine.submit(scheduler.Job(long, make_sampler(), 1, lambda step: (first.append(time.perf_counter()),
+                                                                              joined.set())))
+            joined.wait(120)
+            done.wait(120)
+        finally:
+            engine.close()
+            scheduler.PREFILL_BUDGET = chunk
+        gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b > t0 and a < first[0]]
+        return max(gaps), first[0] - t0
+    once(chunk)   # warm-up: compiles every row count
+    res = {"chunked": [], "whole": []}
+    for _ in range(rounds):
+        res["chunked"].append(once(chunk))
+        res["whole"].append(once(10 ** 9))
+    print(f"a {n_prompt}-token prompt joins a decoding stream (2 slots), median of {rounds}:")
+    for name, runs in res.items():
+        gap, ttft = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        print(f"  prefill {name:8s} the decoding stream's longest gap {1000 * gap:7.1f} ms, "
+              f"the joiner's time to first token {1000 * ttft:7.1f} ms")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", help="model folder (default: the default model, SmolLM2-135M-Instruct INT4)")
@@ -199,6 +248,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--adapters", action="store_true", help="only section 4, adapters per request")
+    p.add_argument("--long-joiner", type=int, metavar="N", help="only section 5, chunked prefill of N tokens")
     args = p.parse_args()
 
     import tinyhun
@@ -206,6 +256,8 @@ def main():
     model = tinyhun.load(resolve_model(args.model, progress=False), max_context=2048)
     if args.adapters:
         return bench_adapter_clients(model, args.gen_tokens, args.rounds)
+    if args.long_joiner:
+        return bench_long_joiner(model, args.long_joiner, args.rounds)
     bench_decode(model, args.batch, args.gen_tokens, args.rounds)
     if not args.skip_http:
         bench_http(model, args.gen_tokens)

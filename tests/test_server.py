@@ -208,6 +208,55 @@ def test_batched_greedy_equals_single_streams(live, model, monkeypatch):
     assert picks and not any(picks)
 
 
+def test_a_long_prompt_is_prefilled_between_decode_steps(model, monkeypatch):
+    """Chunked prefill: while one job decodes, a joiner's long prompt runs one piece (Model.forward's CHUNK) per turn
+    of the engine, with a decode step of the other job between its pieces; its greedy tokens equal a single
+    stream's."""
+    from tinyhun.generation import generate_step
+    from tinyhun.model import CHUNK
+    from tinyhun.sampling import make_sampler
+    from tinyhun.server.scheduler import Engine, Job
+    long = [int(i) for i in np.random.default_rng(5).integers(0, 400, 2 * CHUNK + 40)]
+    want = list(generate_step(model, long, make_sampler(), 8))
+    events, forward, forward_batch = [], Model.forward, Model.forward_batch
+
+    def prefilled(self, cache, ids, out=None, argmax=False):
+        events.append(("prefill", cache.slot, len(ids)))
+        return forward(self, cache, ids, out, argmax)
+
+    def decoded(self, caches, tokens, argmax=False):
+        events.append(("decode", tuple(c.slot for c in caches)))
+        return forward_batch(self, caches, tokens, argmax)
+    monkeypatch.setattr(Model, "forward", prefilled)
+    monkeypatch.setattr(Model, "forward_batch", decoded)
+    steps, finished = {"a": [], "b": []}, {"a": threading.Event(), "b": threading.Event()}
+
+    def emit(name):
+        def put(step):
+            steps[name].append(step)
+            if isinstance(step, Exception) or step.finish_reason:
+                finished[name].set()
+        return put
+    engine = Engine(model, slots=2, queue_size=0, max_context=3 * CHUNK + 64)
+    try:
+        engine.submit(Job([1, 2, 3], lambda logits, history: 5, 60, emit("a")))   # never a stop token
+        deadline = time.monotonic() + 30
+        while len(steps["a"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        engine.submit(Job(long, make_sampler(), 8, emit("b")))
+        assert finished["a"].wait(60) and finished["b"].wait(60)
+    finally:
+        engine.close()
+    assert not any(isinstance(s, Exception) for s in steps["a"] + steps["b"])
+    got = [s.token for s in steps["b"]]
+    assert got == want[:len(got)] and (len(got) == 8 or got[-1] in model.tokenizer.stop_ids)
+    a_slot = next(e[1] for e in events if e[0] == "prefill")
+    pieces = [i for i, e in enumerate(events) if e[0] == "prefill" and e[1] != a_slot]
+    assert [events[i][2] for i in pieces] == [CHUNK, CHUNK, 40]
+    for i, j in zip(pieces, pieces[1:]):
+        assert ("decode", (a_slot,)) in events[i + 1:j], events[i:j + 1]
+
+
 def test_conversation_reuses_its_prefix(client):
     history = [{"role": "user", "content": "Hello there"}]
     r1 = client.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0)

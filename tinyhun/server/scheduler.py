@@ -4,8 +4,13 @@ one pool each) and a bounded queue of jobs waiting for a slot.
 Decode is bound by streaming the weights, so every step runs the next token of all active slots through one
 Model.forward_batch (each row at its own cache's position); a new job joins between steps (its prompt is
 prefilled, then it decodes with the others) and a finished or cancelled one leaves between steps, so a cancel
-costs at most the token in flight. A joiner's first token is sampled right after its own prefill. Each job's tokens go through a generation.Sequence, the same per-sequence
-state the single-stream loop uses: a job's Steps do not depend on what else is running (greedy outputs equal).
+costs at most the token in flight. Prompts are prefilled in pieces (chunked prefill): each turn of the loop runs
+pieces of the joining jobs' prompts, first come first served, until PREFILL_BUDGET tokens have run, then one decode
+step of the active ones, so a long prompt delays the others' next token by a piece, not by its whole prefill. A
+piece is one of Model.forward's own chunks (CHUNK tokens, the last one shorter), so a prompt's logits are those of
+one forward. A joiner's first token is sampled right after its prompt's last piece. Each job's tokens go through a generation.Sequence, the same
+per-sequence state the single-stream loop uses: a job's Steps do not depend on what else is running (greedy
+outputs equal).
 
 A free slot keeps the tokens it last held: a job goes to the free slot sharing the longest prefix with its prompt,
 so the next turn of a conversation recomputes only what is new.
@@ -27,8 +32,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import TinyhunError
-from ..generation import Sequence, _LogProb, prefill
+from ..generation import Sequence, _LogProb
 from ..model import CHUNK
+
+PREFILL_BUDGET = CHUNK   # prompt tokens prefilled per turn of the loop (in whole pieces), between decode steps
 
 
 class QueueFull(Exception):
@@ -57,6 +64,14 @@ class PromptLogprobs:
 
 
 @dataclass
+class _Prefill:
+    job: Job
+    cache: object
+    reused: int = -1        # prompt tokens the cache already held (-1: not looked at yet)
+    done: int = 0           # prompt tokens in the cache so far
+
+
+@dataclass
 class _Running:
     job: Job
     cache: object
@@ -79,6 +94,7 @@ class Engine:
         self._free = list(self.caches)          # engine thread only
         self._owner = {}                        # engine thread only: slot -> the model its cached keys are of
         self._active = []                       # engine thread only
+        self._joining = deque()                 # engine thread only: _Prefills, first come first served
         self._next = np.zeros((slots, model.config.vocab_size), np.float32)   # each slot's next-token logits
         self._waiting = deque()
         self._load = 0                          # jobs waiting or running
@@ -131,13 +147,14 @@ class Engine:
     def _loop(self):
         while True:
             with self._cond:
-                while not self._waiting and not self._active and not self._stopping:
+                while not self._waiting and not self._active and not self._joining and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
                 joining = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
             for job in joining:
                 self._start(job)
+            self._prefill()
             self._step()
 
     def _done(self, job):
@@ -145,6 +162,7 @@ class Engine:
             self._load -= 1
 
     def _start(self, job):
+        """Give a job the free slot holding the longest prefix of its prompt and queue its prefill."""
         if job.cancelled:
             return self._done(job)
         job.model = job.model or self.model
@@ -154,22 +172,49 @@ class Engine:
         if self._owner.get(cache.slot) is not job.model:
             cache.reset()
             self._owner[cache.slot] = job.model
-        try:
-            if job.prompt_logprobs is None:
-                logits, reused = prefill(job.model, cache, job.ids)
-            else:
-                logits, reused = self._prefill_scored(cache, job), 0
+        self._joining.append(_Prefill(job, cache))
+
+    def _prefill(self):
+        """Pieces of the joining jobs' prompts until PREFILL_BUDGET tokens have run; a job whose prompt is all in
+        samples its first token and decodes from the next step. Scored prompts (prompt_logprobs) run whole."""
+        budget = PREFILL_BUDGET
+        while self._joining and budget > 0:
+            p = self._joining[0]
+            job, cache = p.job, p.cache
+            if job.cancelled:
+                self._joining.popleft()
+                self._free.append(cache)
+                self._done(job)
+                continue
+            try:
+                if job.prompt_logprobs is not None:
+                    logits = self._prefill_scored(cache, job)
+                    p.reused, p.done = 0, len(job.ids)
+                    budget -= p.done
+                else:
+                    if p.reused < 0:   # the last token is run again: its logits are needed
+                        p.reused = p.done = min(cache.reuse(job.ids), len(job.ids) - 1)
+                        cache.trim(p.reused)
+                    n = min(CHUNK, len(job.ids) - p.done)
+                    logits = job.model.forward(cache, job.ids[p.done:p.done + n])[0]
+                    p.done += n
+                    budget -= n
+            except Exception as e:   # noqa: BLE001 - the job gets the error; the engine serves the others
+                self._joining.popleft()
+                cache.reset()
+                self._free.append(cache)
+                job.emit(e)
+                self._done(job)
+                continue
+            if p.done < len(job.ids):
+                continue
+            self._joining.popleft()
             self._next[cache.slot] = logits
-        except Exception as e:   # noqa: BLE001 - the job gets the error; the engine serves the others
-            cache.reset()
-            self._free.append(cache)
-            job.emit(e)
-            return self._done(job)
-        seq = Sequence(self.model.tokenizer, job.ids, job.sampler, job.max_tokens, job.stop, job.logprobs,
-                       job.top_logprobs, reused, self.model.config.vocab_size)
-        r = _Running(job, cache, seq)
-        if self._sample(r):   # its first token goes out now, not after the other joiners' prefills
-            self._active.append(r)
+            seq = Sequence(self.model.tokenizer, job.ids, job.sampler, job.max_tokens, job.stop, job.logprobs,
+                           job.top_logprobs, p.reused, self.model.config.vocab_size)
+            r = _Running(job, cache, seq)
+            if self._sample(r):   # its first token goes out now, not after the other joiners' prefills
+                self._active.append(r)
 
     def _prefill_scored(self, cache, job):
         """Prefill from scratch, scoring every prompt token against the logits before it; return the last
