@@ -44,11 +44,13 @@ def test_cuda_without_a_gpu_is_one_clear_error():
         tinyhun.load(TINY, device="tpu")
 
 
-def test_cli_device_cuda_without_a_gpu_exits_2_with_one_line():
+@pytest.mark.parametrize("command", [["generate", "hi"], ["serve", "--port", "18099"]])
+def test_cli_device_cuda_without_a_gpu_exits_2_with_one_line(command):
+    """serve too exits at once (it loads the model behind /health, but checks the GPU first, as the folder)."""
     from numba import cuda
     if cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = subprocess.run([sys.executable, "-m", "tinyhun.cli", "generate", "hi", "--model", str(TINY), "--device", "cuda"],
+    r = subprocess.run([sys.executable, "-m", "tinyhun.cli", *command, "--model", str(TINY), "--device", "cuda"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("tinyhun: error: device 'cuda': no CUDA GPU or driver found")

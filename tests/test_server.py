@@ -357,7 +357,7 @@ def test_metrics(live):
     assert 'tinyhun_requests_total{route="/v1/completions",status="200"}' in text
 
 
-def test_health_is_503_while_loading_and_after_a_failed_load(model):
+def test_health_is_503_while_loading_and_after_a_failed_load(model, capfd):
     gate = threading.Event()
 
     def slow_load():
@@ -379,6 +379,7 @@ def test_health_is_503_while_loading_and_after_a_failed_load(model):
                     time.sleep(0.05)
                 r = s.get("/health")
                 assert r.status_code == 503 and r.json() == {"status": "error", "message": "RuntimeError: disk on fire"}
+                assert "tinyhun serve: the model failed to load: RuntimeError: disk on fire\n" in capfd.readouterr().err
         finally:
             s.close()
 

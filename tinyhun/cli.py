@@ -211,6 +211,9 @@ def cmd_serve(args):
 
     # a named model folder is checked now (a typo exits at once); the default model is fetched in the background
     named = resolve_model(args.model) if args.model or os.environ.get("MODEL_PATH") else None
+    if args.device == "cuda":   # and so is the GPU
+        from .cuda_backend import require_cuda
+        require_cuda()
 
     def load():
         path = named or resolve_model(None, progress=not args.quiet)

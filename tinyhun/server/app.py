@@ -7,6 +7,7 @@ only saves work), so N replicas behind any HTTP balancer scale it out.
 import asyncio
 import hmac
 import json
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -75,6 +76,8 @@ class Server:
             self.model = model
         except Exception as e:   # noqa: BLE001 - /health reports it; the process stays up to say so
             self.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, TinyhunError) else str(e)
+            # and in the log: whoever started the server sees why /health says 503
+            print(f"tinyhun serve: the model failed to load: {self.load_error}", file=sys.stderr, flush=True)
 
     def ready(self):
         if self.load_error is not None:
