@@ -1,15 +1,18 @@
 """Every GPU check and benchmark of the CUDA backend in one run: `python bench/gpu_check.py OUTDIR [--tiny]`.
 
-Writes OUTDIR/results.json and OUTDIR/report.md (atomically: the folder appears complete or not at all):
-  1. the CUDA kernel and model tests on this GPU (tests/test_cuda_kernels.py, tests/test_cuda_model.py);
-  2. logits through device "cuda" vs the CPU on the tiny checkpoints, dense and mixture of experts (fp32 and
-     INT4), and SmolLM2 when it is here;
-  3. prefill and decode tok/s for the Hunyuan-0.5B shape (random weights, fp16 and INT4), kernels and host
+Writes OUTDIR/results.json and OUTDIR/report.md again after each section (atomically, so a run cut short leaves
+the sections it finished), in this order, most wanted first; a section that fails is recorded (errors) and the next
+one runs, and the exit status is 1 if any failed:
+  1. INT4 GEMV GB/s against a device-to-device copy measured in the same run;
+  2. prefill and decode tok/s for the Hunyuan-0.5B shape (random weights, fp16 and INT4), kernels and host
      launches per token, against transformers bf16 (eager and sdpa) on the same GPU in the same run when torch has
      CUDA; the same for a mixture of experts of that width (MOE_SHAPE), with its decode GB/s over the bytes a token
      reads; the dense decode again without CUDA graphs, and whether replayed steps' logits equal launched ones';
      the dense INT4 decode again with a rank-16 LoRA adapter on all seven linears as a side path (LORA_RANK);
-  4. INT4 GEMV GB/s against a device-to-device copy measured in the same run.
+  3. logits through device "cuda" vs the CPU on the tiny checkpoints, dense and mixture of experts (fp32 and
+     INT4), and SmolLM2 when it is here;
+  4. the CUDA kernel and model tests on this GPU (tests/test_cuda_kernels.py, tests/test_cuda_model.py), within
+     --tests-timeout seconds.
 --tiny: tiny shapes and no test subprocess, so the whole script runs under Numba's CUDA simulator (the CI test).
 """
 import argparse
@@ -17,6 +20,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +39,16 @@ TINY_MOE = dict(TINY_SHAPE, num_experts=3, moe_topk=2, moe_intermediate_size=32,
 LORA_RANK = 16
 
 
-def kernel_tests():
+def kernel_tests(timeout):
     import os
     import subprocess
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_cuda_kernels.py"),
-                        str(ROOT / "tests" / "test_cuda_model.py")], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "TINYHUN_CUDA_TESTS": "1"}, timeout=900)
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_cuda_kernels.py"),
+                            str(ROOT / "tests" / "test_cuda_model.py")], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "TINYHUN_CUDA_TESTS": "1"}, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"ok": False, "tail": f"timed out after {timeout} s\n" + out[-3000:]}
     return {"ok": r.returncode == 0, "tail": (r.stdout + r.stderr)[-3000:]}
 
 
@@ -244,26 +252,31 @@ def device_name(cuda):
 
 
 def report(res):
+    """report.md of whatever sections ran (a section that failed is listed with its error)."""
     lines = [f"# tinyhun gpu_check on {res['device']}", ""]
-    for name, r in res["logits"].items():
-        lines.append(f"- logits {name}: rel err {r['rel_err']:.2e} (bound {r['bound']}), argmax agree "
-                     f"{r['argmax_agree']:.2f} -> {'ok' if r['ok'] else 'FAIL'}")
-    for name, r in {**res["decode"], **res.get("transformers", {})}.items():
+    if "gemv_int4" in res:
+        g = res["gemv_int4"]
+        lines.append(f"- INT4 GEMV [{g['n']}x{g['k']}]: {g['gb_s']:.1f} GB/s = {100 * g['gb_s'] / res['copy_gb_s']:.0f} "
+                     f"% of the measured device copy ({res['copy_gb_s']:.1f} GB/s)")
+    for name, r in {**res.get("decode", {}), **res.get("transformers", {})}.items():
         extra = (f", {r['launches_per_token']} kernels and {r['host_launches_per_token']} host launches/token"
                  if "launches_per_token" in r else "")
         extra += f", decode {r['decode_gb_s']:.1f} GB/s of weights read" if "decode_gb_s" in r else ""
         lines.append(f"- {name}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.1f} tok/s{extra}")
     for name, v in res.get("ratios", {}).items():
         lines.append(f"- {name}: {v:.2f}x")
-    g = res["gemv_int4"]
-    lines.append(f"- INT4 GEMV [{g['n']}x{g['k']}]: {g['gb_s']:.1f} GB/s = {100 * g['gb_s'] / res['copy_gb_s']:.0f} % of "
-                 f"the measured device copy ({res['copy_gb_s']:.1f} GB/s)")
-    if "tests" in res:
-        lines.append(f"- CUDA kernel/model tests on this GPU: {'passed' if res['tests']['ok'] else 'FAILED'}")
-    for fmt, g in res["cuda_graph"].items():
+    for fmt, g in res.get("cuda_graph", {}).items():
         lines.append(f"- CUDA graphs, {fmt}: decode {g['decode_speedup']:.2f}x the speed of launching kernel by "
                      f"kernel; replayed vs launched logits: max |diff| {g['replayed_vs_launched_max_abs_diff']:.3g} -> "
                      f"{'ok' if g['ok'] else 'FAIL'}")
+    for name, r in res.get("logits", {}).items():
+        lines.append(f"- logits {name}: rel err {r['rel_err']:.2e} (bound {r['bound']}), argmax agree "
+                     f"{r['argmax_agree']:.2f} -> {'ok' if r['ok'] else 'FAIL'}")
+    if "tests" in res:
+        lines.append(f"- CUDA kernel/model tests on this GPU: {'passed' if res['tests']['ok'] else 'FAILED'}")
+    for name, err in res.get("errors", {}).items():
+        lines.append(f"- section {name} FAILED: {err}")
+    lines.append("- seconds per section: " + ", ".join(f"{k} {v}" for k, v in res["seconds"].items()))
     return "\n".join(lines) + "\n"
 
 
@@ -271,6 +284,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("outdir")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, no test subprocess (runs under the simulator)")
+    p.add_argument("--tests-timeout", type=int, default=240, help="seconds for the kernel/model tests (default 240)")
     args = p.parse_args(argv)
     from numba import cuda
 
@@ -278,70 +292,103 @@ def main(argv=None):
     from tinyhun.quantize import quantize_model
     tiny = args.tiny
     clock = time.perf_counter()
-    n_ids = 1 if tiny else 64   # tiny: the load path only (the model tests run the GEMMs)
-    res = {"device": device_name(cuda)}
-    if not tiny:
-        res["tests"] = kernel_tests()
-        print("tests:", "passed" if res["tests"]["ok"] else "FAILED", flush=True)
-    cpu_kernels = "numpy" if tiny else None
-    res["logits"] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        # tiny: the dense checkpoint as fp16, the mixture of experts as INT4 (each kind and format once)
-        for name, shape, int4s in (("tiny-hunyuan", TINY_SHAPE, (False,) if tiny else (False, True)),
-                                   ("tiny-hunyuan-moe", TINY_MOE, (True,) if tiny else (False, True))):
-            ckpt = tiny_checkpoint(Path(tmp) / name, shape, name) if tiny else ROOT / "weights" / name
-            for int4 in int4s:
-                path = Path(tmp) / f"{name}-int4" if int4 else ckpt
-                if int4:
-                    quantize_model(ckpt, path, progress=False)
-                # the CPU rounds activations to int8 for INT4 matmuls, the GPU keeps them fp32: 5e-2 for the dense
-                # model; for the MoE that rounding flips routing (measured 0.14 on tiny-hunyuan-moe), so its CPU
-                # runs the device's view of the weights (1e-4: fp32 summation order only)
-                moe_int4 = int4 and "moe" in name
-                res["logits"][path.name] = compare_logits(path, cpu_kernels, 1e-4 if moe_int4 else 5e-2 if int4
-                                                          else 1e-2, n_ids, exact=moe_int4)
-    if not tiny and SMOLLM2.is_dir():
-        res["logits"]["SmolLM2-135M-Instruct"] = compare_logits(SMOLLM2, None, 5e-2, n_ids)
-    print(json.dumps(res["logits"]), f"{time.perf_counter() - clock:.0f} s", flush=True)
+    res = {"device": device_name(cuda), "seconds": {}}
+
+    def save():
+        # after every section: a device session cut short still leaves what ran
+        text = report(res)
+        with atomic_folder(args.outdir, overwrite=True) as out:
+            write_json(out / "results.json", res)
+            (out / "report.md").write_text(text)
+        return text
+
+    def section(name, fn):
+        """Run one section; an error is recorded (and printed) and the next section runs."""
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:   # noqa: BLE001 - one broken section must not cost the device session the others
+            traceback.print_exc()
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        res["seconds"][name] = round(time.perf_counter() - t, 1)
+        save()
+        print(f"{name}: {res['seconds'][name]} s ({time.perf_counter() - clock:.0f} s in all)", flush=True)
+
     shape, moe_shape, prompt, gen, reps = ((TINY_SHAPE, TINY_MOE, 1, 1, 1) if tiny
                                            else (HUNYUAN_05B, MOE_SHAPE, 128, 64, 3))
-    # tiny: one run of each model kind and each format (the simulator's cost is its threads; the model tests run
-    # every format through both kinds)
-    runs = ((shape, "", "int4"), (moe_shape, "moe ", "fp16")) if tiny else \
-        tuple((sh, name, fmt) for sh, name in ((shape, ""), (moe_shape, "moe ")) for fmt in ("fp16", "int4"))
-    res["decode"], res["cuda_graph"] = {}, {}
-    for sh, name, fmt in runs:
-        # the dense model also with every kernel launched from the host: what the graphs save
-        graphed, launched = tinyhun_speed(sh, fmt, prompt, gen, reps, launched_too=not name)
-        res["decode"][name + fmt] = graphed
-        if launched:
-            res["decode"][fmt + " without graphs"] = launched
-            diff = graphed["replayed_vs_launched_max_abs_diff"]
-            res["cuda_graph"][fmt] = {"decode_speedup": graphed["decode_tok_s"] / launched["decode_tok_s"],
-                                      "replayed_vs_launched_max_abs_diff": diff, "ok": diff == 0.0}
-    rank = 2 if tiny else LORA_RANK
-    lora = f"int4 + LoRA r{rank} side path (all 7 linears)"
-    res["decode"][lora] = tinyhun_speed(shape, "int4", prompt, gen, reps, lora_rank=rank)[0]
-    res["ratios"] = {f"{lora} decode / int4 decode": res["decode"][lora]["decode_tok_s"]
-                     / res["decode"]["int4"]["decode_tok_s"]}
-    print(json.dumps(res["decode"]), f"{time.perf_counter() - clock:.0f} s", flush=True)
-    try:
+
+    def gemv():   # first: the cheapest section, and a target
+        res["gemv_int4"], res["copy_gb_s"] = bandwidth(*((64, 256, 2) if tiny else (14336, 4096, 200)))
+
+    def decode():
+        # tiny: one run of each model kind and each format (the simulator's cost is its threads; the model tests
+        # run every format through both kinds)
+        runs = ((shape, "", "int4"), (moe_shape, "moe ", "fp16")) if tiny else \
+            tuple((sh, name, fmt) for sh, name in ((shape, ""), (moe_shape, "moe ")) for fmt in ("fp16", "int4"))
+        res["decode"], res["cuda_graph"] = {}, {}
+        for sh, name, fmt in runs:
+            # the dense model also with every kernel launched from the host: what the graphs save
+            graphed, launched = tinyhun_speed(sh, fmt, prompt, gen, reps, launched_too=not name)
+            res["decode"][name + fmt] = graphed
+            if launched:
+                res["decode"][fmt + " without graphs"] = launched
+                diff = graphed["replayed_vs_launched_max_abs_diff"]
+                res["cuda_graph"][fmt] = {"decode_speedup": graphed["decode_tok_s"] / launched["decode_tok_s"],
+                                          "replayed_vs_launched_max_abs_diff": diff, "ok": diff == 0.0}
+        print(json.dumps(res["decode"]), flush=True)
+
+    def lora():
+        rank = 2 if tiny else LORA_RANK
+        name = f"int4 + LoRA r{rank} side path (all 7 linears)"
+        res["decode"][name] = tinyhun_speed(shape, "int4", prompt, gen, reps, lora_rank=rank)[0]
+        res.setdefault("ratios", {})[f"{name} decode / int4 decode"] = (res["decode"][name]["decode_tok_s"]
+                                                                        / res["decode"]["int4"]["decode_tok_s"])
+
+    def versus_transformers():
+        if tiny:
+            return
         import torch
-        has_torch_cuda = torch.cuda.is_available() and not tiny
-    except ImportError:
-        has_torch_cuda = False
-    if has_torch_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch has no CUDA here: no transformers comparison")
         res["transformers"] = transformers_speed(shape, prompt, gen, reps)
-        res["ratios"].update({f"tinyhun {fmt} decode / transformers {impl}": res["decode"][fmt]["decode_tok_s"]
-                              / res["transformers"][f"transformers bf16 {impl}"]["decode_tok_s"]
-                              for fmt in ("fp16", "int4") for impl in ("eager", "sdpa")})
-    res["gemv_int4"], res["copy_gb_s"] = bandwidth(*((64, 256, 2) if tiny else (14336, 4096, 200)))
-    text = report(res)
-    print(text)
-    with atomic_folder(args.outdir, overwrite=True) as out:
-        write_json(out / "results.json", res)
-        (out / "report.md").write_text(text)
+        res.setdefault("ratios", {}).update({
+            f"tinyhun {fmt} decode / transformers {impl}": res["decode"][fmt]["decode_tok_s"]
+            / res["transformers"][f"transformers bf16 {impl}"]["decode_tok_s"]
+            for fmt in ("fp16", "int4") for impl in ("eager", "sdpa")})
+
+    def logits():
+        n_ids = 1 if tiny else 64   # tiny: the load path only (the model tests run the GEMMs)
+        cpu_kernels = "numpy" if tiny else None
+        res["logits"] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            # tiny: the dense checkpoint as fp16, the mixture of experts as INT4 (each kind and format once)
+            for name, sh, int4s in (("tiny-hunyuan", TINY_SHAPE, (False,) if tiny else (False, True)),
+                                    ("tiny-hunyuan-moe", TINY_MOE, (True,) if tiny else (False, True))):
+                ckpt = tiny_checkpoint(Path(tmp) / name, sh, name) if tiny else ROOT / "weights" / name
+                for int4 in int4s:
+                    path = Path(tmp) / f"{name}-int4" if int4 else ckpt
+                    if int4:
+                        quantize_model(ckpt, path, progress=False)
+                    # the CPU rounds activations to int8 for INT4 matmuls, the GPU keeps them fp32: 5e-2 for the
+                    # dense model; for the MoE that rounding flips routing (measured 0.14 on tiny-hunyuan-moe), so
+                    # its CPU runs the device's view of the weights (1e-4: fp32 summation order only)
+                    moe_int4 = int4 and "moe" in name
+                    res["logits"][path.name] = compare_logits(path, cpu_kernels, 1e-4 if moe_int4 else 5e-2 if int4
+                                                              else 1e-2, n_ids, exact=moe_int4)
+        if not tiny and SMOLLM2.is_dir():
+            res["logits"]["SmolLM2-135M-Instruct"] = compare_logits(SMOLLM2, None, 5e-2, n_ids)
+        print(json.dumps(res["logits"]), flush=True)
+
+    def tests():   # last: the longest, and its kernels compile anew
+        res["tests"] = kernel_tests(args.tests_timeout)
+        print("tests:", "passed" if res["tests"]["ok"] else "FAILED", flush=True)
+
+    for name, fn in (("gemv", gemv), ("decode", decode), ("lora", lora), ("transformers", versus_transformers),
+                     ("logits", logits)) + ((("tests", tests),) if not tiny else ()):
+        section(name, fn)
+    print(save())
+    return 1 if res.get("errors") else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,8 +19,9 @@ def test_gpu_check_runs_end_to_end(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    gpu_check.main([str(tmp_path / "out"), "--tiny"])
+    assert gpu_check.main([str(tmp_path / "out"), "--tiny"]) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "errors" not in res and list(res["seconds"]) == ["gemv", "decode", "lora", "transformers", "logits"]
     for name in ("tiny-hunyuan", "tiny-hunyuan-moe-int4"):   # --tiny checks each kind and format once
         assert res["logits"][name]["ok"], (name, res["logits"][name])
     for name in ("int4", "moe fp16"):   # --tiny runs one of each kind
@@ -37,3 +38,22 @@ def test_gpu_check_runs_end_to_end(tmp_path):
     assert lora["host_launches_per_token"] == 1 and lora["weight_gb"] > res["decode"]["int4"]["weight_gb"]
     assert res["gemv_int4"]["gb_s"] > 0 and res["copy_gb_s"] > 0
     assert (tmp_path / "out" / "report.md").read_text().strip()
+
+
+def test_a_failing_section_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    """A device session must not lose every figure to one broken section: its error is in results.json and
+    report.md, the sections after it still run, and the exit status is 1."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+
+    def broken(*a, **kw):
+        raise RuntimeError("no such kernel")
+    monkeypatch.setattr(gpu_check, "tinyhun_speed", broken)
+    monkeypatch.setattr(gpu_check, "compare_logits", lambda *a, **kw: {"rel_err": 0.0, "bound": 1, "ok": True,
+                                                                       "argmax_agree": 1.0})
+    assert gpu_check.main([str(tmp_path / "out"), "--tiny"]) == 1
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["errors"] == {"decode": "RuntimeError: no such kernel", "lora": "RuntimeError: no such kernel"}
+    assert res["gemv_int4"]["gb_s"] > 0 and res["logits"]["tiny-hunyuan"]["ok"]   # before and after it
+    assert "- section decode FAILED: RuntimeError: no such kernel" in (tmp_path / "out" / "report.md").read_text()
