@@ -16,7 +16,7 @@ from numba.extending import overload
 
 from . import cpu_linear, moe  # noqa: F401  (cpu_linear registers the Numba `linear`)
 from .cpu_math import JIT, compiles_to
-from .cpu_matmul import BLAS_T, _matmul
+from .cpu_matmul import _matmul
 from .linear import F32, Q4, Q8, linear
 from .q4 import ACT_BLOCK, TILE
 from .q4_cpu import _gemv_tile as _q4_gemv_tile
@@ -122,10 +122,10 @@ def _route(ids, weights, probs, x, router):
     T, E = x.shape[0], router.shape[0]
     k = ids.size // T
     p = probs.reshape((T, E))
-    if T < BLAS_T:
-        _matmul(p, x, router)
-    else:
-        np.dot(x, router.T, p)
+    # never BLAS, at any T: its threads spin after a call, and the experts' Numba GEMMs that follow on the same
+    # cores ran at half speed (2 cores: an INT4 MoE prefill 2.1x slower than with OPENBLAS_NUM_THREADS=1); the
+    # router is E rows, a small matmul either way
+    _matmul(p, x, router)
     for t in range(T):
         r = p[t]
         m = r[0]
