@@ -107,3 +107,15 @@ def test_a_top_level_kernels_import_keeps_the_cache_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     used, reported = r.stdout.split()
     assert Path(used) == Path(reported) and Path(used).parent == tmp_path, (used, reported)
+
+
+def test_openblas_threads_stop_spinning_soon_unless_told_otherwise():
+    """tinyhun sets OPENBLAS_THREAD_TIMEOUT before numpy first loads OpenBLAS (which reads it then), and a value the
+    user set is kept."""
+    code = ("import sys; assert 'numpy' not in sys.modules; import tinyhun, os; "
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    for given, want in ((None, "16"), ("8", "8")):
+        run_env = env if given is None else {**env, "OPENBLAS_THREAD_TIMEOUT": given}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == want, r.stderr[-2000:]

@@ -1,9 +1,17 @@
 """tinyhun: a from-scratch NumPy/Numba inference engine for Tencent's Hunyuan small language models."""
-from pathlib import Path
+import os
 
-from .errors import TinyhunError
-from .kv_cache import KVCache
-from .model import Model
+# Before numpy loads OpenBLAS, which reads it then (a process that imported numpy first keeps OpenBLAS's default):
+# after a BLAS call its threads spin 2^28 cycles (~0.1 s) by default, starving the Numba kernels that run next on
+# the same cores. 2^16 (~20 us) keeps back-to-back BLAS calls warm; on 2 cores a 512-token fp32 prefill of the
+# 0.5B shape (4 layers) took 680-688 ms with the default and 519-554 ms with 2^4..2^20
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
+
+from pathlib import Path  # noqa: E402
+
+from .errors import TinyhunError  # noqa: E402
+from .kv_cache import KVCache  # noqa: E402
+from .model import Model  # noqa: E402
 
 DEVICES = ("cpu", "cuda")
 
