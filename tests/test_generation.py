@@ -34,6 +34,7 @@ def test_greedy_picked_by_the_model_equals_argmax_of_its_logits(model):
     ids = model.tokenizer.encode("The quick brown fox")
     steps = list((t, None if lg is None else lg.copy()) for t, lg, _ in token_steps(model, ids, make_sampler(), 12))
     assert [t for t, _ in steps] == list(generate_step(model, ids, make_sampler(), 12))
+    assert all(lg is None for _, lg, _ in token_steps(model, ids, make_sampler(), 3, logits=False))   # the first too
     assert all(t == int(np.argmax(lg)) for t, lg in steps)
     penalised = make_sampler(repetition_penalty=1.3)
     assert not penalised.greedy and make_sampler().greedy

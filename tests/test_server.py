@@ -188,24 +188,33 @@ def test_batched_greedy_equals_single_streams(live, model, monkeypatch):
     """Greedy jobs decoded together equal their single streams; their steps pick the tokens in the forward
     (forward_batch argmax=True: on a GPU only ids come down), while a step holding a job that wants logprobs
     brings the logits up."""
-    picks, forward_batch = [], Model.forward_batch
+    picks, forward_batch, forward = [], Model.forward_batch, Model.forward
 
     def recorded(self, caches, tokens, argmax=False):
         picks.append(argmax)
         return forward_batch(self, caches, tokens, argmax)
+
+    def first(self, cache, ids, out=None, argmax=False):   # a prompt's pieces: the last one picks the first token
+        firsts.append(argmax)
+        return forward(self, cache, ids, out, argmax)
+    firsts = []
     monkeypatch.setattr(Model, "forward_batch", recorded)
+    monkeypatch.setattr(Model, "forward", first)
     prompts = ["Hello", "What is two plus two?", "你好", "A long time ago in a galaxy far away"]
     want = [direct(model, [{"role": "user", "content": p}], max_tokens=30) for p in prompts]
+    hello = direct(model, [{"role": "user", "content": "Hello"}], max_tokens=5)
+    picks.clear()
+    firsts.clear()
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda p: post(live, "/v1/chat/completions", chat(p, max_tokens=30, temperature=0))
                             .json()["choices"][0]["message"]["content"], prompts))
     assert got == want
-    assert picks and all(picks)
+    assert picks and all(picks) and firsts == [True] * 4   # each prompt one piece, its first token picked there
     picks.clear()
+    firsts.clear()
     r = post(live, "/v1/chat/completions", chat("Hello", max_tokens=5, temperature=0, logprobs=True)).json()
-    assert r["choices"][0]["message"]["content"] == direct(model, [{"role": "user", "content": "Hello"}],
-                                                           max_tokens=5)
-    assert picks and not any(picks)
+    assert r["choices"][0]["message"]["content"] == hello
+    assert picks and not any(picks) and firsts == [False]
 
 
 def test_a_long_prompt_is_prefilled_between_decode_steps(model, monkeypatch):

@@ -24,12 +24,14 @@ class Step:
     top_logprobs: tuple | None = None   # ((id, logprob), ...) of the most likely tokens (top_logprobs=n)
 
 
-def prefill(model, cache, ids):
+def prefill(model, cache, ids, argmax=False):
     """Bring the cache to hold exactly `ids`, computing only what it does not already hold; return the last
-    position's logits [V] and how many prompt tokens were reused."""
+    position's logits [V] (argmax=True: its greedy next token, picked where the logits are) and how many prompt
+    tokens were reused."""
     reused = min(cache.reuse(ids), len(ids) - 1)   # the last token is run again: its logits are needed
     cache.trim(reused)
-    return model.forward(cache, ids[reused:])[0], reused
+    out = model.forward(cache, ids[reused:], argmax=argmax)
+    return (out if argmax else out[0]), reused
 
 
 def check_context(model, n_prompt, max_tokens, cache):
@@ -52,8 +54,9 @@ def token_steps(model, prompt_ids, sampler, max_tokens, cache=None, logits=True)
     cache = cache if cache is not None else model.new_cache(len(ids) + max_tokens)
     history = list(ids)
     token_buf = np.zeros(1, np.int64)
-    pick_there, nxt = not logits and getattr(sampler, "greedy", False), None
-    logits, reused = prefill(model, cache, ids)
+    pick_there = not logits and getattr(sampler, "greedy", False)
+    out, reused = prefill(model, cache, ids, argmax=pick_there)
+    logits, nxt = (None, out) if pick_there else (out, None)
     for i in range(max_tokens):
         token = sampler(logits, history) if nxt is None else nxt
         history.append(token)

@@ -23,7 +23,8 @@ adapters in use at once the simple split costs one weight pass per adapter per s
 the model that computed them: a prefix is reused only by a job of the same model.
 
 A group whose every job samples greedily and asks for no logprobs has its tokens picked where the logits are
-(forward_batch argmax=True): on a GPU only the ids come down, not a logits row of the vocabulary per slot.
+(forward_batch argmax=True), as has such a job's first token after its prompt (forward argmax=True): on a GPU only
+the ids come down, not a logits row of the vocabulary per slot.
 """
 import threading
 from collections import deque
@@ -196,7 +197,9 @@ class Engine:
                         p.reused = p.done = min(cache.reuse(job.ids), len(job.ids) - 1)
                         cache.trim(p.reused)
                     n = min(CHUNK, len(job.ids) - p.done)
-                    logits = job.model.forward(cache, job.ids[p.done:p.done + n])[0]
+                    pick = p.done + n == len(job.ids) and _picks_there(job)
+                    out = job.model.forward(cache, job.ids[p.done:p.done + n], argmax=pick)
+                    logits = out if pick else out[0]   # the first token when picked, else the logits row
                     p.done += n
                     budget -= n
             except Exception as e:   # noqa: BLE001 - the job gets the error; the engine serves the others
@@ -209,10 +212,13 @@ class Engine:
             if p.done < len(job.ids):
                 continue
             self._joining.popleft()
-            self._next[cache.slot] = logits
             seq = Sequence(self.model.tokenizer, job.ids, job.sampler, job.max_tokens, job.stop, job.logprobs,
                            job.top_logprobs, p.reused, self.model.config.vocab_size)
             r = _Running(job, cache, seq)
+            if isinstance(logits, int):   # the first token, picked in the forward
+                r.picked = logits
+            else:
+                self._next[cache.slot] = logits
             if self._sample(r):   # its first token goes out now, not after the other joiners' prefills
                 self._active.append(r)
 
@@ -268,7 +274,7 @@ class Engine:
             groups.setdefault(id(r.job.model), []).append(r)
         ok = []
         for group in groups.values():
-            pick = all(r.seq.logprob is None and getattr(r.seq.sampler, "greedy", False) for r in group)
+            pick = all(_picks_there(r.job) for r in group)
             try:
                 out = group[0].job.model.forward_batch([r.cache for r in group], [r.token for r in group],
                                                        argmax=pick)
@@ -290,6 +296,11 @@ class Engine:
     def _release(self, r):
         self._free.append(r.cache)
         self._done(r.job)
+
+
+def _picks_there(job):
+    """A job whose tokens the forward can pick: greedy on the raw logits, and no logprobs wanted."""
+    return not job.logprobs and not job.top_logprobs and getattr(job.sampler, "greedy", False)
 
 
 def _shared(a, b):
