@@ -122,8 +122,9 @@ def _gemv(fmt, K, has_norm, mode, sym, group, rpw, moe=DENSE, side=False):
     @cuda.jit
     def gemv(out, x, nw, eps, a, b, c, resid, units, ids, rw, k, kk, n_experts, lb, lf, ls, lt):
         # out[row, unit], rpw units per warp; units: output rows (plain/resid) or gate/up pairs (per expert when
-        # moe); lb, lf, ls, lt: a side path's B, first, scale and t (side; dense rows only). blockIdx.y: DENSE a row t of x; UP an assignment t kk + j (x row t, its j-th expert's rows, out
-        # row t kk + j); DOWN a row t summing its kk experts, each reading x row t kk + j, weighted
+        # moe); lb, lf, ls, lt: a side path's B, first, scale and t (side; dense rows only). blockIdx.y: DENSE a
+        # row t of x; UP an assignment t kk + j (x row t, its j-th expert's rows, out row t kk + j); DOWN a row t
+        # summing its kk experts, each reading x row t kk + j, weighted
         tid = cuda.threadIdx.x
         by = cuda.blockIdx.y
         xs = cuda.shared.array(K, float32)

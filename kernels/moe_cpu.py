@@ -123,7 +123,8 @@ def _route(ids, weights, probs, x, router):
     k = ids.size // T
     p = probs.reshape((T, E))
     # never BLAS, at any T: its threads spin after a call, and the experts' Numba GEMMs that follow on the same
-    # cores ran at half speed (2 cores: an INT4 MoE prefill 2.1x slower than with OPENBLAS_NUM_THREADS=1); the
+    # cores ran at half speed (2 cores: an INT4 MoE prefill 2.1x slower than with OPENBLAS_NUM_THREADS=1). tinyhun
+    # shortens that spin (OPENBLAS_THREAD_TIMEOUT, tinyhun/__init__.py) only when it loads before numpy; the
     # router is E rows, a small matmul either way
     _matmul(p, x, router)
     for t in range(T):

@@ -25,7 +25,9 @@ GOMP_SPINCOUNT: after a parallel region Numba's OpenMP threads busy-wait, by def
 OpenBLAS's threads when a prefill matmul follows (2 cores: Numba GEMV + BLAS T=128 took 8.0-36 ms in sequence
 against 2.7-3.0 ms apart). A spin of 3000 keeps the launch at ~2 µs for back-to-back kernels and the sequence at
 the sum of its parts; OMP_WAIT_POLICY=passive would cost ~50 µs a launch. It must be set before the OpenMP
-runtime loads (the thread pool's start, below) and yields to a value the user set.
+runtime loads (the thread pool's start, below) and yields to a value the user set. The other way round,
+OpenBLAS's threads spinning after a call, is OPENBLAS_THREAD_TIMEOUT, set in tinyhun/__init__.py (it must come
+before numpy loads OpenBLAS, which is before this module).
 """
 import hashlib
 import importlib.util

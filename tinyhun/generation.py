@@ -24,12 +24,19 @@ class Step:
     top_logprobs: tuple | None = None   # ((id, logprob), ...) of the most likely tokens (top_logprobs=n)
 
 
+def reuse_prompt(cache, ids):
+    """Trim the cache to the longest prefix of the prompt `ids` it holds, short of the last token (run again: its
+    logits are needed); return that prefix's length."""
+    reused = min(cache.reuse(ids), len(ids) - 1)
+    cache.trim(reused)
+    return reused
+
+
 def prefill(model, cache, ids, argmax=False):
     """Bring the cache to hold exactly `ids`, computing only what it does not already hold; return the last
     position's logits [V] (argmax=True: its greedy next token, picked where the logits are) and how many prompt
     tokens were reused."""
-    reused = min(cache.reuse(ids), len(ids) - 1)   # the last token is run again: its logits are needed
-    cache.trim(reused)
+    reused = reuse_prompt(cache, ids)
     out = model.forward(cache, ids[reused:], argmax=argmax)
     return (out if argmax else out[0]), reused
 

@@ -8,9 +8,9 @@ costs at most the token in flight. Prompts are prefilled in pieces (chunked pref
 pieces of the joining jobs' prompts, first come first served, until PREFILL_BUDGET tokens have run, then one decode
 step of the active ones, so a long prompt delays the others' next token by a piece, not by its whole prefill. A
 piece is one of Model.forward's own chunks (CHUNK tokens, the last one shorter), so a prompt's logits are those of
-one forward. A joiner's first token is sampled right after its prompt's last piece. Each job's tokens go through a generation.Sequence, the same
-per-sequence state the single-stream loop uses: a job's Steps do not depend on what else is running (greedy
-outputs equal).
+one forward. A joiner's first token is sampled right after its prompt's last piece. Each job's tokens go through
+a generation.Sequence, the same per-sequence state the single-stream loop uses: a job's Steps do not depend on
+what else is running (greedy outputs equal).
 
 A free slot keeps the tokens it last held: a job goes to the free slot sharing the longest prefix with its prompt,
 so the next turn of a conversation recomputes only what is new.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import TinyhunError
-from ..generation import Sequence, _LogProb
+from ..generation import Sequence, _LogProb, reuse_prompt
 from ..model import CHUNK
 
 PREFILL_BUDGET = CHUNK   # prompt tokens prefilled per turn of the loop (in whole pieces), between decode steps
@@ -184,40 +184,36 @@ class Engine:
             job, cache = p.job, p.cache
             if job.cancelled:
                 self._joining.popleft()
-                self._free.append(cache)
-                self._done(job)
+                self._free_slot(cache, job)
                 continue
+            picked = None   # the first token, when the last piece picks it
             try:
                 if job.prompt_logprobs is not None:
                     logits = self._prefill_scored(cache, job)
                     p.reused, p.done = 0, len(job.ids)
                     budget -= p.done
                 else:
-                    if p.reused < 0:   # the last token is run again: its logits are needed
-                        p.reused = p.done = min(cache.reuse(job.ids), len(job.ids) - 1)
-                        cache.trim(p.reused)
+                    if p.reused < 0:
+                        p.reused = p.done = reuse_prompt(cache, job.ids)
                     n = min(CHUNK, len(job.ids) - p.done)
                     pick = p.done + n == len(job.ids) and _picks_there(job)
                     out = job.model.forward(cache, job.ids[p.done:p.done + n], argmax=pick)
-                    logits = out if pick else out[0]   # the first token when picked, else the logits row
+                    picked, logits = (out, None) if pick else (None, out[0])
                     p.done += n
                     budget -= n
             except Exception as e:   # noqa: BLE001 - the job gets the error; the engine serves the others
                 self._joining.popleft()
                 cache.reset()
-                self._free.append(cache)
                 job.emit(e)
-                self._done(job)
+                self._free_slot(cache, job)
                 continue
             if p.done < len(job.ids):
                 continue
             self._joining.popleft()
             seq = Sequence(self.model.tokenizer, job.ids, job.sampler, job.max_tokens, job.stop, job.logprobs,
                            job.top_logprobs, p.reused, self.model.config.vocab_size)
-            r = _Running(job, cache, seq)
-            if isinstance(logits, int):   # the first token, picked in the forward
-                r.picked = logits
-            else:
+            r = _Running(job, cache, seq, picked=picked)
+            if picked is None:
                 self._next[cache.slot] = logits
             if self._sample(r):   # its first token goes out now, not after the other joiners' prefills
                 self._active.append(r)
@@ -294,8 +290,12 @@ class Engine:
         self._active = [r for r in ok if self._sample(r)]
 
     def _release(self, r):
-        self._free.append(r.cache)
-        self._done(r.job)
+        self._free_slot(r.cache, r.job)
+
+    def _free_slot(self, cache, job):
+        """The job is done with its slot: the cache goes back to the free ones (keeping its tokens)."""
+        self._free.append(cache)
+        self._done(job)
 
 
 def _picks_there(job):
