@@ -18,12 +18,16 @@ DEVICES = ("cpu", "cuda")
 __all__ = ["KVCache", "Model", "TinyhunError", "load", "generate", "stream_generate"]
 
 
-def load(path, device="cpu", max_context=None, progress=False, kernels=None, adapter=None, adapter_mode=None):
+def load(path, device="cpu", max_context=None, progress=False, kernels=None, adapter=None, adapter_mode=None,
+         kv_dtype=None, kv_memory=None):
     """Load a model folder (config.json + safetensors [+ tokenizer]) -> Model. device: "cpu" or "cuda" (an NVIDIA
     GPU through numba-cuda, the `cuda` extra); kernels (cpu only): "numba" (default) or "numpy" (the references;
     also TINYHUN_KERNELS). adapter: a peft LoRA adapter folder, merged into the weights (adapter_mode="merge", the
     default for a float base) or run as a side path beside them ("side", the default for a quantized base:
-    tinyhun.adapters)."""
+    tinyhun.adapters). max_context: the most tokens a cache holds (default the checkpoint's
+    max_position_embeddings); kv_dtype: the KV cache's storage, "fp16" (default), "int8" or "fp32" (also
+    TINYHUN_KV_DTYPE); kv_memory: bytes its pool may hold (default half the memory available), used as tokens
+    arrive."""
     from .backend import select
     from .families import load_config
     from .weights import load_weights
@@ -52,7 +56,8 @@ def load(path, device="cpu", max_context=None, progress=False, kernels=None, ada
     if (path / "tokenizer.json").exists() or (path / "hy.tiktoken").exists():
         from .tokenizer import Tokenizer
         tokenizer = Tokenizer.from_dir(path)
-    return Model(config, weights, tokenizer=tokenizer, backend=backend, max_context=max_context)
+    return Model(config, weights, tokenizer=tokenizer, backend=backend, max_context=max_context, kv_dtype=kv_dtype,
+                 kv_memory=kv_memory)
 
 
 def generate(model, prompt, **kwargs):

@@ -21,10 +21,12 @@ BACKENDS = ("numba", "numpy", "cuda")
 class HostScratch:
     """One thread's activation buffers in host memory: a forward allocates nothing large."""
 
-    def __init__(self, cfg, rows):
+    def __init__(self, cfg, rows, max_blocks):
         self.bufs = Buffers.allocate(cfg, rows)
         self.slots = np.zeros(rows, np.int64)       # filled by Model.forward / forward_batch
         self.positions = np.zeros(rows, np.int64)
+        self.tables = np.zeros((rows, max_blocks), np.int32)   # each sequence's block table
+        self._angles = np.zeros((rows, cfg.head_dim // 2), np.float32)
         self.ids = np.zeros(rows, np.int64)
         self.cos = np.zeros((rows, cfg.head_dim // 2), np.float32)
         self.sin = np.zeros((rows, cfg.head_dim // 2), np.float32)
@@ -32,12 +34,14 @@ class HostScratch:
         self.picks = np.zeros(rows, np.int64)
 
     def rows(self, T, rope, ids):
-        """structs.Rows of the first T rows, token ids `ids`, their RoPE angles gathered from the tables
-        rope = (cos, sin)."""
+        """structs.Rows of the first T rows, token ids `ids`, the RoPE angles of their positions (rope: the
+        backend's rope_tables, here the inverse frequencies; fp32 angles as in a table transformers computes)."""
         self.ids[:T] = ids
-        rows = Rows(self.slots[:T], self.positions[:T], self.cos[:T], self.sin[:T], self.ids[:T])
-        np.take(rope[0], rows.positions, axis=0, out=rows.cos)
-        np.take(rope[1], rows.positions, axis=0, out=rows.sin)
+        rows = Rows(self.slots[:T], self.positions[:T], self.cos[:T], self.sin[:T], self.ids[:T], self.tables)
+        a = self._angles[:T]
+        np.multiply(rows.positions[:, None].astype(np.float32), rope[None, :], out=a)
+        np.cos(a, out=rows.cos)
+        np.sin(a, out=rows.sin)
         return rows
 
     def logits_out(self, n, vocab, into):
@@ -60,14 +64,26 @@ class HostScratch:
         return self.picks[:n]
 
 
+def inv_freq(cfg):
+    d = cfg.head_dim
+    return np.float32(1.0) / (np.float32(cfg.rope_base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+
+
 class NumpyBackend:
     name = "numpy"
 
     def zeros(self, shape, dtype):
-        return np.zeros(shape, dtype)
+        return np.zeros(shape, dtype)   # calloc: pages are backed as blocks are first written
 
-    def scratch(self, cfg, rows):
-        return HostScratch(cfg, rows)
+    def copy_block(self, layers, src, dst):
+        """Block src's keys and values (and scales) into block dst, in every layer (kernels.kv.KVBlocks)."""
+        for kv in layers:
+            for a in kv:
+                if a.size:
+                    a[dst] = a[src]
+
+    def scratch(self, cfg, rows, max_blocks):
+        return HostScratch(cfg, rows, max_blocks)
 
     def prepare(self, weights):
         """Weights as this backend reads them: host arrays, as loaded (memory-mapped where they were fp32)."""
@@ -79,11 +95,13 @@ class NumpyBackend:
         return attach(weights, cfg, adapter, mode)
 
     def rope_tables(self, cfg, n):
-        """cos/sin [n, d/2] in float32, as transformers computes them (fp32 inv_freq, fp32 angles)."""
-        d = cfg.head_dim
-        inv_freq = np.float32(1.0) / (np.float32(cfg.rope_base) ** (np.arange(0, d, 2, dtype=np.float32)
-                                                                     / np.float32(d)))
-        angles = np.arange(n, dtype=np.float32)[:, None] * inv_freq[None, :]
+        """What the scratch's `rows` turns positions into RoPE angles with: the inverse frequencies [d/2] (fp32,
+        as transformers computes them); a row's angles are its position times them, computed per forward."""
+        return inv_freq(cfg)
+
+    def rope_table(self, cfg, n):
+        """cos/sin [n, d/2] of positions 0..n-1 in float32, as transformers computes them (fp32 angles)."""
+        angles = np.arange(n, dtype=np.float32)[:, None] * inv_freq(cfg)[None, :]
         return np.cos(angles), np.sin(angles)
 
     def embed(self, out, table, ids):

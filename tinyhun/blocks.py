@@ -14,9 +14,9 @@ from .structs import DenseMLP, MoEMLP
 
 
 @register_jitable
-def attention(s, a, k_cache, v_cache, rows, dims):
-    # s.proj = o_proj(attention over the cache): a structs.Attention, k_cache/v_cache[B, nkv, S, d] of this layer,
-    # rows: structs.Rows (each row's slot, position and RoPE angles), dims: structs.Dims
+def attention(s, a, kv, rows, dims):
+    # s.proj = o_proj(attention over the cache): a structs.Attention, kv: this layer's kernels.kv.KVBlocks,
+    # rows: structs.Rows (each row's sequence, position, RoPE angles and the block tables), dims: structs.Dims
     T = s.xn.shape[0]
     nh, nkv, d = dims.num_heads, dims.num_kv_heads, dims.head_dim
     linear(s.q, s.xn, a.wq, s.acts)
@@ -29,8 +29,8 @@ def attention(s, a, k_cache, v_cache, rows, dims):
         qh, kh = s.q.reshape((T * nh, d)), s.k.reshape((T * nkv, d))   # per head; 2-D: one compiled rmsnorm
         rmsnorm(qh, qh, a.q_norm, dims.eps)
         rmsnorm(kh, kh, a.k_norm, dims.eps)
-    store_kv(k_cache, v_cache, k, v, rows.slots, rows.positions)   # keys after RoPE and QK-norm, as transformers
-    attention_rows(s.attn.reshape((T, nh, d)), q, k_cache, v_cache, rows.slots, rows.positions)
+    store_kv(kv, k, v, rows.tables, rows.slots, rows.positions)   # keys after RoPE and QK-norm, as transformers
+    attention_rows(s.attn.reshape((T, nh, d)), q, kv, rows.tables, rows.slots, rows.positions)
     linear(s.proj, s.attn, a.wo, s.acts)
 
 

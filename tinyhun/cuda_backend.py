@@ -370,7 +370,7 @@ class CudaBackend(NumpyBackend):
         return CudaWeights(embed, tuple(layers), self._put(weights.norm), head)
 
     def rope_tables(self, cfg, n):
-        return tuple(self._put(t) for t in super().rope_tables(cfg, n))
+        return tuple(self._put(t) for t in super().rope_table(cfg, n))
 
     def embed(self, out, table, ids):
         self.k_linear.embed_rows(out, table, ids)   # ids: on the device already (DeviceScratch.rows)

@@ -3,16 +3,41 @@ serve many independent KV caches (a server's requests, an evaluator's windows) a
 
 `forward(cache, ids)` serves prefill and decode alike: it runs ids at the cache's next positions through every
 layer (in chunks of CHUNK rows), appending their keys and values. `forward_batch(caches, tokens)` runs one new
-token for each of several caches of one pool in a single pass over the weights, each row at its own position.
+token for each of several caches in a single pass over the weights, each row at its own position.
+
+The caches of a model are block tables over its one KV pool (tinyhun.kv_cache), created on first use: its
+memory is held only as tokens arrive, and equal prompt prefixes are stored once.
 """
+import os
 import threading
 
 import numpy as np
 
 from .errors import TinyhunError
 from .families import family_of
-from .kv_cache import KVPool
+from .kernels.kv import BLOCK, KINDS
+from .kv_cache import KVCache, KVPool
 from .structs import Dims
+
+KV_DTYPE = "fp16"   # half the bytes of fp32 for attention to read; fp32 for the oracle tests
+
+
+def kv_dtype_of(kind):
+    """kv_dtype as asked (or TINYHUN_KV_DTYPE, or the default), checked."""
+    kind = kind or os.environ.get("TINYHUN_KV_DTYPE") or KV_DTYPE
+    if kind not in KINDS:
+        raise TinyhunError(f"kv_dtype {kind!r}: expected one of {', '.join(KINDS)} (--kv-dtype, TINYHUN_KV_DTYPE)")
+    return kind
+
+
+def default_kv_memory():
+    """Bytes a pool may hold when not told: half the memory available now (it is used only as tokens arrive)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return 4 << 30
 
 CHUNK = 128   # rows per pass over the weights: a prefill longer than this runs in chunks
 
@@ -29,7 +54,9 @@ def check_ids(ids, vocab_size):
 
 
 class Model:
-    def __init__(self, config, weights, tokenizer=None, backend=None, max_context=None):
+    def __init__(self, config, weights, tokenizer=None, backend=None, max_context=None, kv_dtype=None,
+                 kv_memory=None, kv_pool=None, kv_salt=b""):
+        """kv_pool: another Model's pool to share (an adapter over its base: kv_salt keeps their prefixes apart)."""
         from .backend import select
         backend = backend or select()
         cfg = config
@@ -39,9 +66,15 @@ class Model:
         set_(self, "backend", backend)
         set_(self, "weights", backend.prepare(weights))
         set_(self, "tokenizer", tokenizer)
-        set_(self, "max_context", max_context or min(cfg.max_position_embeddings, 4096))
-        cos, sin = backend.rope_tables(cfg, self.max_context)
-        set_(self, "rope", (cos, sin))
+        set_(self, "max_context", context_of(cfg, max_context))
+        if kv_pool is None:
+            memory = default_kv_memory() if kv_memory is None else kv_memory
+            if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0:
+                raise TinyhunError(f"kv_memory={kv_memory!r}: expected a positive number of bytes")
+            kv_pool = KVPool(backend, cfg, kv_dtype_of(kv_dtype), memory)
+        set_(self, "kv_pool", kv_pool)
+        set_(self, "kv_salt", kv_salt)
+        set_(self, "rope", backend.rope_tables(cfg, self.max_context))
         set_(self, "dims", Dims(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, float(cfg.rms_norm_eps)))
         set_(self, "_layer", backend.layer(self.family))
         set_(self, "_logits", backend.logits())
@@ -52,13 +85,18 @@ class Model:
 
     # ---- caches ----
 
+    @property
+    def kv_dtype(self):
+        return self.kv_pool.kind
+
     def new_caches(self, n, max_context=None):
-        """n KV caches in one pool (for forward_batch), each holding up to max_context tokens."""
+        """n KV caches (for forward_batch), each holding up to max_context tokens; they take blocks of the
+        model's pool as tokens arrive."""
         max_context = max_context or self.max_context
         if isinstance(max_context, bool) or not isinstance(max_context, int) or not 0 < max_context <= self.max_context:
             raise TinyhunError(f"max_context={max_context!r}: expected an integer in 1..{self.max_context} "
                                "(the context this model was loaded with: tinyhun.load(path, max_context=N))")
-        return KVPool(self.backend, self.config, n, max_context).caches()
+        return [KVCache(self.kv_pool, max_context, self.kv_salt) for _ in range(n)]
 
     def new_cache(self, max_context=None):
         return self.new_caches(1, max_context)[0]
@@ -69,16 +107,18 @@ class Model:
     def _scratch(self):
         s = getattr(self._local, "scratch", None)
         if s is None:
-            s = self._local.scratch = self.backend.scratch(self.config, CHUNK)
+            s = self._local.scratch = self.backend.scratch(self.config, CHUNK, -(-self.max_context // BLOCK))
         return s
 
-    def _run(self, pool, ids, logits_rows, argmax=False):
+    def _run(self, ids, logits_rows, argmax=False):
         """Run len(ids) rows (slots/positions already in the scratch) through every layer; logits_rows: None for
         the last row's logits [1, V], 'all' for every row's (into the scratch), or an out array [T, V]. argmax:
         return each logits row's argmax instead (int64[n]; on a GPU only those ids come down)."""
         sc, w, T = self._scratch(), self.weights, len(ids)
         s = sc.bufs.rows(T)
         rows = sc.rows(T, self.rope, ids)
+        pool = self.kv_pool
+        kv = pool.layers
         if logits_rows is None:
             n, x, xn, into = 1, s.x[T - 1:T], s.xn[T - 1:T], None
         else:
@@ -90,7 +130,7 @@ class Model:
             # the same arrays each time for the same (pool, T, n): a step the CUDA backend can capture as a graph
             self.backend.embed(s.x, w.embed, rows.ids)
             for li, lw in enumerate(w.layers):
-                self._layer(lw, s, pool.k[li], pool.v[li], rows, self.dims)
+                self._layer(lw, s, kv[li], rows, self.dims)
             self._logits(out, x, w.norm, w.lm_head, xn, s.acts, self.dims.eps)
             if argmax:
                 sc.pick(out)
@@ -111,20 +151,23 @@ class Model:
             raise TinyhunError(f"context full: {start} + {T} tokens exceed max_context {cache.max_context}")
         if out is not None and out.shape != (T, self.config.vocab_size):
             raise TinyhunError(f"forward: out has shape {list(out.shape)}, expected {[T, self.config.vocab_size]}")
+        self._own(cache)
         sc = self._scratch()
         for c in range(0, T, CHUNK):
             part = ids[c:c + CHUNK]
             n = len(part)
-            sc.slots[:n] = cache.slot
+            cache.reserve(n)
+            sc.slots[:n] = 0
+            sc.tables[0, :cache.blocks] = cache.table
             sc.positions[:n] = np.arange(start + c, start + c + n)
-            logits = self._run(cache.pool, part, None if out is None else out[c:c + n], argmax)
+            logits = self._run(part, None if out is None else out[c:c + n], argmax)
             cache.append(part)
         if argmax:
             return int(logits[0])
         return logits if out is None else out
 
     def forward_batch(self, caches, tokens, argmax=False):
-        """One new token for each cache (caches of one pool, from new_caches): logits [len(caches), V], row i for
+        """One new token for each cache (distinct caches of this model): logits [len(caches), V], row i for
         caches[i], each token at its own cache's next position. The weights are read once for all of them.
         argmax=True: each row's greedy next token instead (int64[len(caches)], valid until this thread's next
         forward), picked where the logits are."""
@@ -133,19 +176,26 @@ class Model:
         if B != len(ids) or not 0 < B <= CHUNK:
             raise TinyhunError(f"forward_batch: expected one token per cache and 1..{CHUNK} caches, "
                                f"got {len(ids)} tokens for {B} caches")
-        pool = caches[0].pool
-        if any(c.pool is not pool for c in caches) or len({c.slot for c in caches}) != B:
-            raise TinyhunError("forward_batch: the caches must be distinct caches of one pool (Model.new_caches)")
-        for c in caches:
+        if len({id(c) for c in caches}) != B:
+            raise TinyhunError("forward_batch: the caches must be distinct")
+        for i, c in enumerate(caches):
+            self._own(c)
             if len(c) + 1 > c.max_context:
-                raise TinyhunError(f"context full: cache {c.slot} holds {len(c)} of {c.max_context} tokens")
+                raise TinyhunError(f"context full: cache {i} holds {len(c)} of {c.max_context} tokens")
         sc = self._scratch()
-        sc.slots[:B] = [c.slot for c in caches]
+        for i, c in enumerate(caches):
+            c.reserve(1)
+            sc.tables[i, :c.blocks] = c.table
+        sc.slots[:B] = np.arange(B)
         sc.positions[:B] = [len(c) for c in caches]
-        out = self._run(pool, ids, "all", argmax)
+        out = self._run(ids, "all", argmax)
         for c, t in zip(caches, ids):
             c.append((t,))
         return out
+
+    def _own(self, cache):
+        if cache.pool is not self.kv_pool or cache.salt != self.kv_salt:
+            raise TinyhunError("a KV cache of another model (caches come from this model's new_cache/new_caches)")
 
     def logits(self, ids):
         """float32 [len(ids), V] logits of every position, from a fresh cache."""
@@ -155,3 +205,15 @@ class Model:
                                "(tinyhun.load(path, max_context=N) for more)")
         out = np.empty((len(ids), self.config.vocab_size), np.float32)
         return self.forward(self.new_cache(len(ids)), ids, out=out)
+
+
+def context_of(cfg, asked):
+    """The context a model is loaded with: the checkpoint's max_position_embeddings unless asked, at most what
+    its RoPE configuration supports (cfg.context_limit)."""
+    limit = getattr(cfg, "context_limit", cfg.max_position_embeddings)
+    if asked is None:
+        return min(cfg.max_position_embeddings, limit)
+    if isinstance(asked, bool) or not isinstance(asked, int) or not 0 < asked <= limit:
+        raise TinyhunError(f"max_context={asked!r}: expected 1..{limit} (what this model's RoPE configuration "
+                           "supports)")
+    return asked

@@ -99,11 +99,12 @@ class Dims(NamedTuple):
 
 class Rows(NamedTuple):
     """What a forward pass over T rows needs besides the weights: each row is one token of some sequence."""
-    slots: np.ndarray      # int64[T] the KV-cache slot each row reads and appends to
+    slots: np.ndarray      # int64[T] the sequence each row belongs to: its row of `tables`
     positions: np.ndarray  # int64[T] the row's position in its sequence
     cos: np.ndarray        # float32[T, d/2] RoPE angles of each row's position
     sin: np.ndarray        # float32[T, d/2]
     ids: np.ndarray        # int64[T] the row's token id (the embedding reads it)
+    tables: np.ndarray     # int32[n, max blocks] each sequence's KV block table (kernels/kv.py)
 
 
 class Buffers(NamedTuple):

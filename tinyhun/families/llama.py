@@ -120,11 +120,11 @@ def sanitize(cfg, read, norms=None, make_mlp=read_dense_mlp):
     return Weights(embed, tuple(layers), read("model.norm.weight"), lm_head)
 
 
-def decoder_layer(lw, s, k_cache, v_cache, rows, dims):
+def decoder_layer(lw, s, kv, rows, dims):
     # The block order: h = x + attention(rmsnorm(x)); x' = h + mlp(rmsnorm(h)), on s.x in place.
-    # lw: structs.Layer; s: structs.Buffers for T rows; k_cache/v_cache[B, nkv, S, d] of this layer
+    # lw: structs.Layer; s: structs.Buffers for T rows; kv: this layer's KV blocks (kernels.kv.KVBlocks)
     rmsnorm(s.xn, s.x, lw.attn_norm, dims.eps)
-    attention(s, lw.attn, k_cache, v_cache, rows, dims)
+    attention(s, lw.attn, kv, rows, dims)
     add_rmsnorm(s.xn, s.x, s.proj, lw.mlp_norm, dims.eps)
     mlp(s, lw.mlp)   # the block of the layer's MLP type: dense, or a mixture of experts
     add(s.x, s.x, s.proj)
