@@ -54,12 +54,12 @@ def test_batched_int4_decode_equals_one_stream_each(int4):
     assert batched == [list(generate_step(int4, p, make_sampler(), 8)) for p in prompts]
 
 
-def test_forward_batch_rejects_mixed_or_repeated_caches(model):
+def test_forward_batch_rejects_foreign_or_repeated_caches(model):
     a, b = model.new_caches(2, 8)
-    other = model.new_cache(8)
-    with pytest.raises(TinyhunError, match="one pool"):
+    other = tinyhun.load(TINY, kernels="numpy").new_cache(8)   # another model's pool
+    with pytest.raises(TinyhunError, match="another model"):
         model.forward_batch([a, other], [1, 2])
-    with pytest.raises(TinyhunError, match="one pool"):
+    with pytest.raises(TinyhunError, match="distinct"):
         model.forward_batch([a, a], [1, 2])
     with pytest.raises(TinyhunError, match="one token per cache"):
         model.forward_batch([a, b], [1])

@@ -82,6 +82,17 @@ class NumpyBackend:
                 if a.size:
                     a[dst] = a[src]
 
+    def read_blocks(self, layers, blocks):
+        """Each KVBlocks field's given blocks of every layer, as host arrays [L, len(blocks), ...]."""
+        return [np.stack([f[blocks] if f.size else f for f in fields]) for fields in zip(*layers)]
+
+    def write_blocks(self, layers, blocks, fields):
+        """read_blocks' arrays back into the given blocks (a field of size 0: none stored)."""
+        for i, kv in enumerate(layers):
+            for dst, src in zip(kv, fields):
+                if dst.size:
+                    dst[blocks] = src[i]
+
     def scratch(self, cfg, rows, max_blocks):
         return HostScratch(cfg, rows, max_blocks)
 

@@ -11,6 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
+from . import cli_kv
+from .cli_kv import kv_args
 from .errors import TinyhunError
 
 
@@ -21,7 +23,7 @@ def load_model(args):
     adapter = getattr(args, "adapter", None)
     return tinyhun.load(resolve_model(args.model, progress=not args.quiet), device=args.device,
                         progress=not args.quiet, adapter=adapter,
-                        adapter_mode=getattr(args, "adapter_mode", None) if adapter else None)
+                        adapter_mode=getattr(args, "adapter_mode", None) if adapter else None, **kv_args(args))
 
 
 def text_arg(value, what):
@@ -46,6 +48,7 @@ def cmd_generate(args):
     system = None if args.system is None else text_arg(args.system, "--system")
     stop = [text_arg(s, "--stop") for s in args.stop or ()]
     model = load_model(args)
+    pinned = cli_kv.pin_prompt_cache(model, args)   # noqa: F841  (held: its blocks stay shared while we run)
     pieces = tinyhun.generate(model, prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed, chat=args.chat,
@@ -95,7 +98,8 @@ def cmd_quantize(args):
 def cmd_bench(args):
     from .bench import bench, format_report
     model = load_model(args)
-    r = bench(model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repetitions=args.repetitions)
+    r = bench(model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repetitions=args.repetitions,
+              depth=args.depth)
     print(json.dumps(r) if args.json else format_report(r))
 
 
@@ -152,6 +156,7 @@ def cmd_chat(args):
         raise TinyhunError(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
     flt = content_filter_of(args)
     model = load_model(args)
+    pinned = cli_kv.pin_prompt_cache(model, args)   # noqa: F841  (held: its blocks stay shared while we run)
     conv = Conversation(model, style=args.style, system=system, think=args.think, temperature=args.temperature,
                         max_tokens=args.max_tokens, content_filter=flt, seed=args.seed)
     repl(conv, Terminal(hide_thinking=args.hide_thinking), make_session())
@@ -192,6 +197,7 @@ def adapter_specs(values):
 def cmd_serve(args):
     import tinyhun
     from .hub import resolve_model
+    from .kernels.kv import BLOCK
     from .server import Settings, serve
     if not 1 <= args.port <= 65535:
         raise TinyhunError(f"--port {args.port}: expected 1..65535")
@@ -215,10 +221,18 @@ def cmd_serve(args):
         from .cuda_backend import require_cuda
         require_cuda()
 
+    kv, held = kv_args(args), []
+
     def load():
         path = named or resolve_model(None, progress=not args.quiet)
-        model = tinyhun.load(path, device=args.device, max_context=args.context, progress=not args.quiet,
-                             adapter=adapter, adapter_mode=args.adapter_mode if adapter else None)
+        model = tinyhun.load(path, device=args.device, progress=not args.quiet, adapter=adapter,
+                             adapter_mode=args.adapter_mode if adapter else None, **kv)
+        held.append(cli_kv.pin_prompt_cache(model, args))   # its blocks stay while the server runs
+        pool = model.kv_pool
+        print(f"tinyhun serve: KV memory {pool.blocks * pool.block_bytes / 2**20:.0f} MiB of {pool.kind} "
+              f"({pool.blocks * BLOCK} tokens, {pool.token_bytes / 1024:.0f} KiB a token), context "
+              f"{model.max_context} tokens; used only as tokens arrive (--kv-memory, --kv-dtype)", file=sys.stderr,
+              flush=True)
         return model, Path(path).name
     serve(load, settings, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
 
@@ -235,6 +249,7 @@ def build_parser():
             return sp
         sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (default) or cuda: an NVIDIA GPU (needs the `cuda` extra, numba-cuda)")
+        cli_kv.add_options(sp, prompt_cache=sp.prog.split()[-1] in ("generate", "chat", "serve"))
         if adapters:   # serve: several adapters, each a model id of its own
             sp.add_argument("--adapter", metavar="[NAME=]DIR", action="append",
                             help="a peft LoRA adapter folder to run on the model; NAME=DIR (repeatable) serves it "
@@ -246,6 +261,7 @@ def build_parser():
                              "(default for an INT4 model)")
         return sp
 
+    cli_kv.add_cache_prompt(sub, with_model, load_model)
     g = with_model(sub.add_parser("generate", help="stream a completion of PROMPT"))
     g.add_argument("prompt")
     g.add_argument("--max-tokens", type=int, default=256)
@@ -303,6 +319,7 @@ def build_parser():
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--gen-tokens", type=int, default=64)
     b.add_argument("--repetitions", type=int, default=3)
+    b.add_argument("--depth", type=int, default=0, help="tokens already in the cache (llama-bench -d)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
 
@@ -341,7 +358,6 @@ def build_parser():
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--slots", type=int, default=4, help="sequences generated at once, batched (default 4)")
     s.add_argument("--queue", type=int, default=16, help="requests waiting for a slot before 429 (default 16)")
-    s.add_argument("--context", type=int, help="tokens per slot (default: the model's, at most 4096)")
     s.add_argument("--max-tokens", type=int, help="most tokens a request may generate (default $MAX_TOKENS, 512)")
     s.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
     s.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")

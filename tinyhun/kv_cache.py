@@ -128,6 +128,21 @@ class KVPool:
     def holders(self, b):
         return int(self._refs[b])
 
+    def shared_blocks(self, ids, salt=b""):
+        """How many leading full blocks of `ids` the pool holds (reuse would find them)."""
+        h, n = None, 0
+        while (n + 1) * BLOCK <= len(ids):
+            h = block_hash(h, ids[n * BLOCK:(n + 1) * BLOCK], salt)
+            if self.lookup(h) is None:
+                break
+            n += 1
+        return n
+
+    @property
+    def hit_rate(self):
+        """Prompt tokens found as shared blocks (or already held) over prompt tokens offered to `reuse`."""
+        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
 
 def block_hash(parent, tokens, salt=b""):
     """The hash a full block of `tokens` is registered under, after the block hashed `parent` (None: the first)."""

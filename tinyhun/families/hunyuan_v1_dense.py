@@ -14,6 +14,14 @@ MODEL_TYPE = "hunyuan_v1_dense"
 class Config(llama.Config):
     qk_norm: ClassVar[bool] = True
 
+    # Tencent's model cards give 256K of context to the NTK-alpha RoPE (alpha 1000) that config.json's 32K
+    # max_position_embeddings understates; without alpha the checkpoint's own figure holds
+    ALPHA_CONTEXT: ClassVar[int] = 262144
+
+    @property
+    def context_limit(self):
+        return max(self.max_position_embeddings, self.ALPHA_CONTEXT if self.rope_alpha else 0)
+
     @staticmethod
     def check(f):
         # cross-layer attention (Hunyuan-Large's use_cla) is not in transformers 5 and not here

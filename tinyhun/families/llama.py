@@ -29,6 +29,7 @@ class Config:
     max_position_embeddings: int
     tie_word_embeddings: bool
     quantization: dict | None = None   # {"format", "version", "group", ...} of an INT4 checkpoint (tinyhun quantize)
+    rope_alpha: float = 0.0            # Hunyuan's NTK alpha (folded into rope_base already); 0: none
     qk_norm: ClassVar[bool] = False    # per-head RMSNorm of q and k after RoPE
 
     @property
@@ -38,6 +39,11 @@ class Config:
     @property
     def kv_dim(self):
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def context_limit(self):
+        """The most positions a cache may hold: what the RoPE configuration was trained for."""
+        return self.max_position_embeddings
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
@@ -66,7 +72,7 @@ class Config:
             max_position_embeddings=f.int("max_position_embeddings", default=2048),
             # transformers' class default is False for Hunyuan and Llama alike
             tie_word_embeddings=f.flag("tie_word_embeddings", default=False),
-            quantization=quantization_block(d.get("quantization"), source))
+            quantization=quantization_block(d.get("quantization"), source), rope_alpha=rope_alpha_of(f))
 
     @staticmethod
     def check(f):
@@ -78,6 +84,11 @@ class Config:
         if kind != "default":
             raise f.error(f"rope type {kind!r} is not supported (supported: default)")
         return float(p["rope_theta"])
+
+
+def rope_alpha_of(f):
+    kind, p = f.rope()
+    return float(p.get("alpha") or 0.0) if kind == "dynamic" else 0.0
 
 
 def checkpoint_shapes(cfg, layer_extras=None):

@@ -54,8 +54,7 @@ class Server:
         flt = settings.content_filter
         self.content_filter = ContentFilter.load() if flt is True else flt or None
         self.load_error = None
-        self.metrics = Metrics(lambda: None if self.engine is None else
-                               (self.engine.queue_depth(), self.engine.busy_slots(), self.engine.slots))
+        self.metrics = Metrics(lambda: None if self.engine is None else self.engine.state())
 
     def load(self, engine_thread=True):
         try:

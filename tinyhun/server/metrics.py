@@ -10,7 +10,7 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, engine_state):
-        """engine_state(): (queue depth, busy slots, slots), or None while the model loads."""
+        """engine_state(): {gauge name: value} of the engine (Engine.state), or None while the model loads."""
         r = self.registry = CollectorRegistry()
         self.requests = Counter("tinyhun_requests", "HTTP requests answered, by route and status",
                                 ["route", "status"], registry=r)
@@ -25,18 +25,25 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("tinyhun_time_to_first_token_seconds", "time from request to its first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
-        queue = Gauge("tinyhun_queue_depth", "requests waiting for a slot", registry=r)
-        busy = Gauge("tinyhun_busy_slots", "sequence slots generating", registry=r)
-        slots = Gauge("tinyhun_slots", "sequence slots", registry=r)
-        ready = Gauge("tinyhun_ready", "1 once the model is loaded", registry=r)
-        self._gauges = (queue, busy, slots, ready)
+        self._gauges = {name: Gauge(f"tinyhun_{name}", doc, registry=r) for name, doc in GAUGES.items()}
+        self._ready = Gauge("tinyhun_ready", "1 once the model is loaded", registry=r)
         self._engine_state = engine_state
 
     def render(self):
-        queue, busy, slots, ready = self._gauges
         state = self._engine_state()
-        ready.set(state is not None)
-        if state is not None:
-            for g, v in zip((queue, busy, slots), state):
-                g.set(v)
+        self._ready.set(state is not None)
+        for name, value in (state or {}).items():
+            self._gauges[name].set(value)
         return generate_latest(self.registry)
+
+
+GAUGES = {"queue_depth": "requests waiting for a slot or for KV memory",
+          "busy_slots": "sequence slots generating",
+          "slots": "sequence slots",
+          "kv_blocks": "KV cache blocks in the pool",
+          "kv_blocks_used": "KV cache blocks held by sequences",
+          "kv_blocks_cached": "KV cache blocks held by no sequence that keep a prompt prefix for reuse",
+          "kv_blocks_free": "KV cache blocks free or cached (cached ones are evicted when needed)",
+          "kv_block_tokens": "tokens per KV cache block",
+          "prefix_hit_rate": "share of prompt tokens found in the KV cache (shared prefix blocks), since start",
+          "preempted": "sequences preempted for KV memory (and resumed later), since start"}

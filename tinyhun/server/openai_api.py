@@ -70,6 +70,8 @@ class Run:
             raise ApiError(429, "the server is busy: every slot is generating and the queue is full; retry shortly",
                            code="server_busy", type_="rate_limit_error",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except TinyhunError as e:   # it could never fit in the KV memory
+            raise ApiError(400, str(e), param="max_tokens", code="exceed_kv_memory") from None
 
     async def deltas(self):
         """Yield (step, reasoning text, content text) per token, then the flush at the end as (None, r, c)."""

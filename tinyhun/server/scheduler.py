@@ -1,5 +1,5 @@
-"""The batching engine: one thread that owns the model's forwards, a fixed set of sequence slots (one KV cache of
-one pool each) and a bounded queue of jobs waiting for a slot.
+"""The batching engine: one thread that owns the model's forwards, up to `slots` sequences at once over the
+model's paged KV pool, and a bounded queue of jobs waiting for a slot or for KV memory.
 
 Decode is bound by streaming the weights, so every step runs the next token of all active slots through one
 Model.forward_batch (each row at its own cache's position); a new job joins between steps (its prompt is
@@ -12,15 +12,17 @@ one forward. A joiner's first token is sampled right after its prompt's last pie
 a generation.Sequence, the same per-sequence state the single-stream loop uses: a job's Steps do not depend on
 what else is running (greedy outputs equal).
 
-A free slot keeps the tokens it last held: a job goes to the free slot sharing the longest prefix with its prompt,
-so the next turn of a conversation recomputes only what is new.
+Each job gets a fresh cache of the pool; the pool's prefix sharing (tinyhun.kv_cache) finds the full blocks of
+its prompt that any earlier or running job computed (a system prompt, the previous turns of a conversation,
+including the reply generated for them), so only what is new is computed. Memory: a job starts when the pool has
+the blocks its prompt needs beyond those shared; when a decode step finds the pool exhausted, the newest job is
+preempted (its blocks go back, its full blocks stay as cached prefixes) and waits at the head of the queue, to be
+prefilled again (mostly from those cached blocks) and go on with the same Sequence: its stream continues as if
+nothing happened.
 
 A job may name its own Model: an adapter over the engine's (adapters.with_adapter: the same base arrays, the same
-config, so its caches are the pool's). A step runs one forward_batch per distinct model among the active slots, in
-the order they first appear: each reads the base weights once for its rows. Per-row adapters inside one forward
-would read them once for all, at the cost of a LoRA kernel that gathers each row's A and B; with a handful of
-adapters in use at once the simple split costs one weight pass per adapter per step. A slot's cached keys belong to
-the model that computed them: a prefix is reused only by a job of the same model.
+config and KV pool, its prefixes hashed apart). A step runs one forward_batch per distinct model among the active
+slots, in the order they first appear: each reads the base weights once for its rows.
 
 A group whose every job samples greedily and asks for no logprobs has its tokens picked where the logits are
 (forward_batch argmax=True), as has such a job's first token after its prompt (forward argmax=True): on a GPU only
@@ -34,6 +36,8 @@ import numpy as np
 
 from ..errors import TinyhunError
 from ..generation import Sequence, _LogProb, reuse_prompt
+from ..kernels.kv import BLOCK
+from ..kv_cache import KVMemoryFull
 from ..model import CHUNK
 
 PREFILL_BUDGET = CHUNK   # prompt tokens prefilled per turn of the loop (in whole pieces), between decode steps
@@ -55,6 +59,7 @@ class Job:
     prompt_logprobs: int | None = None   # the top n for every prompt position (legacy echo); None = off
     model: object = None    # the Model to run (an adapter over the engine's); None: the engine's
     cancelled: bool = False
+    resumed: object = None  # while a preempted job waits: its _Running, to go on with
 
 
 @dataclass
@@ -68,8 +73,10 @@ class PromptLogprobs:
 class _Prefill:
     job: Job
     cache: object
+    slot: int
     reused: int = -1        # prompt tokens the cache already held (-1: not looked at yet)
     done: int = 0           # prompt tokens in the cache so far
+    resume: object = None   # a preempted job's _Running: its prompt is job.ids + what it generated before
 
 
 @dataclass
@@ -77,8 +84,13 @@ class _Running:
     job: Job
     cache: object
     seq: Sequence
+    slot: int               # its row of the engine's logits
     token: int = 0
     picked: int | None = None   # its next token when the forward picked it (greedy, no logprobs)
+
+    def ids(self):
+        """What its cache holds before `token` runs: the prompt and every token generated but the last."""
+        return self.seq.history[:-1]
 
 
 class Engine:
@@ -90,11 +102,11 @@ class Engine:
         if not 1 <= slots <= CHUNK:
             raise TinyhunError(f"slots={slots}: expected 1..{CHUNK} (one forward decodes at most {CHUNK} rows)")
         self.model, self.slots, self.queue_size = model, slots, queue_size
-        self.caches = model.new_caches(slots, max_context)
-        self.max_context = self.caches[0].max_context
-        self._free = list(self.caches)          # engine thread only
-        self._owner = {}                        # engine thread only: slot -> the model its cached keys are of
-        self._active = []                       # engine thread only
+        self.max_context = model.new_cache(max_context).max_context
+        self.pool = model.kv_pool
+        self._free = list(range(slots))         # engine thread only: rows of _next no job holds
+        self._active = []                       # engine thread only, oldest first
+        self.preempted = 0                      # jobs preempted for KV memory so far
         self._joining = deque()                 # engine thread only: _Prefills, first come first served
         self._next = np.zeros((slots, model.config.vocab_size), np.float32)   # each slot's next-token logits
         self._waiting = deque()
@@ -112,8 +124,18 @@ class Engine:
 
     # ---- any thread ----
 
+    def capacity(self):
+        """The most tokens one sequence can hold: the context, and the whole pool."""
+        return min(self.max_context, self.pool.blocks * BLOCK)
+
     def submit(self, job):
-        """Queue a job; QueueFull when every slot is busy and the queue holds queue_size jobs already."""
+        """Queue a job; QueueFull when every slot is busy and the queue holds queue_size jobs already; a
+        TinyhunError when its prompt and max_tokens could never fit in the KV pool."""
+        need = len(job.ids) + job.max_tokens
+        if need > self.pool.blocks * BLOCK:
+            raise TinyhunError(f"prompt ({len(job.ids)} tokens) + max_tokens ({job.max_tokens}) = {need} tokens "
+                               f"exceed this server's KV memory of {self.pool.blocks * BLOCK} tokens "
+                               f"({self.pool.blocks} blocks of {BLOCK}; --kv-memory)")
         with self._cond:
             if self._load >= self.slots + self.queue_size:
                 raise QueueFull()
@@ -136,6 +158,14 @@ class Engine:
         with self._cond:
             return self._load - len(self._waiting)
 
+    def state(self):
+        """The engine's gauges for /metrics."""
+        pool = self.pool
+        return {"queue_depth": self.queue_depth(), "busy_slots": self.busy_slots(), "slots": self.slots,
+                "kv_blocks": pool.blocks, "kv_blocks_used": pool.used, "kv_blocks_cached": pool.cached,
+                "kv_blocks_free": pool.available(), "kv_block_tokens": BLOCK, "prefix_hit_rate": pool.hit_rate,
+                "preempted": self.preempted}
+
     def close(self):
         with self._cond:
             self._stopping = True
@@ -152,7 +182,9 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
-                joining = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+                joining = []
+                while self._waiting and len(joining) < len(self._free) and self._fits(self._waiting[0]):
+                    joining.append(self._waiting.popleft())
             for job in joining:
                 self._start(job)
             self._prefill()
@@ -162,18 +194,22 @@ class Engine:
         with self._cond:
             self._load -= 1
 
+    def _fits(self, job):
+        """Whether the pool has the blocks a waiting job's prompt needs now (a preempted job's: what it held),
+        beyond those it will find shared; with nothing running it must start (it fits the empty pool: submit)."""
+        if not self._active and not self._joining:
+            return True
+        ids = job.resumed.ids() if job.resumed is not None else job.ids
+        salt = (job.model or self.model).kv_salt
+        return self.pool.available() >= -(-len(ids) // BLOCK) + 1 - self.pool.shared_blocks(ids, salt)
+
     def _start(self, job):
-        """Give a job the free slot holding the longest prefix of its prompt and queue its prefill."""
+        """Give a job a slot and a fresh cache (it finds its prompt's shared blocks when its prefill begins)."""
         if job.cancelled:
             return self._done(job)
         job.model = job.model or self.model
-        cache = max(self._free, key=lambda c: _shared(c.tokens, job.ids)
-                    if self._owner.get(c.slot, job.model) is job.model else -1)
-        self._free.remove(cache)
-        if self._owner.get(cache.slot) is not job.model:
-            cache.reset()
-            self._owner[cache.slot] = job.model
-        self._joining.append(_Prefill(job, cache))
+        resume, job.resumed = job.resumed, None
+        self._joining.append(_Prefill(job, job.model.new_cache(self.max_context), self._free.pop(), resume=resume))
 
     def _prefill(self):
         """Pieces of the joining jobs' prompts until PREFILL_BUDGET tokens have run; a job whose prompt is all in
@@ -182,46 +218,75 @@ class Engine:
         while self._joining and budget > 0:
             p = self._joining[0]
             job, cache = p.job, p.cache
+            ids = p.resume.ids() if p.resume is not None else job.ids
             if job.cancelled:
                 self._joining.popleft()
-                self._free_slot(cache, job)
+                self._free_slot(p.slot, job)
                 continue
             picked = None   # the first token, when the last piece picks it
             try:
-                if job.prompt_logprobs is not None:
+                if job.prompt_logprobs is not None and p.resume is None:
                     logits = self._prefill_scored(cache, job)
-                    p.reused, p.done = 0, len(job.ids)
+                    p.reused, p.done = 0, len(ids)
                     budget -= p.done
                 else:
                     if p.reused < 0:
-                        p.reused = p.done = reuse_prompt(cache, job.ids)
-                    n = min(CHUNK, len(job.ids) - p.done)
-                    pick = p.done + n == len(job.ids) and _picks_there(job)
-                    out = job.model.forward(cache, job.ids[p.done:p.done + n], argmax=pick)
+                        p.reused = p.done = reuse_prompt(cache, ids)
+                    n = min(CHUNK, len(ids) - p.done)
+                    pick = p.done + n == len(ids) and _picks_there(job)
+                    out = job.model.forward(cache, ids[p.done:p.done + n], argmax=pick)
                     picked, logits = (out, None) if pick else (None, out[0])
                     p.done += n
                     budget -= n
+            except KVMemoryFull:   # others hold the blocks: wait at the head of the queue for them
+                self._joining.popleft()
+                self._requeue(job, p.slot, p.resume)
+                continue
             except Exception as e:   # noqa: BLE001 - the job gets the error; the engine serves the others
                 self._joining.popleft()
-                cache.reset()
                 job.emit(e)
-                self._free_slot(cache, job)
+                self._free_slot(p.slot, job)
                 continue
-            if p.done < len(job.ids):
+            if p.done < len(ids):
                 continue
             self._joining.popleft()
+            if p.resume is not None:   # a preempted job: its next token is the one it had sampled
+                r = p.resume
+                r.cache, r.slot = cache, p.slot
+                self._active.append(r)
+                continue
             seq = Sequence(self.model.tokenizer, job.ids, job.sampler, job.max_tokens, job.stop, job.logprobs,
                            job.top_logprobs, p.reused, self.model.config.vocab_size)
-            r = _Running(job, cache, seq, picked=picked)
+            r = _Running(job, cache, seq, p.slot, picked=picked)
             if picked is None:
-                self._next[cache.slot] = logits
+                self._next[r.slot] = logits
             if self._sample(r):   # its first token goes out now, not after the other joiners' prefills
                 self._active.append(r)
+
+    def _requeue(self, job, slot, resume):
+        """Back to the head of the queue, its slot and blocks freed (a preempted job keeps its Sequence)."""
+        job.resumed = resume
+        self._free.append(slot)
+        with self._cond:
+            self._waiting.appendleft(job)
+
+    def _reserve(self, running):
+        """A block for each running sequence's next token, preempting the newest jobs while the pool is short."""
+        while running:
+            try:
+                for r in running:
+                    r.cache.reserve(1)
+                return running
+            except KVMemoryFull:
+                victim = running.pop()
+                self.preempted += 1
+                self._requeue(victim.job, victim.slot, victim)
+                victim.cache = None   # its blocks go back now; its full ones stay as cached prefixes
+        return running
 
     def _prefill_scored(self, cache, job):
         """Prefill from scratch, scoring every prompt token against the logits before it; return the last
         position's logits. Chunk by chunk: all positions' logits at once would be [T, V]."""
-        cache.reset()
         ids, V = np.asarray(job.ids, np.int64), self.model.config.vocab_size
         out, lp = np.empty((CHUNK, V), np.float32), _LogProb(V)
         n_top = max(job.prompt_logprobs, 1)
@@ -240,7 +305,7 @@ class Engine:
 
     def _sample(self, r):
         """Sample r's next token from its slot's logits and hand its Step out; False when r is done."""
-        logits = None if r.picked is not None else self._next[r.cache.slot]
+        logits = None if r.picked is not None else self._next[r.slot]
         try:
             r.token = r.seq.sample(logits) if logits is not None else r.picked
             step = r.seq.advance(r.token, logits)
@@ -262,6 +327,7 @@ class Engine:
                 self._release(r)
             else:
                 running.append(r)
+        running = self._reserve(running)
         if not running:
             self._active = []
             return
@@ -277,7 +343,6 @@ class Engine:
             except Exception as e:   # noqa: BLE001
                 for r in group:
                     r.job.emit(e)
-                    r.cache.reset()
                     self._release(r)
                 continue
             for r, row in zip(group, out):   # copied out before the next group's forward reuses the scratch
@@ -285,16 +350,16 @@ class Engine:
                     r.picked = int(row)
                 else:
                     r.picked = None
-                    self._next[r.cache.slot] = row
+                    self._next[r.slot] = row
             ok.extend(group)
         self._active = [r for r in ok if self._sample(r)]
 
     def _release(self, r):
-        self._free_slot(r.cache, r.job)
+        r.cache = None   # its blocks go back to the pool; the full ones stay as cached prefixes
+        self._free_slot(r.slot, r.job)
 
-    def _free_slot(self, cache, job):
-        """The job is done with its slot: the cache goes back to the free ones (keeping its tokens)."""
-        self._free.append(cache)
+    def _free_slot(self, slot, job):
+        self._free.append(slot)
         self._done(job)
 
 
@@ -302,11 +367,3 @@ def _picks_there(job):
     """A job whose tokens the forward can pick: greedy on the raw logits, and no logprobs wanted."""
     return not job.logprobs and not job.top_logprobs and getattr(job.sampler, "greedy", False)
 
-
-def _shared(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
