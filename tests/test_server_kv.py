@@ -2,7 +2,6 @@
 waiting for memory, preemption of the newest sequence when blocks run out (its stream goes on unchanged), prefix
 sharing across slots, and the pool in /metrics."""
 import threading
-import time
 
 import httpx
 import numpy as np
