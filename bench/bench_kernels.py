@@ -19,7 +19,7 @@ import pytest
 from numba import njit
 
 from bandwidth import cold_copies
-from tinyhun.kernels import cpu, ref
+from tinyhun.kernels import cpu, kv, ref
 
 H, NH, NKV, D, INTER = 1024, 16, 8, 128, 3584
 f32 = np.float32
@@ -35,19 +35,14 @@ def rope_tables(pos, d=D):
     return np.cos(ang)[None].astype(f32), np.sin(ang)[None].astype(f32)   # [1, d/2]: rotation, norm-preserving
 
 
-def decode_attention(ctx):
-    return (np.empty((1, NH, D), f32), rand(1, NH, D), rand(NKV, ctx, D), rand(NKV, ctx, D), ctx - 1)
-
-
-def decoder_layer(ctx):
-    # one Hunyuan-0.5B layer (QK-norm, 69 MB of fp32 weights) decoding the token at position ctx - 1
-    q, kv = NH * D, NKV * D
-    s = np.float32(0.03)   # ~1/sqrt(H): activations stay O(1), as in a trained model
-    lw = (rand(H), s * rand(q, H), s * rand(kv, H), s * rand(kv, H), rand(D), rand(D), s * rand(H, q), rand(H),
-          s * rand(INTER, H), s * rand(INTER, H), s * rand(H, INTER))
-    bufs = tuple(np.empty((1, w), f32) for w in (H, q, kv, kv, q, H, INTER, INTER))
-    cos, sin = rope_tables(ctx - 1)
-    return (rand(1, H), bufs, lw, rand(NKV, ctx, D), rand(NKV, ctx, D), ctx - 1, cos, sin, (NH, NKV, D), 1e-6)
+def decode_attention(ctx, kind):
+    # one token at position ctx - 1 over a paged cache of ctx positions (kernels/kv.py, blocks of kv.BLOCK)
+    nb = -(-ctx // kv.BLOCK)
+    pool = kv.allocate(np.zeros, 1, nb, NKV, D, kind)[0]
+    tables = np.arange(nb, dtype=np.int32)[None]
+    slots, positions = np.zeros(ctx, np.int64), np.arange(ctx)
+    cpu.store_kv(pool, rand(ctx, NKV, D), rand(ctx, NKV, D), tables, slots, positions)
+    return np.empty((1, NH, D), f32), rand(1, NH, D), pool, tables, slots[:1], positions[-1:]
 
 
 # case -> (numba fn, numpy fn, args factory)
@@ -56,14 +51,15 @@ CASES = {
     "add_rmsnorm[1,1024]": (cpu.add_rmsnorm, ref.add_rmsnorm,
                             lambda: (np.empty((1, H), f32), rand(1, H), rand(1, H) * 1e-3, rand(H), 1e-6)),
     "rope q[1,16,128]": (cpu.rope, ref.rope, lambda: (rand(1, NH, D), *rope_tables(300))),
-    "attention ctx512": (cpu.attention, ref.attention, lambda: decode_attention(512)),
-    "attention ctx2048": (cpu.attention, ref.attention, lambda: decode_attention(2048)),
+    "attention ctx512": (cpu.attention_rows, ref.attention_rows, lambda: decode_attention(512, "fp32")),
+    "attention ctx2048": (cpu.attention_rows, ref.attention_rows, lambda: decode_attention(2048, "fp32")),
+    "attention ctx2048 fp16": (cpu.attention_rows, ref.attention_rows, lambda: decode_attention(2048, "fp16")),
+    "attention ctx2048 int8": (cpu.attention_rows, ref.attention_rows, lambda: decode_attention(2048, "int8")),
     "silu_mul[1,3584]": (cpu.silu_mul, ref.silu_mul,
                          lambda: (np.empty((1, INTER), f32), rand(1, INTER), rand(1, INTER))),
     "add[1,1024]": (cpu.add, ref.add, lambda: (np.empty((1, H), f32), rand(1, H), rand(1, H))),
     "gemv 1024->2048": (cpu.matmul, ref.matmul, lambda: (np.empty((1, 2048), f32), rand(1, H), rand(2048, H))),
     "gemv 3584->1024": (cpu.matmul, ref.matmul, lambda: (np.empty((1, H), f32), rand(1, INTER), rand(H, INTER))),
-    "decoder_layer T=1 ctx512": (cpu.decoder_layer, ref.decoder_layer, lambda: decoder_layer(512)),
 }
 for _T in (4, 16, 32, 64, 128):
     CASES[f"matmul_blocked T={_T} 1024->2048"] = (

@@ -14,7 +14,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import cpu_linear, moe_cpu, ref  # noqa: F401  (they register the Numba `linear` and MoE ops)
-from .cpu_attention import attention_kernel, check_rows, store_kv_kernel
+from .cpu_attention import attention_kernel
+from .cpu_kv import check_rows, store_kv_kernel
 from .cpu_math import CHUNK, JIT, _bounds, _n_chunks, compiles_to, exp_inplace
 from .cpu_matmul import BLAS_T, matmul  # noqa: F401  (BLAS_T: tests; matmul: public)
 
@@ -127,27 +128,28 @@ def rope(x, cos, sin):
     return x
 
 
-# ---- attention ----------------------------------------------------------------------------------------------
+# ---- the paged KV cache (kernels/kv.py) -----------------------------------------------------------------------
 
-def store_kv(k_cache, v_cache, k, v, slots, positions):
-    # k_cache/v_cache[B, nkv, S, d]: row t's k, v[T, nkv, d] go to slot slots[t], position positions[t]
-    check_rows(k_cache, v_cache, slots, positions, len(k))
-    store_kv_kernel(k_cache, v_cache, k, v, slots, positions)
-    return k_cache
+def store_kv(kv, k, v, tables, slots, positions):
+    # kv: KVBlocks of one layer; row t's k, v[T, nkv, d] go to position positions[t] of sequence slots[t], in the
+    # blocks' storage (bytes equal to kv.encode's)
+    T = len(k)
+    if k.shape != v.shape or k.ndim != 3 or k.shape[1:] != (kv.k.shape[1], kv.k.shape[3]):
+        raise ValueError(f"k, v: [T, {kv.k.shape[1]}, {kv.k.shape[3]}] expected, got {k.shape} and {v.shape}")
+    tables, slots, positions = check_rows(kv, tables, slots, positions, T, attend=False)
+    store_kv_kernel(kv, np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), tables, slots,
+                    positions)
+    return kv
 
 
-def attention_rows(out, q, k_cache, v_cache, slots, positions):
-    # out[T, nh, d]: row t attends causally to keys 0..positions[t] of slot slots[t] of k_cache/v_cache[B, nkv, S, d]
-    check_rows(k_cache, v_cache, slots, positions, len(q))
-    attention_kernel(out, q, k_cache, v_cache, slots, positions)
+def attention_rows(out, q, kv, tables, slots, positions):
+    # out[T, nh, d]: row t's queries q[t] attend causally to positions 0..positions[t] of sequence slots[t]
+    if q.ndim != 3 or out.shape != q.shape or q.shape[2] != kv.k.shape[3] or q.shape[1] % kv.k.shape[1]:
+        raise ValueError(f"q, out: [T, a multiple of {kv.k.shape[1]} heads, {kv.k.shape[3]}] expected, got "
+                         f"{q.shape} and {out.shape}")
+    tables, slots, positions = check_rows(kv, tables, slots, positions, len(q), attend=True)
+    attention_kernel(out, q, kv, tables, slots, positions)
     return out
-
-
-def attention(out, q, k_cache, v_cache, pos):
-    # one sequence: out[T, nh, d] for queries at positions pos..pos+T-1 over k_cache/v_cache[nkv, S, d]
-    T = q.shape[0]
-    return attention_rows(out, q, k_cache[None], v_cache[None], np.zeros(T, np.int64),
-                          pos + np.arange(T, dtype=np.int64))
 
 
 # ---- elementwise --------------------------------------------------------------------------------------------

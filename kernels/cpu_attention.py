@@ -1,162 +1,292 @@
-"""Numba CPU causal GQA attention in one pass over the KV cache, with an online (running max and sum) softmax.
+"""Numba CPU causal GQA attention over the paged KV cache (kernels/kv.py): one flash-attention pass serves decode
+and prefill.
 
-A work item is one (token, kv head): the `group` query heads sharing that kv head are handled together, so each
-key and value row comes from memory once for all of them. Keys go BLK at a time: the block's scores land in a
-small scratch, the running max moves and the output rows (the accumulators) are rescaled once per block, and
-the exps run as one vectorized loop. Dot products and value sums take four keys per pass over d, sharing the
-loads of q (or of the output row).
+Rows are grouped into query blocks: consecutive rows of one sequence at consecutive positions (a prefill chunk)
+make blocks of up to MAXQ query vectors (rows x the `group` query heads of a kv head); rows of different sequences
+(a batch decode step) are a block each. A work item is (query block, kv head): its query vectors share every key
+and value load. Keys go one cache block at a time: `kv_rows` (cpu_kv, the KV access) hands the block over as fp32
+once for all vectors, the block's scores land in a small scratch [M, BLOCK], an online softmax (running max and sum
+per vector) rescales the accumulators when the max moves, and the values are accumulated. Blocks past the item's
+last position are never visited; in the diagonal block a vector's scores past its own position are zeroed after
+the exp. Dot products take two query vectors by four keys per pass over d (shared loads, eight accumulators).
+
+Few long items (decode at depth: one row, nkv items) are split along the keys into units so that every core
+works on the one sequence; a split unit leaves its unnormalised output, max and sum, merged exactly afterwards.
 """
 import math
 
 import numpy as np
 from numba import njit, prange
 
+from .cpu_kv import kv_rows
 from .cpu_math import JIT, exp_inplace
 
-BLK = 32          # keys per block: the block's K and V rows (2 * 32 * d floats) stay in L1 across the group
-CHUNK = 1 << 16   # multiply-adds per parallel chunk; a single chunk runs serially (cheaper than a launch)
-MAX_CHUNKS = 256  # each chunk allocates its own small scratch
+MAXQ = 64        # query vectors per item: their accumulators and scores ([M, d] + [M, BLOCK] fp32) stay in L2
+TARGET = 16      # units a call aims for (so that several cores stay busy to the end)
+MIN_KEYS = 256   # keys per split unit at least: a unit's launch and merge cost less than its work
+CHUNK = 1 << 16  # multiply-adds per parallel chunk; a single chunk runs serially (cheaper than a launch)
+MAX_CHUNKS = 256
 
 
 @njit(**JIT)
-def _scores(s, qv, kc, h, j0, j1, scale):
-    # s[j - j0] = (qv . k[h, j]) * scale for j in j0..j1-1
-    j = j0
-    while j + 4 <= j1:
-        k0, k1, k2, k3 = kc[h, j], kc[h, j + 1], kc[h, j + 2], kc[h, j + 3]
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for i in range(qv.shape[0]):
-            v = qv[i]
-            a0, a1, a2, a3 = a0 + k0[i] * v, a1 + k1[i] * v, a2 + k2[i] * v, a3 + k3[i] * v
-        b = j - j0
-        s[b], s[b + 1], s[b + 2], s[b + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-        j += 4
-    for jj in range(j, j1):
-        kj = kc[h, jj]
-        a = np.float32(0.0)
-        for i in range(qv.shape[0]):
-            a += kj[i] * qv[i]
-        s[jj - j0] = a * scale
-
-
-@njit(**JIT)
-def _accumulate(o, p, vc, h, j0, j1):
-    # o[d] += sum_j p[j - j0] * v[h, j]
-    j = j0
-    while j + 4 <= j1:
-        v0, v1, v2, v3 = vc[h, j], vc[h, j + 1], vc[h, j + 2], vc[h, j + 3]
-        b = j - j0
-        p0, p1, p2, p3 = p[b], p[b + 1], p[b + 2], p[b + 3]
-        for i in range(o.shape[0]):
-            o[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
-        j += 4
-    for jj in range(j, j1):
-        vj = vc[h, jj]
-        pj = p[jj - j0]
-        for i in range(o.shape[0]):
-            o[i] += pj * vj[i]
-
-
-@njit(**JIT)
-def _item(out, q, kc, vc, n, t, h, qs, sc, nb, mx, lsum):
-    # one (row t, kv head h) over keys 0..n-1 of kc/vc[nkv, S, d]; scratch qs[group, d], sc[group, BLK],
-    # nb int32[BLK], running max/sum mx/lsum[group]
-    group = qs.shape[0]
+def _scores(s, qs, M, kb, nj, scale):
+    # s[m, j] = (qs[m] . kb[j]) * scale for m < M, j < nj
     d = qs.shape[1]
-    scale = np.float32(1.0 / math.sqrt(d))
-    for g in range(group):
-        qg = q[t, h * group + g]
-        for i in range(d):                   # copied first, so `out` may alias `q`; a loop, not a slice
-            qs[g, i] = qg[i]                 # assignment, whose shape check costs seconds of cold compile
-        mx[g] = -np.inf
-        lsum[g] = 0.0
-        out[t, h * group + g] = 0.0
-    for j0 in range(0, n, BLK):
-        j1 = min(j0 + BLK, n)
-        nj = j1 - j0
-        for g in range(group):
-            s = sc[g]
-            _scores(s, qs[g], kc, h, j0, j1, scale)
-            mn = mx[g]
-            for j in range(nj):
-                mn = max(mn, s[j])
-            corr = math.exp(mx[g] - mn)      # 0 on the first block (mx = -inf), where out is still 0
-            mx[g] = mn
-            if corr != 1.0:
-                o = out[t, h * group + g]
-                for i in range(d):
-                    o[i] *= corr
-            for j in range(nj):
-                s[j] -= mn
-            exp_inplace(s, nb, nj)
-            ps = np.float32(0.0)
-            for j in range(nj):
-                ps += s[j]
-            lsum[g] = lsum[g] * corr + ps
-            _accumulate(out[t, h * group + g], s, vc, h, j0, j1)
-    for g in range(group):
-        o = out[t, h * group + g]
-        inv = np.float32(1.0) / lsum[g]
-        for i in range(d):
-            o[i] *= inv
+    m = 0
+    while m < M:
+        pair = m + 1 < M
+        q0, q1 = qs[m], qs[m + 1 if pair else m]
+        s0, s1 = s[m], s[m + 1 if pair else m]
+        j = 0
+        while j + 4 <= nj:
+            k0, k1, k2, k3 = kb[j], kb[j + 1], kb[j + 2], kb[j + 3]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+            for i in range(d):
+                x, y = q0[i], q1[i]
+                a0, a1, a2, a3 = a0 + x * k0[i], a1 + x * k1[i], a2 + x * k2[i], a3 + x * k3[i]
+                b0, b1, b2, b3 = b0 + y * k0[i], b1 + y * k1[i], b2 + y * k2[i], b3 + y * k3[i]
+            s1[j], s1[j + 1], s1[j + 2], s1[j + 3] = b0 * scale, b1 * scale, b2 * scale, b3 * scale
+            s0[j], s0[j + 1], s0[j + 2], s0[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+            j += 4
+        for jj in range(j, nj):
+            kj = kb[jj]
+            a = b = np.float32(0.0)
+            for i in range(d):
+                a += q0[i] * kj[i]
+                b += q1[i] * kj[i]
+            s1[jj] = b * scale
+            s0[jj] = a * scale
+        m += 2
 
 
 @njit(**JIT)
-def _items(out, q, kc, vc, slots, positions, first, step, group):
-    # items first, first+step, ... below T * nkv, item = t * nkv + h; allocates this run's small scratch
-    nkv = kc.shape[1]
+def _softmax_step(s, o, mx, lsum, lim, M, j0, nj, nb):
+    # online softmax over keys j0..j0+nj-1: vector m sees those below lim[m]; s[m] becomes the weights (0 where
+    # unseen), o[m] is rescaled to the new running max
+    for m in range(M):
+        sm = s[m]
+        c = min(nj, lim[m] - j0)
+        if c <= 0:
+            for j in range(nj):
+                sm[j] = 0.0
+            continue
+        mn = mx[m]
+        for j in range(c):
+            mn = max(mn, sm[j])
+        corr = math.exp(mx[m] - mn)      # 0 on the first block (mx = -inf), where o is still 0
+        mx[m] = mn
+        if corr != 1.0:
+            om = o[m]
+            for i in range(om.shape[0]):
+                om[i] *= corr
+        for j in range(c):
+            sm[j] -= mn
+        exp_inplace(sm, nb, c)
+        ps = np.float32(0.0)
+        for j in range(c):
+            ps += sm[j]
+        for j in range(c, nj):
+            sm[j] = 0.0
+        lsum[m] = lsum[m] * corr + ps
+
+
+@njit(**JIT)
+def _accumulate(o, p, M, vb, nj):
+    # o[m] += sum_j p[m, j] * vb[j] for m < M, j < nj
+    d = o.shape[1]
+    m = 0
+    while m < M:
+        pair = m + 1 < M
+        o0, o1 = o[m], o[m + 1 if pair else m]
+        p0, p1 = p[m], p[m + 1 if pair else m]
+        j = 0
+        while j + 4 <= nj:
+            v0, v1, v2, v3 = vb[j], vb[j + 1], vb[j + 2], vb[j + 3]
+            a0, a1, a2, a3 = p0[j], p0[j + 1], p0[j + 2], p0[j + 3]
+            if pair:
+                b0, b1, b2, b3 = p1[j], p1[j + 1], p1[j + 2], p1[j + 3]
+                for i in range(d):
+                    x0, x1, x2, x3 = v0[i], v1[i], v2[i], v3[i]
+                    o0[i] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                    o1[i] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+            else:
+                for i in range(d):
+                    o0[i] += a0 * v0[i] + a1 * v1[i] + a2 * v2[i] + a3 * v3[i]
+            j += 4
+        for jj in range(j, nj):
+            vj = vb[jj]
+            a, b = p0[jj], p1[jj]
+            if pair:
+                for i in range(d):
+                    o0[i] += a * vj[i]
+                    o1[i] += b * vj[i]
+            else:
+                for i in range(d):
+                    o0[i] += a * vj[i]
+        m += 2
+
+
+@njit(**JIT)
+def _unit(out, q, kv, table, positions, t0, R, h, k0, k1, qs, o, s, kbuf, vbuf, mx, lsum, lim, nb, part, pm, pl, po):
+    # query vectors of rows t0..t0+R-1 and kv head h over keys k0..k1-1 (k0 a multiple of BLOCK) of the sequence
+    # whose block table is `table`; into out (normalised) or, part >= 0, into the partials pm/pl/po[part]
     d = q.shape[2]
-    qs = np.empty((group, d), np.float32)
-    sc = np.empty((group, BLK), np.float32)
-    nb = np.empty(BLK, np.int32)
-    mx = np.empty(group, np.float32)
-    lsum = np.empty(group, np.float32)
-    for it in range(first, q.shape[0] * nkv, step):
-        t = it // nkv
-        _item(out, q, kc[slots[t]], vc[slots[t]], positions[t] + 1, t, it - t * nkv, qs, sc, nb, mx, lsum)
+    bs = kv.k.shape[2]
+    group = q.shape[1] // kv.k.shape[1]
+    M = R * group
+    for r in range(R):
+        for g in range(group):
+            m = r * group + g
+            src, qm, om = q[t0 + r, h * group + g], qs[m], o[m]
+            for i in range(d):               # copied first, so `out` may alias `q`
+                qm[i] = src[i]
+                om[i] = 0.0
+            lim[m] = positions[t0 + r] + 1
+            mx[m] = -np.inf
+            lsum[m] = 0.0
+    scale = np.float32(1.0 / math.sqrt(d))
+    for j0 in range(k0, k1, bs):
+        nj = min(bs, k1 - j0)
+        b = table[j0 // bs]
+        kb = kv_rows(kbuf, kv.k, kv.k_scale, b, h, nj)
+        vb = kv_rows(vbuf, kv.v, kv.v_scale, b, h, nj)
+        _scores(s, qs, M, kb, nj, scale)
+        _softmax_step(s, o, mx, lsum, lim, M, j0, nj, nb)
+        _accumulate(o, s, M, vb, nj)
+    for r in range(R):
+        for g in range(group):
+            m = r * group + g
+            om = o[m]
+            if part < 0:
+                dst = out[t0 + r, h * group + g]
+                inv = np.float32(1.0) / lsum[m]
+                for i in range(d):
+                    dst[i] = om[i] * inv
+            else:
+                pm[part, m] = mx[m]
+                pl[part, m] = lsum[m]
+                dst = po[part, m]
+                for i in range(d):
+                    dst[i] = om[i]
+
+
+@njit(**JIT)
+def _units(out, q, kv, tables, slots, positions, blocks, units, mq, first, step, pm, pl, po):
+    # units first, first+step, ... of `units` (rows of query block, head, k0, k1, part); this run's scratch
+    d = q.shape[2]
+    bs = kv.k.shape[2]
+    qs, o = np.empty((mq, d), np.float32), np.empty((mq, d), np.float32)
+    s = np.empty((mq, bs), np.float32)
+    kbuf, vbuf = np.empty((bs, d), np.float32), np.empty((bs, d), np.float32)
+    mx, lsum = np.empty(mq, np.float32), np.empty(mq, np.float32)
+    lim = np.empty(mq, np.int64)
+    nb = np.empty(bs, np.int32)
+    for u in range(first, units.shape[0], step):
+        qb, h, k0, k1, part = units[u, 0], units[u, 1], units[u, 2], units[u, 3], units[u, 4]
+        t0, R = blocks[qb, 0], blocks[qb, 1]
+        _unit(out, q, kv, tables[slots[t0]], positions, t0, R, h, k0, k1, qs, o, s, kbuf, vbuf, mx, lsum, lim, nb,
+              part, pm, pl, po)
+
+
+@njit(**JIT)
+def _plan(slots, positions, nkv, group, bs, d):
+    # -> query blocks int64[nq, 2] (first row, rows), units int64[nu, 5] (query block, kv head, k0, k1, partial
+    # index or -1), the number of partials, the most query vectors of a block, the multiply-adds of the call
+    T = slots.shape[0]
+    rows_max = max(1, MAXQ // group)
+    blocks = np.empty((T, 2), np.int64)
+    nq = 0
+    t = 0
+    keys = 0
+    while t < T:
+        n = 1
+        while (n < rows_max and t + n < T and slots[t + n] == slots[t]
+               and positions[t + n] == positions[t + n - 1] + 1):
+            n += 1
+        blocks[nq, 0], blocks[nq, 1] = t, n
+        keys += positions[t + n - 1] + 1   # the block's last row sees the most keys
+        nq += 1
+        t += n
+    span = max(MIN_KEYS, -(-keys * nkv // TARGET))
+    span = -(-span // bs) * bs             # split at block boundaries
+    nu = 0
+    for i in range(nq):
+        nu += nkv * (-(-(positions[blocks[i, 0] + blocks[i, 1] - 1] + 1) // span))
+    units = np.empty((nu, 5), np.int64)
+    u = 0
+    parts = 0
+    mq = 1
+    work = 0
+    for i in range(nq):
+        R = blocks[i, 1]
+        mq = max(mq, R * group)
+        for r in range(R):
+            work += positions[blocks[i, 0] + r] + 1
+        n = positions[blocks[i, 0] + R - 1] + 1
+        ns = -(-n // span)
+        for h in range(nkv):
+            for c in range(ns):
+                units[u, 0], units[u, 1] = i, h
+                units[u, 2], units[u, 3] = c * span, min(n, (c + 1) * span)
+                units[u, 4] = parts if ns > 1 else -1
+                parts += 1 if ns > 1 else 0
+                u += 1
+    return blocks[:nq], units, parts, mq, work * nkv * group * d
+
+
+@njit(**JIT)
+def _merge(out, blocks, units, group, pm, pl, po):
+    # each split item's partials (runs of units with part >= 0, the first at k0 = 0) -> out: the exact softmax
+    # merge, every partial weighted by exp(its max - the overall max)
+    d = out.shape[2]
+    u = 0
+    while u < units.shape[0]:
+        p0 = units[u, 4]
+        if p0 < 0:
+            u += 1
+            continue
+        n = 1
+        while u + n < units.shape[0] and units[u + n, 2] != 0:
+            n += 1
+        t0, R, h = blocks[units[u, 0], 0], blocks[units[u, 0], 1], units[u, 1]
+        for r in range(R):
+            for g in range(group):
+                m = r * group + g
+                top = pm[p0, m]
+                for p in range(p0 + 1, p0 + n):
+                    top = max(top, pm[p, m])
+                total = np.float32(0.0)
+                for p in range(p0, p0 + n):
+                    total += pl[p, m] * math.exp(pm[p, m] - top)
+                dst = out[t0 + r, h * group + g]
+                for i in range(d):
+                    dst[i] = 0.0
+                for p in range(p0, p0 + n):
+                    w = math.exp(pm[p, m] - top) / total
+                    src = po[p, m]
+                    for i in range(d):
+                        dst[i] += w * src[i]
+        u += n
 
 
 @njit(parallel=True, **JIT)
-def attention_kernel(out, q, k_cache, v_cache, slots, positions):
-    # out[T, nh, d], q[T, nh, d]: row t attends to keys 0..positions[t] of slot slots[t] of k_cache/v_cache
-    # [B, nkv, S, d] (the caller stored them first, and checked the rows: check_rows)
-    T, nh, d = q.shape
-    nkv = k_cache.shape[1]
+def attention_kernel(out, q, kv, tables, slots, positions):
+    # out[T, nh, d]: row t's queries q[t] attend causally to positions 0..positions[t] of sequence slots[t]
+    # (block table tables[slots[t]]) of kv, a KVBlocks; the caller stored them first and checked the rows
+    nh, d = q.shape[1], q.shape[2]
+    nkv = kv.k.shape[1]
     if nh % nkv != 0:
         raise ValueError("attention: query heads must be a multiple of kv heads")
     group = nh // nkv
-    items = T * nkv
-    keys = 0
-    for t in range(T):
-        keys += positions[t] + 1
-    nc = max(1, min(items, MAX_CHUNKS, nh * keys * d // CHUNK))
+    blocks, units, parts, mq, work = _plan(slots, positions, nkv, group, kv.k.shape[2], d)
+    pm, pl = np.empty((parts, mq), np.float32), np.empty((parts, mq), np.float32)
+    po = np.empty((parts, mq, d), np.float32)
+    nc = max(1, min(units.shape[0], MAX_CHUNKS, work // CHUNK))
     if nc == 1:
-        _items(out, q, k_cache, v_cache, slots, positions, 0, 1, group)
-        return
-    # rows at later positions attend to more keys: chunk c takes items c, c+nc, ... so chunks get equal work
-    for c in prange(nc):
-        _items(out, q, k_cache, v_cache, slots, positions, c, nc, group)
-
-
-def check_rows(k_cache, v_cache, slots, positions, T):
-    """The kernels index raw memory with slots and positions: every row must name a slot and a position the cache
-    has. Checked where rows come from outside (the public wrappers); the model makes its own rows in range."""
-    if len(slots) != T or len(positions) != T or k_cache.shape != v_cache.shape:
-        raise ValueError("attention: one slot and one position per row, and k/v caches of one shape, expected")
-    if T and not (0 <= slots.min() and slots.max() < k_cache.shape[0] and 0 <= positions.min()
-                  and positions.max() < k_cache.shape[2]):
-        raise ValueError("attention: a row's slot or position is outside the cache")
-
-
-@njit(**JIT)
-def store_kv_kernel(k_cache, v_cache, k, v, slots, positions):
-    # k_cache/v_cache[B, nkv, S, d] <- k, v[T, nkv, d] at (slots[t], positions[t])
-    # element loops, not slice assignments: Numba compiles a broadcasting shape check (and its error message
-    # formatting) for each of those, seconds of a layer's cold compile
-    for t in range(k.shape[0]):
-        for h in range(k.shape[1]):
-            kd, vd = k_cache[slots[t], h, positions[t]], v_cache[slots[t], h, positions[t]]
-            ks, vs = k[t, h], v[t, h]
-            for i in range(ks.shape[0]):
-                kd[i] = ks[i]
-                vd[i] = vs[i]
+        _units(out, q, kv, tables, slots, positions, blocks, units, mq, 0, 1, pm, pl, po)
+    else:
+        # chunk c takes units c, c+nc, ...: rows at later positions (later units) have more keys
+        for c in prange(nc):
+            _units(out, q, kv, tables, slots, positions, blocks, units, mq, c, nc, pm, pl, po)
+    if parts:
+        _merge(out, blocks, units, group, pm, pl, po)

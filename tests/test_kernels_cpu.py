@@ -135,72 +135,7 @@ def test_rope(T, nh, d, pos, seed):
     close(got, want, np.abs(x).max(axis=-1, keepdims=True))
 
 
-# ---- attention ------------------------------------------------------------------------------------------------
-
-def check_attention(rng, T, pos, nkv, ratio, d, extra):
-    nh, S = nkv * ratio, pos + T + extra
-    q = rand(rng, T, nh, d, scale=2.0)
-    k, v = rand(rng, nkv, S, d), rand(rng, nkv, S, d)
-    k[:, pos + T:] = np.nan          # positions not yet written must never be read
-    v[:, pos + T:] = np.nan
-    out, want = np.full_like(q, np.nan), np.empty_like(q)
-    assert cpu.attention(out, q, k, v, pos) is out
-    ref.attention(want, q, k, v, pos)
-    close(out, want, np.abs(v[:, :pos + T]).max())
-
-
-@SETTINGS
-@given(T=st.sampled_from([1, 1, 2, 3, 8]), pos=st.integers(0, 300), nkv=st.sampled_from([1, 2, 3]),
-       ratio=st.sampled_from([1, 2, 4]), d=st.sampled_from([16, 64, 128]), extra=st.sampled_from([0, 1, 37]),
-       seed=st.integers(0, 2**16))
-def test_attention(T, pos, nkv, ratio, d, extra, seed):
-    check_attention(np.random.default_rng(seed), T, pos, nkv, ratio, d, extra)
-
-
-@pytest.mark.parametrize("T,pos", [(1, 2047), (70, 0), (33, 100)])
-def test_attention_parallel(T, pos):
-    check_attention(np.random.default_rng(T), T, pos, 8, 2, 128, 5)
-
-
-def test_attention_out_may_alias_q():
-    rng = np.random.default_rng(0)
-    q, k, v = rand(rng, 3, 4, 16), rand(rng, 2, 10, 16), rand(rng, 2, 10, 16)
-    want = ref.attention(np.empty_like(q), q, k, v, 5)
-    cpu.attention(q, q, k, v, 5)
-    close(q, want, np.abs(v).max())
-
-
-@pytest.mark.parametrize("nh,nkv,S", [(4, 3, 10), (4, 2, 6)])
-def test_attention_rejects_bad_shapes(nh, nkv, S):
-    q = np.ones((2, nh, 16), f32)
-    with pytest.raises(ValueError):
-        cpu.attention(np.empty_like(q), q, np.ones((nkv, S, 16), f32), np.ones((nkv, S, 16), f32), 5)
-
-
-def test_attention_rows_of_several_slots():
-    # a batch decode step: one row per cache slot, each at its own position; the same as each row alone
-    rng = np.random.default_rng(7)
-    B, nkv, S, d, nh = 3, 2, 40, 16, 4
-    kc, vc = rand(rng, B, nkv, S, d), rand(rng, B, nkv, S, d)
-    slots, positions = np.array([2, 0, 1]), np.array([5, 39, 0])
-    q = rand(rng, 3, nh, d)
-    k, v = rand(rng, 3, nkv, d), rand(rng, 3, nkv, d)
-    caches = {m: (kc.copy(), vc.copy()) for m in (cpu, ref)}
-    for m in (cpu, ref):
-        m.store_kv(*caches[m], k, v, slots, positions)
-    np.testing.assert_array_equal(caches[cpu][0], caches[ref][0])
-    assert np.array_equal(caches[ref][0][2, :, 5], k[0]) and np.array_equal(caches[ref][1][0, :, 39], v[1])
-    out = cpu.attention_rows(np.full_like(q, np.nan), q, *caches[cpu], slots, positions)
-    want = ref.attention_rows(np.empty_like(q), q, *caches[ref], slots, positions)
-    close(out, want, np.abs(vc).max())
-    for t in range(3):
-        alone = ref.attention(np.empty_like(q[t:t + 1]), q[t:t + 1], caches[ref][0][slots[t]],
-                              caches[ref][1][slots[t]], int(positions[t]))
-        close(want[t:t + 1], alone, np.abs(vc).max())
-    with pytest.raises(ValueError):
-        cpu.attention_rows(out, q, *caches[cpu], slots, np.array([5, 40, 0]))   # position past the cache
-    with pytest.raises(ValueError):
-        cpu.store_kv(*caches[cpu], k, v, np.array([3, 0, 1]), positions)          # no slot 3
+# attention and the KV store over the paged cache: tests/test_kv_kernels.py
 
 
 # ---- elementwise ----------------------------------------------------------------------------------------------
@@ -238,6 +173,6 @@ def test_kernels_import_nothing_from_the_engine():
     for f in Path(cpu.__file__).parent.glob("*.py"):
         assert not re.search(r"^\s*(from|import)\s+(tinyhun\b|\.\.)", f.read_text(), re.M), f.name
     # and each kernel module imports on its own
-    for name in ("cpu", "q4_cpu", "q8_cpu", "cpu_attention", "linear"):
+    for name in ("cpu", "q4_cpu", "q8_cpu", "cpu_attention", "cpu_kv", "linear"):
         code = f"import tinyhun.kernels.{name}"
         assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0, name
