@@ -16,6 +16,7 @@ import tinyhun
 from oracle import ROOT
 from tinyhun.chat import CONTENT, REASONING, REFUSED, Conversation, ReplyPieces, Terminal, TurnStats, run_turn
 from tinyhun.content_filter import REFUSAL, ContentFilter
+from tinyhun.kernels.kv import BLOCK
 from tinyhun.styles import STYLES, system_prompt
 from tinyhun.thinking import think_prompt_args
 from tinyhun.tokenizer import Tokenizer
@@ -85,12 +86,16 @@ def test_repl_styles_system_think_reset_and_refusal(tok):
     assert r3 < p1                                 # a new system prompt: only the shared start is reused
     command(c, "/think off", "(thinking: off)")
     command(c, "/reset", "(new conversation)")
-    assert turn(c, "Hello")[2:] == (prompt_tokens(tok, STYLES["casual"], "Hello", think=False), 0)
+    # a new conversation: what it reuses is only whole blocks an earlier turn left in the model's KV pool (the
+    # same system prompt's), never the reset conversation's own cache
+    _, _, p4, r4 = turn(c, "Hello")
+    assert p4 == prompt_tokens(tok, STYLES["casual"], "Hello", think=False) and r4 % BLOCK == 0 and r4 < p4
     command(c, "/system You sell bikes.", "(system prompt set)")
     command(c, "/think on", "(thinking: on)")
     command(c, "/reset", "(new conversation)")
-    assert turn(c, "Hello")[2:] == (prompt_tokens(tok, system_prompt("casual", "You sell bikes."), "Hello",
-                                                  think=True), 0)
+    _, _, p5, r5 = turn(c, "Hello")
+    assert p5 == prompt_tokens(tok, system_prompt("casual", "You sell bikes."), "Hello", think=True)
+    assert r5 % BLOCK == 0 and r5 < p5
     c.sendline("you are a 傻逼")                   # refused without running the model: no stats line
     c.expect(re.escape(REFUSAL))
     c.expect("you>")
