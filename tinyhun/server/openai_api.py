@@ -61,6 +61,7 @@ class Run:
                        model)
         self.steps, self.prompt_scores = [], None
         self.finish_reason, self.closed = None, False
+        self.score_only = False   # echo with max_tokens=0: the one token sampled is not part of the answer
 
     def submit(self):
         try:
@@ -110,7 +111,7 @@ class Run:
     def usage(self):
         s = self.steps[-1] if self.steps else None
         prompt = len(self.ids)
-        done = s.completion_tokens if s else 0
+        done = s.completion_tokens if s and not self.score_only else 0
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
                 "prompt_tokens_details": {"cached_tokens": s.cached_tokens if s else 0}}
 
@@ -306,15 +307,22 @@ async def completions(server, req: CompletionRequest):
     prompts = req.prompts()
     if req.stream and len(prompts) > 1:
         raise ApiError(400, "prompt: streaming takes one prompt (send one request per prompt)", param="prompt")
+    score_only = req.max_tokens == 0   # OpenAI's and vLLM's way to score a prompt (evaluation harnesses)
+    if score_only and not req.echo:
+        raise ApiError(400, "max_tokens=0: nothing to generate; it takes echo: true (the prompt scored with "
+                       "logprobs, nothing generated)", param="max_tokens")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": req.model}
     runs = []
     for p in prompts:
         ids = _prompt_ids(tok, p, vocab)
-        max_tokens = _max_tokens(server, req.max_tokens, len(ids), "max_tokens")
+        # score only: one token is sampled from the prompt's last logits (no forward step more) and left out
+        max_tokens = _max_tokens(server, 1 if score_only else req.max_tokens, len(ids), "max_tokens")
         n_top = req.logprobs
-        runs.append((p, Run(server, model, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
-                            n_top if req.echo and n_top is not None else None)))
+        run = Run(server, model, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
+                  n_top if req.echo and n_top is not None else None)
+        run.score_only = score_only
+        runs.append((p, run))
     submitted = []
     try:
         for _, run in runs:
@@ -353,8 +361,10 @@ async def _completion_choice(server, run, req, index, prompt):
                 legacy.offset = 0
                 legacy.add_prompt(run.ids, run.prompt_scores)
                 legacy.offset = len(echo)
-            legacy.add(step.token, step.logprob, step.top_logprobs if req.logprobs else None, len(step.text))
-        pieces.append(c)
+            if not run.score_only:
+                legacy.add(step.token, step.logprob, step.top_logprobs if req.logprobs else None, len(step.text))
+        if not run.score_only:
+            pieces.append(c)
     return {"index": index, "text": "".join(pieces), "logprobs": None if legacy is None else legacy.obj,
             "finish_reason": run.finish_reason}
 
@@ -379,8 +389,11 @@ async def _completion_stream(server, run, req, head, prompt):
                         legacy.offset = 0
                         legacy.add_prompt(run.ids, run.prompt_scores)
                         legacy.offset = len(echo)
-                    legacy.add(step.token, step.logprob, step.top_logprobs, len(step.text))
+                    if not run.score_only:
+                        legacy.add(step.token, step.logprob, step.top_logprobs, len(step.text))
                     offset, lp = legacy.offset, legacy.obj
+                if run.score_only:
+                    c = ""
                 if not echoed:
                     c, echoed = echo + c, True
                 if c or lp is not None:
