@@ -144,6 +144,29 @@ def test_echo_logprobs_score_the_prompt(client, model):
     assert r.choices[0].text.startswith(model.tokenizer.decode(ids))
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_only(client, live, model):
+    """OpenAI's legacy endpoint and vLLM score a prompt this way (evaluation harnesses): the prompt's tokens and
+    logprobs, nothing generated; the same scores as with a token generated. Without echo it is still a 400."""
+    ids = model.tokenizer.encode("The quick brown fox")
+    one = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    lp, want = r.choices[0].logprobs, one.choices[0].logprobs
+    assert r.choices[0].text == model.tokenizer.decode(ids) and r.choices[0].finish_reason == "length"
+    assert (lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset) == (
+        want.tokens[:-1], want.token_logprobs[:-1], want.top_logprobs[:-1], want.text_offset[:-1])
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+    chunks = [json.loads(d) for d in sse(post(live, "/v1/completions", {
+        "model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2, "stream": True}))[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == r.choices[0].text
+    assert [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]] == \
+        lp.tokens
+    for body in ({"model": "tiny", "prompt": "Hi", "max_tokens": 0}, {"model": "tiny", "prompt": "Hi", "max_tokens": 0,
+                                                                       "stream": True}):
+        bad = post(live, "/v1/completions", body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+        assert "echo" in bad.json()["error"]["message"]
+
+
 def test_chat_logprobs(client):
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
                                        temperature=0, logprobs=True, top_logprobs=3)
