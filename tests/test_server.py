@@ -486,6 +486,60 @@ def test_blocked_terms_are_masked_in_the_stream(client, scripted):
     assert "".join(pieces) == "well, this is ********, sorry"
 
 
+def streamed_logprobs(client, **kw):
+    """[(reasoning, content, [(token, logprob)] or None)] of each chunk of a streamed chat reply with logprobs."""
+    return [(getattr(c.choices[0].delta, "reasoning_content", None) or "", c.choices[0].delta.content or "",
+             None if c.choices[0].logprobs is None else [(e.token, e.logprob) for e in c.choices[0].logprobs.content])
+            for c in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                    max_tokens=LIMIT, stream=True, logprobs=True, **kw)
+            if c.choices]
+
+
+@pytest.mark.parametrize("text, stop, shown", [
+    ("well, this is bullshit, sorry", None, "well, this is ********, sorry"),   # the filter holds a term back
+    ("Hello there STOP and more", "STOP", "Hello there "),                       # a stop string holds text back
+    ("caf\u00e9 \u4f60\u597d, ok", None, "caf\u00e9 \u4f60\u597d, ok"),               # characters of several tokens
+])
+def test_streamed_logprobs_travel_with_their_text(client, scripted, model, text, stop, shown):
+    """OpenAI's and llama.cpp's rule: a chunk carries the logprobs of exactly the tokens whose text (the last of
+    it) is in that chunk; a token with no text of its own goes with the text after it, and tokens whose text never
+    shows (a stop string, the end-of-turn token) with the last chunk."""
+    scripted(text)
+    chunks = streamed_logprobs(client, stop=stop)
+    assert "".join(c for _, c, _ in chunks) == shown
+    assert chunks[0][2] is None   # the role's chunk
+    tok = model.tokenizer
+    ids = tok.encode(text, add_special_tokens=False) + [min(tok.stop_ids)]
+    n = sum(len(ts or ()) for *_, ts in chunks)   # tokens generated: all, or up to the stop string's last
+    assert [t for *_, ts in chunks for t, _ in ts or ()] == [tok.decode([i], skip_special_tokens=False)
+                                                             for i in ids[:n]]
+    # where each token's text ends, in characters; a token ending inside a character has no text of its own
+    ends = []
+    for i in range(n):
+        whole = tok.decode(ids[:i + 1])
+        ends.append(ends[-1] if i and (whole.endswith("\ufffd") or len(whole) == ends[-1]) else len(whole))
+    sent, j = 0, 0
+    for k, (_, content, ts) in enumerate(chunks):
+        before, sent = sent, sent + len(content)
+        for _ in ts or ():
+            if ends[j] <= len(shown) and ends[j] > (ends[j - 1] if j else 0):
+                assert before < ends[j] <= sent, (k, j, chunks)   # its text's last character is in this chunk
+            else:
+                assert content or k == len(chunks) - 1, (k, j, chunks)   # no text: with the text after it, or last
+            j += 1
+
+
+def test_streamed_logprobs_with_thinking(client, scripted):
+    scripted("<think>\nThe user greets me.\n</think>\n<answer>\nHello, how can I help?\n</answer>")
+    chunks = streamed_logprobs(client)
+    thought = "".join(t for r, c, ts in chunks if r and not c for t, _ in ts or ())
+    answered = "".join(t for r, c, ts in chunks if c for t, _ in ts or ())
+    assert thought.startswith("<think>") and "The user greets me." in thought and "Hello" not in thought
+    assert "Hello, how can I help?" in answered and "greets" not in answered
+    assert all(ts is None or r or c or k == len(chunks) - 1 for k, (r, c, ts) in enumerate(chunks))
+    assert "".join(r for r, _, _ in chunks) == "The user greets me."
+
+
 def test_blocked_prompt_is_refused_without_running_the_model(live, client):
     from tinyhun.content_filter import REFUSAL
     before = live.engine._load, live.app.state.server.metrics.completion_tokens._value.get()

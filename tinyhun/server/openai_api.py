@@ -15,6 +15,7 @@ from ..generation import Step
 from ..sampling import make_sampler
 from . import output
 from .scheduler import Job, PromptLogprobs, QueueFull
+from .tokens import TokenAligned
 from .schemas import ApiError, ChatRequest, CompletionRequest
 
 DEFAULT_TEMPERATURE = output.DEFAULT_TEMPERATURE
@@ -84,7 +85,7 @@ class Run:
                 self.first_token_at = time.monotonic()
                 self.server.metrics.ttft.observe(self.first_token_at - self.started)
             self.steps.append(step)
-            reasoning, content = self.out.push(step.text)
+            reasoning, content = self.out.step(step)
             yield step, reasoning, content
             if step.finish_reason:
                 self.finish_reason = step.finish_reason
@@ -182,7 +183,10 @@ async def chat(server, req: ChatRequest):
     ids = tok.encode(prompt.text, add_special_tokens=False)
     max_tokens = _max_tokens(server, req.limit(), len(ids), "max_completion_tokens" if req.max_completion_tokens
                              is not None else "max_tokens")
-    run = Run(server, model, ids, req, max_tokens, prompt.output(), req.logprobs, req.top_logprobs or 0)
+    text_out = prompt.output()
+    if req.stream and req.logprobs:   # each token's logprob goes out with its text, held back as long as it is
+        text_out = TokenAligned(tok, text_out)
+    run = Run(server, model, ids, req, max_tokens, text_out, req.logprobs, req.top_logprobs or 0)
     run.submit()
     if req.stream:
         return Streamed(_chat_stream(server, run, req, head), run)
@@ -233,14 +237,14 @@ async def _chat_stream(server, run, req, head):
     if usage:
         chunk["usage"] = None
 
-    def choice(delta, step=None, finish=None):
-        lp = None
-        if step is not None and req.logprobs:
-            lp = {"content": [_token_entry(tok, step.token, step.logprob, step.top_logprobs)]}
+    def choice(delta, steps=None, finish=None):
+        lp = None if steps is None else {"content": [_token_entry(tok, s.token, s.logprob, s.top_logprobs)
+                                                     for s in steps]}
         return _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
     try:
         yield choice({"role": "assistant", "content": ""})
+        ready = []   # steps whose text has gone out (logprobs): sent with the chunk that has the last of it
         try:
             async for step, r, c in run.deltas():
                 delta = {}
@@ -248,13 +252,16 @@ async def _chat_stream(server, run, req, head):
                     delta["reasoning_content"] = r
                 if c:
                     delta["content"] = c
-                if delta or (step is not None and req.logprobs):
-                    yield choice(delta, step)
+                if req.logprobs:
+                    ready += run.out.take()
+                if delta:
+                    yield choice(delta, ready if req.logprobs else None)
+                    ready = []
         except ApiError as e:
             yield _sse(e.body())
             yield "data: [DONE]\n\n"
             return
-        yield choice({}, finish=run.finish_reason)
+        yield choice({}, ready or None, finish=run.finish_reason)
         if usage:
             yield _sse({**chunk, "choices": [], "usage": run.usage()})
         yield "data: [DONE]\n\n"
