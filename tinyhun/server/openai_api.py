@@ -15,8 +15,9 @@ from ..generation import Step
 from ..sampling import make_sampler
 from . import output
 from .scheduler import Job, PromptLogprobs, QueueFull
-from .tokens import TokenAligned
+from .legacy import LegacyLogprobs
 from .schemas import ApiError, ChatRequest, CompletionRequest
+from .tokens import TokenAligned
 
 DEFAULT_TEMPERATURE = output.DEFAULT_TEMPERATURE
 RETRY_AFTER_S = 1
@@ -281,32 +282,6 @@ def _prompt_ids(tok, prompt, vocab):
     return list(prompt)
 
 
-class _Legacy:
-    """The legacy logprobs object {tokens, token_logprobs, top_logprobs, text_offset}, built token by token."""
-
-    def __init__(self, tok, offset=0):
-        self.tok, self.offset = tok, offset
-        self.obj = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-    def add(self, token, logprob, top, text_len):
-        o = self.obj
-        o["tokens"].append(self.tok.decode([token], skip_special_tokens=False))
-        o["token_logprobs"].append(logprob)
-        o["top_logprobs"].append(None if top is None else
-                                 {self.tok.decode([i], skip_special_tokens=False): lp for i, lp in top})
-        o["text_offset"].append(self.offset)
-        self.offset += text_len
-
-    def add_prompt(self, ids, scores):
-        stream = self.tok.stream()
-        for i, token in enumerate(ids):
-            piece = stream.push(token) + (stream.flush() if i == len(ids) - 1 else "")
-            if i == 0:
-                self.add(token, None, None, len(piece))
-            else:
-                self.add(token, scores.logprobs[i - 1], scores.top[i - 1], len(piece))
-
-
 async def completions(server, req: CompletionRequest):
     model = server.model_named(req.model)
     _n(req)
@@ -360,7 +335,7 @@ def _echo_text(tok, prompt, ids):
 async def _completion_choice(server, run, req, index, prompt):
     tok = server.model.tokenizer
     echo = _echo_text(tok, prompt, run.ids) if req.echo else ""
-    legacy = _Legacy(tok, len(echo)) if req.logprobs is not None else None
+    legacy = LegacyLogprobs(tok, len(echo)) if req.logprobs is not None else None
     pieces = [echo]
     async for step, _, c in run.deltas():
         if legacy is not None and step is not None:
@@ -391,7 +366,7 @@ async def _completion_stream(server, run, req, head, prompt):
             async for step, _, c in run.deltas():
                 lp = None
                 if req.logprobs is not None and step is not None:
-                    legacy = _Legacy(tok, offset)
+                    legacy = LegacyLogprobs(tok, offset)
                     if not echoed:
                         legacy.offset = 0
                         legacy.add_prompt(run.ids, run.prompt_scores)
