@@ -141,8 +141,8 @@ def test_thinking_is_folded_and_tool_calls_are_shown(browser, live, monkeypatch)
     assert json.loads(call.find_element(By.CSS_SELECTOR, ".tool-args").text) == {"order_id": "A-17"}
     assert "finish: tool_calls" in reply.find_element(By.CSS_SELECTOR, ".meta").text
     # what the page sends next, read off its fetch (the server's schema may not take tool messages yet)
-    browser.execute_script("window.sent = []; const f = window.fetch;"
-                           "window.fetch = (url, init) => { window.sent.push(init && init.body); return f(url, init); };")
+    browser.execute_script("window.sent = []; const f = window.fetch; window.fetch = (url, init) => {"
+                           " window.sent.push(init && init.body); return f(url, init); };")
     call.find_element(By.CSS_SELECTOR, ".tool-result input").send_keys('{"status": "shipped"}')
     call.find_element(By.CSS_SELECTOR, ".tool-result button").click()
     sent = json.loads(wait(browser, lambda b: b.execute_script("return window.sent[0]")))
