@@ -20,19 +20,38 @@ COPY pyproject.toml README.md ./
 COPY tinyhun ./tinyhun
 COPY kernels ./kernels
 COPY weights/tiny-hunyuan ./weights/tiny-hunyuan
+COPY weights/tiny-hunyuan-moe ./weights/tiny-hunyuan-moe
+COPY weights/tiny-llama ./weights/tiny-llama
 # DL3013 wants pinned versions: this installs the checkout itself, whose pyproject states its dependencies
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"
 
 USER 10001
-# Compile the kernels now (fp32 and INT4 layers, prefill and decode) into the Numba cache under TINYHUN_HOME, so
-# the first request does not wait for it. The cache is keyed by the CPU: an image run on another CPU model
-# compiles once at its first start instead.
-RUN tinyhun quantize weights/tiny-hunyuan /tmp/tiny-q4 --quiet \
- && for m in weights/tiny-hunyuan /tmp/tiny-q4; do \
+# Compile the kernels now, into the Numba cache under TINYHUN_HOME, so that the first request does not wait for
+# them: one prefill and decode on a tiny checkpoint in each weight format that tinyhun's own tools write, for each
+# layer kind (a combination not warmed here compiles at the model's first load: ~20 s for the default model when
+# only Hunyuan fp32 and INT4 were warmed):
+#   Hunyuan dense (QK norm)   fp32 (float checkpoints, `tinyhun merge`, a GGUF's F32/F16/BF16 and other types);
+#                             `tinyhun quantize`: INT4 symmetric with an INT8 head (a GGUF's Q4_0 + Q8_0),
+#                             --asym (Q4_1), --head q4, --head f16
+#   Llama (SmolLM2's layer)   fp32; INT4 asymmetric with an INT8 head = a GGUF import's Q4_1 + Q8_0, as the
+#                             default model has
+#   Hunyuan MoE               fp32; `tinyhun quantize`
+# Measured (fresh cache, counting Numba's cache files): with the Hunyuan ones alone warmed, the default model still
+# compiled its Llama layer and three kernels; once the tiny Llama's INT4 ran, it compiled nothing. --asym and
+# --head q4 compile nothing new today (the same kernels as the default INT4): kept, so that a kernel change cannot
+# quietly leave them cold.
+# The cache is keyed by the CPU: an image run on another CPU model compiles once at its first start.
+RUN tinyhun quantize weights/tiny-hunyuan /tmp/warm/q4-sym --quiet \
+ && tinyhun quantize weights/tiny-hunyuan /tmp/warm/q4-asym --asym --quiet \
+ && tinyhun quantize weights/tiny-hunyuan /tmp/warm/q4-head-q4 --head q4 --quiet \
+ && tinyhun quantize weights/tiny-hunyuan /tmp/warm/q4-head-f16 --head f16 --quiet \
+ && tinyhun quantize weights/tiny-llama /tmp/warm/llama-q4-asym --asym --quiet \
+ && tinyhun quantize weights/tiny-hunyuan-moe /tmp/warm/moe-q4 --quiet \
+ && for m in weights/tiny-hunyuan weights/tiny-llama weights/tiny-hunyuan-moe /tmp/warm/*; do \
         tinyhun generate --model "$m" --raw --max-tokens 4 --quiet "warm up" > /dev/null || exit 1; \
     done \
- && rm -rf /tmp/tiny-q4
+ && rm -rf /tmp/warm
 
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \

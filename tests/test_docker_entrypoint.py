@@ -11,8 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -135,3 +137,50 @@ def test_bad_configuration_exits_2_with_one_line(app_dir, tmp_path, env, message
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith(f"tinyhun: error: {message}"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _as_a_stranger(path):
+    """Make `path` unreadable to the processes the returned command prefix starts, as a file of another user at
+    mode 0600 is to the image's user: as root, the file goes to uid 12345 and the process loses the capabilities
+    that let root read anything; otherwise the file gets mode 0 (which its owner cannot read either)."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return [], f"uid {os.geteuid()}", "0000"
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): no way to be refused a file")
+    os.chown(path, 12345, 12345)
+    path.chmod(0o600)
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"], "uid 12345", "0600"
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_an_unreadable_model_file_is_named_with_its_owner_and_mode(app_dir, tmp_path, name):
+    """The `docker run -v /srv/models:/models:ro` path with a folder prepared by another user: /health (and the
+    log) name the file, its owner and mode, instead of a bare 'Permission denied'."""
+    img = image()
+    model = tmp_path / "models" / "m"
+    shutil.copytree(ROOT / "weights" / "tiny-hunyuan", model)
+    prefix, owner, mode = _as_a_stranger(model / name)
+    port = _free_port()
+    proc = subprocess.Popen(prefix + img["cmd"] + ["--host", "127.0.0.1", "--port", str(port)], cwd=app_dir,
+                            env=_env(img, tmp_path, MODEL_PATH=str(model)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.get(url, timeout=5)
+                if r.json().get("status") == "error":
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "no load error reported"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+    message = r.json()["message"]
+    assert r.status_code == 503 and message.startswith(f"{model / name}: cannot be read (permission denied: "
+                                                       f"owner {owner}"), message
+    assert f"mode {mode}" in message and message in out

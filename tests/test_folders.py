@@ -2,16 +2,21 @@
 writers swept and never taken for a model."""
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
+from oracle import ROOT
 from tinyhun import folders, hub
 from tinyhun.errors import TinyhunError
 from tinyhun.folders import atomic_folder
+
+TINY = ROOT / "weights" / "tiny-hunyuan"
 
 
 def write(dst, files, overwrite=False, fail=False):
@@ -58,6 +63,39 @@ def test_a_finished_write_appears_whole_with_ordinary_permissions(tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     assert dst.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_every_file_gets_an_ordinary_files_mode(tmp_path, mask):
+    """safetensors' writer creates its file 0600 and a copy keeps its source's mode: the finished folder's files
+    have 0666 less the umask, whoever wrote them (a container's user reads what the host's wrote)."""
+    src = tmp_path / "private.json"
+    src.write_text("{}")
+    src.chmod(0o600)
+    old = os.umask(mask)
+    try:
+        assert folders.umask() == mask
+        with atomic_folder(tmp_path / "m") as tmp:
+            folders.write_checkpoint(tmp, {"w": np.zeros(4, np.float32)}, {"model_type": "llama"})
+            shutil.copy2(src, tmp / "tokenizer.json")
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "x.txt").write_text("x")
+            assert (tmp / "model.safetensors").stat().st_mode & 0o777 == 0o600   # what the writer itself does
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "sub/x.txt"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_quantize_writes_a_folder_others_can_read(tmp_path):
+    from tinyhun.quantize import quantize_model
+    old = os.umask(0o022)
+    try:
+        quantize_model(TINY, tmp_path / "q4", progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "q4").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_an_exception_mid_write_leaves_nothing(tmp_path):

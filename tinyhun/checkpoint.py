@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from .errors import TinyhunError
+from .errors import TinyhunError, unreadable
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
           "I8": np.int8, "U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
@@ -42,7 +42,7 @@ class SafetensorsFile:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TinyhunError(f"{self.path}: corrupt header, not valid JSON ({e})") from None
         except OSError as e:
-            raise TinyhunError(f"{self.path}: cannot be read ({e.strerror or e})") from None
+            raise unreadable(self.path, e) from None
         except _Duplicate as e:
             raise TinyhunError(f"{self.path}: corrupt header, key '{e}' appears twice") from None
         if not isinstance(header, dict):

@@ -213,7 +213,8 @@ def cmd_serve(args):
                            "over the one base; merge one with `tinyhun merge` and serve that folder instead")
     settings = Settings(model_name=args.served_model_name, max_tokens=max_tokens, slots=args.slots, queue=args.queue,
                         max_context=args.context, api_key=os.environ.get("TINYHUN_API_KEY") or None,
-                        max_body=args.max_body, content_filter=content_filter_of(args) or False, adapters=adapters)
+                        max_body=args.max_body, content_filter=content_filter_of(args) or False, adapters=adapters,
+                        cors=tuple(args.cors), ui=not args.no_ui)
 
     # a named model folder is checked now (a typo exits at once); the default model is fetched in the background
     named = resolve_model(args.model) if args.model or os.environ.get("MODEL_PATH") else None
@@ -364,6 +365,10 @@ def build_parser():
     s.add_argument("--blocklist", metavar="FILE", help="sensitive-word list extending the default one (chat endpoint)")
     s.add_argument("--replace-blocklist", action="store_true", help="use --blocklist FILE instead of the default")
     s.add_argument("--no-filter", action="store_true", help="no content filter on the chat endpoint")
+    s.add_argument("--cors", metavar="ORIGIN", action="append", default=[],
+                   help="let pages from ORIGIN (e.g. https://app.example.com; * for any) call the API from a browser "
+                        "(repeatable; default: none, same-origin only)")
+    s.add_argument("--no-ui", action="store_true", help="no chat page at GET /")
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("quantize", help="write an INT4 copy of a model folder")

@@ -3,7 +3,7 @@ the values derived from them, belong to the model family (tinyhun/families/<mode
 import json
 from pathlib import Path
 
-from .errors import TinyhunError
+from .errors import TinyhunError, unreadable
 
 
 def read_json(path, what="a JSON object"):
@@ -13,6 +13,8 @@ def read_json(path, what="a JSON object"):
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TinyhunError(f"{path}: not found") from None
+    except PermissionError as e:
+        raise unreadable(path, e) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TinyhunError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(d, dict):

@@ -13,6 +13,10 @@ nothing in it has changed for STALE_AFTER_S (an owner on another host sharing th
 an older tinyhun's temp folder, recognised by its name and by holding only model files); a stale `.old` whose
 destination is missing (killed between the two renames) is renamed back instead. Temp names start with a dot and
 model listings skip hidden folders, so a leftover is never taken for a model, even before it is swept.
+
+Every file of the finished folder gets the mode an ordinary new file gets (0666 less the umask): safetensors'
+writer creates model.safetensors 0600 and a copy keeps its source's mode, and a folder prepared by one user is
+read by another (a container's own user over a read-only mount).
 """
 import errno
 import json
@@ -88,14 +92,30 @@ def atomic_folder(dst, overwrite=False):
     with temp_folder(dst.parent, dst.name) as tmp:
         try:
             yield tmp
+            mode = 0o666 & ~umask()
             for f in tmp.rglob("*"):
-                if f.is_file():
+                if f.is_file() and not f.is_symlink():
+                    os.chmod(f, mode)
                     _fsync(f)
             _fsync(tmp)
             _move_into_place(tmp, dst, overwrite)
             _fsync(dst.parent)
         except OSError as e:
             raise TinyhunError(f"{dst}: could not write the model folder ({e.strerror or e})") from None
+
+
+def umask():
+    """The process's umask, read without changing it where Linux says it (os.umask can only set it, and setting it
+    even briefly would change the mode of what another thread creates meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_checkpoint(folder, tensors, config):

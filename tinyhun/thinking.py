@@ -39,6 +39,16 @@ class ThinkSplitter:
             pass
         return "".join(out[0]), "".join(out[1])
 
+    @property
+    def held(self) -> int:
+        """How many of the last characters pushed are not yet decided (released, or dropped as tags and blanks)."""
+        return len(self._buf)
+
+    @property
+    def reasoning_done(self) -> bool:
+        """No more reasoning can come (the think block is closed, or the reply did not open one)."""
+        return self._state not in (START, THINK)
+
     def flush(self) -> tuple[str, str]:
         reasoning, content = self.push("")
         buf, state = self._buf, self._state

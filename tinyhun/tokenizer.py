@@ -13,7 +13,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as Backend
 
-from tinyhun.errors import TinyhunError
+from tinyhun.errors import TinyhunError, unreadable
 from tinyhun.tiktoken_bpe import tokenizer_from_tiktoken
 
 # The named special tokens transformers passes to chat templates as variables (its special_tokens_map).
@@ -85,6 +85,8 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as e:
+        raise unreadable(path, e) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TinyhunError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -111,6 +113,10 @@ def _id_list(value, path, field) -> list[int]:
 def _load_backend(folder: Path) -> Backend:
     path = folder / "tokenizer.json"
     if path.exists():
+        try:   # opened here first: the library's own error would not say why it cannot read the file
+            path.open("rb").close()
+        except PermissionError as e:
+            raise unreadable(path, e) from None
         try:
             return Backend.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for every kind of bad file

@@ -1,6 +1,6 @@
 """Regenerate the tiny test checkpoint(s) in weights/, bit for bit (fixed seeds), with transformers.
 
-    python weights/make_tiny.py            # writes weights/tiny-hunyuan/ and weights/tiny-hunyuan-moe/
+    python weights/make_tiny.py            # writes weights/tiny-hunyuan/, weights/tiny-hunyuan-moe/, weights/tiny-llama/
 
 Also imported by the tests (`build_hunyuan`, `build_hunyuan_moe`, `build_llama`) to make oracle models of other
 shapes on the fly.
@@ -18,6 +18,7 @@ SPECIALS = {"bos_token_id": "<｜hy_begin▁of▁sentence｜>", "eos_token_id": 
 HERE = Path(__file__).resolve().parent
 TINY = HERE / "tiny-hunyuan"
 TINY_MOE = HERE / "tiny-hunyuan-moe"
+TINY_LLAMA = HERE / "tiny-llama"
 
 
 def randomise_norms(model, seed):
@@ -92,6 +93,17 @@ def main(out_dir=TINY, moe_dir=TINY_MOE):
     write_golden(out_dir)
     print(f"wrote {out_dir} (vocab {vocab})")
     main_moe(moe_dir)
+    main_llama()
+
+
+def main_llama(out_dir=TINY_LLAMA):
+    """weights/tiny-llama: the Llama family's layer (no QK norm, tied embeddings, as SmolLM2, the default model, has),
+    for the Docker image to compile that layer's kernels at build time; the tests build their Llama oracles anew."""
+    out_dir = Path(out_dir)
+    vocab, ids = with_tokenizer(out_dir)
+    ids = {k: v for k, v in ids.items() if k != "eod_token_id"}
+    build_llama(out_dir, seed=0, vocab_size=vocab, **ids, tie_word_embeddings=True, initializer_range=0.25)
+    print(f"wrote {out_dir} (vocab {vocab})")
 
 
 def main_moe(out_dir=TINY_MOE):

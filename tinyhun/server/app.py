@@ -22,12 +22,13 @@ from starlette.routing import Route
 from ..adapters import with_adapter
 from ..content_filter import ContentFilter
 from ..errors import TinyhunError
-from . import openai_api
+from . import openai_api, ui
 from .metrics import Metrics
 from .scheduler import Engine
 from .schemas import ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse
 
-OPEN_PATHS = ("/health", "/metrics")   # no API key: what a load balancer and a scraper read
+OPEN_PATHS = ("/health", "/metrics", "/")   # no API key: what a load balancer and a scraper read, and the chat
+# page (static: it asks for the key, and sends it with its own API calls)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Settings:
     max_body: int = 1 << 20        # bytes
     content_filter: object = True  # on the chat endpoint (True: the default list, a ContentFilter, or False)
     adapters: dict = field(default_factory=dict)   # name -> peft adapter folder: a model id of its own over the base
+    cors: tuple = ()               # origins allowed to call the API from a browser page of theirs ("*": any)
+    ui: bool = True                # the chat page at GET /
 
 
 class Server:
@@ -249,6 +252,8 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
         Route("/health", endpoint("/health", health, needs_model=False), methods=["GET"]),
         Route("/metrics", endpoint("/metrics", metrics, needs_model=False), methods=["GET"]),
     ]
+    if settings.ui:
+        routes.append(Route("/", endpoint("/", ui.page, needs_model=False), methods=["GET"]))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -266,7 +271,7 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
     async def server_error(request, exc):   # a bug: still an OpenAI-shaped answer, the traceback in the log
         return _error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
-    app = Starlette(routes=routes, lifespan=lifespan,
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=ui.cors(settings.cors),
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.server = server
     return app

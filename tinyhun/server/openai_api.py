@@ -15,7 +15,9 @@ from ..generation import Step
 from ..sampling import make_sampler
 from . import output
 from .scheduler import Job, PromptLogprobs, QueueFull
+from .legacy import LegacyLogprobs
 from .schemas import ApiError, ChatRequest, CompletionRequest
+from .tokens import TokenAligned
 
 DEFAULT_TEMPERATURE = output.DEFAULT_TEMPERATURE
 RETRY_AFTER_S = 1
@@ -61,6 +63,7 @@ class Run:
                        model)
         self.steps, self.prompt_scores = [], None
         self.finish_reason, self.closed = None, False
+        self.score_only = False   # echo with max_tokens=0: the one token sampled is not part of the answer
 
     def submit(self):
         try:
@@ -85,7 +88,7 @@ class Run:
                 self.first_token_at = time.monotonic()
                 self.server.metrics.ttft.observe(self.first_token_at - self.started)
             self.steps.append(step)
-            reasoning, content = self.out.push(step.text)
+            reasoning, content = self.out.step(step)
             yield step, reasoning, content
             if step.finish_reason:
                 self.finish_reason = step.finish_reason
@@ -112,7 +115,7 @@ class Run:
     def usage(self):
         s = self.steps[-1] if self.steps else None
         prompt = len(self.ids)
-        done = s.completion_tokens if s else 0
+        done = s.completion_tokens if s and not self.score_only else 0
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
                 "prompt_tokens_details": {"cached_tokens": s.cached_tokens if s else 0}}
 
@@ -183,7 +186,10 @@ async def chat(server, req: ChatRequest):
     ids = tok.encode(prompt.text, add_special_tokens=False)
     max_tokens = _max_tokens(server, req.limit(), len(ids), "max_completion_tokens" if req.max_completion_tokens
                              is not None else "max_tokens")
-    run = Run(server, model, ids, req, max_tokens, prompt.output(), req.logprobs, req.top_logprobs or 0)
+    text_out = prompt.output()
+    if req.stream and req.logprobs:   # each token's logprob goes out with its text, held back as long as it is
+        text_out = TokenAligned(tok, text_out)
+    run = Run(server, model, ids, req, max_tokens, text_out, req.logprobs, req.top_logprobs or 0)
     run.submit()
     if req.stream:
         return Streamed(_chat_stream(server, run, req, head), run)
@@ -234,14 +240,14 @@ async def _chat_stream(server, run, req, head):
     if usage:
         chunk["usage"] = None
 
-    def choice(delta, step=None, finish=None):
-        lp = None
-        if step is not None and req.logprobs:
-            lp = {"content": [_token_entry(tok, step.token, step.logprob, step.top_logprobs)]}
+    def choice(delta, steps=None, finish=None):
+        lp = None if steps is None else {"content": [_token_entry(tok, s.token, s.logprob, s.top_logprobs)
+                                                     for s in steps]}
         return _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
     try:
         yield choice({"role": "assistant", "content": ""})
+        ready = []   # steps whose text has gone out (logprobs): sent with the chunk that has the last of it
         try:
             async for step, r, c in run.deltas():
                 delta = {}
@@ -249,13 +255,16 @@ async def _chat_stream(server, run, req, head):
                     delta["reasoning_content"] = r
                 if c:
                     delta["content"] = c
-                if delta or (step is not None and req.logprobs):
-                    yield choice(delta, step)
+                if req.logprobs:
+                    ready += run.out.take()
+                if delta:
+                    yield choice(delta, ready if req.logprobs else None)
+                    ready = []
         except ApiError as e:
             yield _sse(e.body())
             yield "data: [DONE]\n\n"
             return
-        yield choice({}, finish=run.finish_reason)
+        yield choice({}, ready or None, finish=run.finish_reason)
         if usage:
             yield _sse({**chunk, "choices": [], "usage": run.usage()})
         yield "data: [DONE]\n\n"
@@ -275,32 +284,6 @@ def _prompt_ids(tok, prompt, vocab):
     return list(prompt)
 
 
-class _Legacy:
-    """The legacy logprobs object {tokens, token_logprobs, top_logprobs, text_offset}, built token by token."""
-
-    def __init__(self, tok, offset=0):
-        self.tok, self.offset = tok, offset
-        self.obj = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-    def add(self, token, logprob, top, text_len):
-        o = self.obj
-        o["tokens"].append(self.tok.decode([token], skip_special_tokens=False))
-        o["token_logprobs"].append(logprob)
-        o["top_logprobs"].append(None if top is None else
-                                 {self.tok.decode([i], skip_special_tokens=False): lp for i, lp in top})
-        o["text_offset"].append(self.offset)
-        self.offset += text_len
-
-    def add_prompt(self, ids, scores):
-        stream = self.tok.stream()
-        for i, token in enumerate(ids):
-            piece = stream.push(token) + (stream.flush() if i == len(ids) - 1 else "")
-            if i == 0:
-                self.add(token, None, None, len(piece))
-            else:
-                self.add(token, scores.logprobs[i - 1], scores.top[i - 1], len(piece))
-
-
 async def completions(server, req: CompletionRequest):
     model = server.model_named(req.model)
     _n(req)
@@ -308,15 +291,22 @@ async def completions(server, req: CompletionRequest):
     prompts = req.prompts()
     if req.stream and len(prompts) > 1:
         raise ApiError(400, "prompt: streaming takes one prompt (send one request per prompt)", param="prompt")
+    score_only = req.max_tokens == 0   # OpenAI's and vLLM's way to score a prompt (evaluation harnesses)
+    if score_only and not req.echo:
+        raise ApiError(400, "max_tokens=0: nothing to generate; it takes echo: true (the prompt scored with "
+                       "logprobs, nothing generated)", param="max_tokens")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": req.model}
     runs = []
     for p in prompts:
         ids = _prompt_ids(tok, p, vocab)
-        max_tokens = _max_tokens(server, req.max_tokens, len(ids), "max_tokens")
+        # score only: one token is sampled from the prompt's last logits (no forward step more) and left out
+        max_tokens = _max_tokens(server, 1 if score_only else req.max_tokens, len(ids), "max_tokens")
         n_top = req.logprobs
-        runs.append((p, Run(server, model, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
-                            n_top if req.echo and n_top is not None else None)))
+        run = Run(server, model, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
+                  n_top if req.echo and n_top is not None else None)
+        run.score_only = score_only
+        runs.append((p, run))
     submitted = []
     try:
         for _, run in runs:
@@ -347,7 +337,7 @@ def _echo_text(tok, prompt, ids):
 async def _completion_choice(server, run, req, index, prompt):
     tok = server.model.tokenizer
     echo = _echo_text(tok, prompt, run.ids) if req.echo else ""
-    legacy = _Legacy(tok, len(echo)) if req.logprobs is not None else None
+    legacy = LegacyLogprobs(tok, len(echo)) if req.logprobs is not None else None
     pieces = [echo]
     async for step, _, c in run.deltas():
         if legacy is not None and step is not None:
@@ -355,8 +345,10 @@ async def _completion_choice(server, run, req, index, prompt):
                 legacy.offset = 0
                 legacy.add_prompt(run.ids, run.prompt_scores)
                 legacy.offset = len(echo)
-            legacy.add(step.token, step.logprob, step.top_logprobs if req.logprobs else None, len(step.text))
-        pieces.append(c)
+            if not run.score_only:
+                legacy.add(step.token, step.logprob, step.top_logprobs if req.logprobs else None, len(step.text))
+        if not run.score_only:
+            pieces.append(c)
     return {"index": index, "text": "".join(pieces), "logprobs": None if legacy is None else legacy.obj,
             "finish_reason": run.finish_reason}
 
@@ -376,13 +368,16 @@ async def _completion_stream(server, run, req, head, prompt):
             async for step, _, c in run.deltas():
                 lp = None
                 if req.logprobs is not None and step is not None:
-                    legacy = _Legacy(tok, offset)
+                    legacy = LegacyLogprobs(tok, offset)
                     if not echoed:
                         legacy.offset = 0
                         legacy.add_prompt(run.ids, run.prompt_scores)
                         legacy.offset = len(echo)
-                    legacy.add(step.token, step.logprob, step.top_logprobs, len(step.text))
+                    if not run.score_only:
+                        legacy.add(step.token, step.logprob, step.top_logprobs, len(step.text))
                     offset, lp = legacy.offset, legacy.obj
+                if run.score_only:
+                    c = ""
                 if not echoed:
                     c, echoed = echo + c, True
                 if c or lp is not None:

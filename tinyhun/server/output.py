@@ -16,19 +16,46 @@ __all__ = ["DEFAULT_TEMPERATURE", "ChatPrompt", "Output", "chat_prompt", "plain"
 
 
 class Output:
-    """Text deltas in, (reasoning delta, content delta) out."""
+    """Text deltas in, (reasoning delta, content delta) out. It counts what it holds (tokens.py aligns each token's
+    logprob with its text by them): `fed` characters in, of which the splitter has decided all but `held`; the
+    splitter has `produced` so many (reasoning, content) characters, of which the masks have `released` so many."""
 
     def __init__(self, splitter=None, content_filter=None):
         self.splitter = splitter
         self.masks = None if content_filter is None else (content_filter.stream(), content_filter.stream())
+        self.fed, self.produced, self.released = 0, (0, 0), (0, 0)
+        self._reasoning_open = splitter is not None and self.masks is not None
+
+    def step(self, step):
+        """push() of a generation Step's text."""
+        return self.push(step.text)
 
     def push(self, text):
+        self.fed += len(text)
         parts = self.splitter.push(text) if self.splitter else ("", text)
-        return parts if self.masks is None else tuple(m.push(p) for m, p in zip(self.masks, parts))
+        self.produced = tuple(n + len(p) for n, p in zip(self.produced, parts))
+        if self.masks is not None:
+            parts = tuple(m.push(p) for m, p in zip(self.masks, parts))
+            if self._reasoning_open and self.splitter.reasoning_done:   # its tail need not wait for the reply's end
+                self._reasoning_open = False
+                parts = (parts[0] + self.masks[0].flush(), parts[1])
+        return self._count(parts)
 
     def flush(self):
         parts = self.splitter.flush() if self.splitter else ("", "")
-        return parts if self.masks is None else tuple(m.push(p) + m.flush() for m, p in zip(self.masks, parts))
+        self.produced = tuple(n + len(p) for n, p in zip(self.produced, parts))
+        if self.masks is not None:
+            parts = tuple(m.push(p) + m.flush() for m, p in zip(self.masks, parts))
+        return self._count(parts)
+
+    @property
+    def held(self):
+        return self.splitter.held if self.splitter else 0
+
+    def _count(self, parts):
+        # masking keeps lengths: released text is as long as the produced text it stands for
+        self.released = tuple(n + len(p) for n, p in zip(self.released, parts))
+        return parts
 
 
 @dataclass
