@@ -1,5 +1,5 @@
 """What the numba.cuda kernels share: the one launch function (its counter, its target stream, the capture of a
-CUDA graph), and sums across a warp or a block.
+CUDA graph), and sums and maxima across a warp or a block.
 
 Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, how CI runs these kernels) has no warp shuffles, so `warp_sum`
 goes through shared memory there and through shfl_xor on a GPU: the one place the simulated code differs from the
@@ -116,6 +116,15 @@ if SHUFFLE:
         return v
 
     @cuda.jit(device=True)
+    def warp_max(v, red, tid):
+        # the largest v of the warp, in every lane (red unused)
+        off = 16
+        while off > 0:
+            v = max(v, cuda.shfl_xor_sync(0xffffffff, v, off))
+            off //= 2
+        return v
+
+    @cuda.jit(device=True)
     def warp_sums(acc, n, red, tid):
         # acc[:n] (a local array) summed over the warp, in lane 0 (in every lane here; red unused)
         for i in range(n):
@@ -131,6 +140,17 @@ else:
         if tid % WARP == 0:
             for i in range(1, WARP):
                 v += red[tid + i]
+        cuda.syncthreads()
+        return v
+
+    @cuda.jit(device=True)
+    def warp_max(v, red, tid):
+        # the largest v of the warp, in lane 0; red: float32 shared [block threads]
+        red[tid] = v
+        cuda.syncthreads()
+        if tid % WARP == 0:
+            for i in range(1, WARP):
+                v = max(v, red[tid + i])
         cuda.syncthreads()
         return v
 
@@ -174,5 +194,19 @@ def block_sum(v, red, tid, nthreads):
     t = float32(0.0)
     for i in range(nthreads // WARP):
         t += red[i]
+    cuda.syncthreads()
+    return t
+
+
+@cuda.jit(device=True)
+def block_max(v, red, tid, nthreads):
+    # the largest v of the block (as block_sum), in every thread
+    s = warp_max(v, red, tid)
+    if tid % WARP == 0:
+        red[tid // WARP] = s
+    cuda.syncthreads()
+    t = red[0]
+    for i in range(1, nthreads // WARP):
+        t = max(t, red[i])
     cuda.syncthreads()
     return t
