@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyhun.kernels.kv import BLOCK
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_models import ROOT, kv_token_bytes, random_model, tiny_checkpoint  # noqa: E402
 
@@ -81,27 +83,38 @@ def compare_logits(path, cpu_kernels, rel, n, exact=False):
             "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).mean())}
 
 
-def depth_speed(shape, kind, depth, gen):
-    """Decode tok/s of the INT4 model of `shape` with `depth` tokens already in a `kind` KV cache, greedy steps
-    replayed as CUDA graphs, and the GB/s that is of what a token reads. The cache takes its blocks and length
-    without a prefill (its keys and values are the pool's zeros): a decode step reads every cached byte whatever
-    it holds, and a 16K prefill would cost the device session more than the decode it sets up."""
+def depth_speeds(shape, depths, kinds, gen):
+    """Decode tok/s of the INT4 model of `shape` with each of `depths` tokens already in a cache of each KV storage
+    type in `kinds` (one model, its device weights shared by a pool per kind), greedy steps replayed as CUDA graphs,
+    and the GB/s that is of what a token reads. A cache takes its blocks and length without a prefill (its keys and
+    values are the pool's zeros): a decode step reads every cached byte whatever it holds, and a 16K prefill would
+    cost the device session more than the decode it sets up."""
     from tinyhun.cuda_backend import CudaBackend
-    model = random_model(shape, "int4", CudaBackend(), depth + gen + 4, kv_dtype=kind, caches=1)
-    cache = model.new_cache()
-    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, depth)
-    cache.reserve(depth)
-    cache.append(ids)
-    token = np.array([1])
-    for _ in range(2):   # the step runs, then is captured: timed steps replay its graph
-        token[0] = model.forward(cache, token, argmax=True)
-    t = time.perf_counter()
-    for _ in range(gen):
-        token[0] = model.forward(cache, token, argmax=True)
-    tok_s = gen / (time.perf_counter() - t)
-    kv_bytes = kv_token_bytes(model.config, kind) * (depth + 2 + gen // 2)   # the cache's mean length while timed
-    return {"depth": depth, "kv": kind, "decode_tok_s": tok_s, "weight_gb": model.weights.decode_bytes / 1e9,
-            "kv_gb": kv_bytes / 1e9, "decode_gb_s": (model.weights.decode_bytes + kv_bytes) * tok_s / 1e9}
+    from tinyhun.model import Model
+    base = random_model(shape, "int4", CudaBackend(), max(depths) + gen + 4, kv_dtype=kinds[0], caches=1)
+    res = {}
+    for kind in kinds:
+        model = base if kind == base.kv_dtype else Model(
+            base.config, base.weights, backend=base.backend, max_context=base.max_context, kv_dtype=kind,
+            kv_memory=kv_token_bytes(base.config, kind) * (base.max_context + BLOCK))
+        for depth in depths:
+            cache = model.new_cache()
+            cache.reserve(depth)
+            cache.append(np.random.default_rng(depth).integers(0, model.config.vocab_size, depth))
+            token = np.array([1])
+            for _ in range(2):   # the step runs, then is captured: the timed steps replay its graph
+                token[0] = model.forward(cache, token, argmax=True)
+            t = time.perf_counter()
+            for _ in range(gen):
+                token[0] = model.forward(cache, token, argmax=True)
+            tok_s = gen / (time.perf_counter() - t)
+            kv_bytes = kv_token_bytes(model.config, kind) * (depth + 2 + gen // 2)   # the mean length while timed
+            w = model.weights.decode_bytes
+            res[f"int4 {kind} KV, {depth} tokens"] = {
+                "depth": depth, "kv": kind, "decode_tok_s": tok_s, "weight_gb": w / 1e9, "kv_gb": kv_bytes / 1e9,
+                "decode_gb_s": (w + kv_bytes) * tok_s / 1e9}
+            del cache   # its blocks back to the pool for the next depth
+    return res
 
 
 def tinyhun_speed(shape, fmt, prompt, gen, reps, launched_too=False, lora_rank=0):
@@ -296,10 +309,7 @@ def main(argv=None):
 
     def depth():
         # tiny: two blocks and a bit, each kind (the simulator's cost is its threads)
-        res["depth"] = {}
-        for n in ((70,) if tiny else DEPTHS):
-            for kind in DEPTH_KINDS:
-                res["depth"][f"int4 {kind} KV, {n} tokens"] = depth_speed(shape, kind, n, 1 if tiny else 64)
+        res["depth"] = depth_speeds(shape, (70,) if tiny else DEPTHS, DEPTH_KINDS, 1 if tiny else 64)
         print(json.dumps(res["depth"]), flush=True)
 
     def lora():

@@ -117,11 +117,12 @@ LAUNCHES = {llama: 1 + (4 + 2) + 1, hunyuan_v1_moe: 1 + (4 + 3) + (4 + 5) + 1}
 @pytest.mark.parametrize("family, fmts, split, kind", [(llama, ("q4-asym",), None, "int8"),
                                                        (hunyuan_v1_moe, ("f32", "q4"), 4, "fp16")])
 def test_cuda_model_equals_cpu(family, fmts, split, kind, monkeypatch):
-    """Llama: one layer, INT4 asymmetric, no QK-norm, a dense MLP, int8 KV. Hunyuan MoE (QK-norm), fp16 KV: layer 0
-    fp16, top-1 of 4 experts with the shared MLP stacked among them; layer 1 INT4, k = E = 3 with the shared MLP
-    apart (another width); split=4: a sequence of more than 4 positions splits its attention along the sequence,
-    one block per split (two splits and their merge). The mixture of experts counts its routing
-    (tinyhun.moe_stats) on both paths: the same experts are picked. (fp32 KV: test_lora_side_paths_on_the_device.)"""
+    """Llama: one layer, INT4 asymmetric, no QK-norm, a dense MLP, int8 KV, its caches sharing a block and copying
+    it on write (run's share). Hunyuan MoE (QK-norm), fp16 KV: layer 0 fp16, top-1 of 4 experts with the shared MLP
+    stacked among them; layer 1 INT4, k = E = 3 with the shared MLP apart (another width); split=4: a sequence of
+    more than 4 positions splits its attention along the sequence, one block per split (two splits and their
+    merge). The mixture of experts counts its routing (tinyhun.moe_stats) on both paths: the same experts are
+    picked. (fp32 KV: test_lora_side_paths_on_the_device.)"""
     from tinyhun.cuda_backend import CudaBackend
     from tinyhun.cuda_memory import device_view
     from tinyhun.kernels import cuda_attention
@@ -133,19 +134,20 @@ def test_cuda_model_equals_cpu(family, fmts, split, kind, monkeypatch):
     w = weights(rng, family is not llama, fmts, MOE if family is hunyuan_v1_moe else None)
     COUNTING[0] = family is hunyuan_v1_moe
     try:
-        got = run(Model(cfg, w, backend=CudaBackend(), kv_dtype=kind, **KV))
+        share = family is llama   # the paging is the family's no matter: the cheaper model shares and copies
+        got = run(Model(cfg, w, backend=CudaBackend(), kv_dtype=kind, **KV), share)
         loads = [layer.mlp.load.copy() for layer in w.layers if isinstance(layer.mlp, MoEMLP)]
         for layer in w.layers[:len(loads)]:
             layer.mlp.load[:] = 0
         device_sees = device_view(w)
-        assert_close(got, run(Model(cfg, device_sees, backend=NumpyBackend(), kv_dtype=kind, **KV)), 1e-4)
+        assert_close(got, run(Model(cfg, device_sees, backend=NumpyBackend(), kv_dtype=kind, **KV), share), 1e-4)
         for layer, load in zip(device_sees.layers, loads):
             assert load.sum() > 0 and np.array_equal(layer.mlp.load, load)
     finally:
         COUNTING[0] = False
     assert got[1] == LAUNCHES[family] + (len(fmts) if split else 0)   # a merge per layer
     if kind == "fp16":   # and against the fp32 weights and KV as loaded, fp16's rounding apart
-        assert_close(got, run(Model(cfg, w, backend=NumpyBackend(), kv_dtype="fp32", **KV)), 1e-2)
+        assert_close(got, run(Model(cfg, w, backend=NumpyBackend(), kv_dtype="fp32", **KV), share), 1e-2)
 
 
 def test_repeated_steps_replay_as_graphs(monkeypatch):

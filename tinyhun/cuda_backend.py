@@ -7,7 +7,7 @@ the model's kv_dtype), the activation buffers, the block tables and the RoPE tab
 (tinyhun.cuda_memory); per forward only the token ids, slots and positions go up, with the block-table entries that
 changed, and the logits rows (or, picking greedily, the picked ids) come down.
 
-A decoder layer is six launches (seven when the cache is long enough to split attention along the sequence):
+A decoder layer is six launches (seven when the context is longer than one split of attention along the sequence):
   1 RMSNorm + QKV GEMV   2 RoPE + QK-norm + KV store   3 attention   4 o_proj GEMV + residual add
   5 RMSNorm + gate/up GEMV + SiLU * up                 6 down GEMV + residual add
 A mixture of experts (kernels.cuda_moe) replaces 5 and 6 by three launches when decoding: 5 RMSNorm + router +

@@ -9,7 +9,6 @@ from typing import NamedTuple
 import numpy as np
 from numba import config
 
-from .kernels.cuda_attention import MAX_SPLITS
 from .structs import MoEMLP, Rows, weight_arrays
 
 # the device type of each host storage type of the KV pool (kernels/kv.py): fp16 is held as its bits on the host,
@@ -105,6 +104,8 @@ class DeviceScratch:
     the CUDA graphs of its steps."""
 
     def __init__(self, cuda, cfg, rows, max_blocks):
+        from .kernels.cuda_attention import MAX_SPLITS   # numba.cuda: imported once a GPU was found
+
         def dev(*shape):
             return cuda.device_array(shape, np.float32)
         nh, d = cfg.num_heads, cfg.head_dim
