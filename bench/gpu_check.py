@@ -13,8 +13,8 @@ one runs, and the exit status is 1 if any failed:
      what a token reads (the weights' decode bytes + the KV bytes of every cached token);
   4. logits through device "cuda" vs the CPU on the tiny checkpoints, dense and mixture of experts (fp32 and
      INT4), and SmolLM2 when it is here;
-  5. the CUDA kernel and model tests on this GPU (tests/test_cuda_kernels.py, tests/test_cuda_model.py), within
-     --tests-timeout seconds.
+  5. the CUDA kernel and model tests on this GPU (tests/test_cuda_kernels.py, test_cuda_attention.py,
+     test_cuda_model.py), within --tests-timeout seconds.
 --tiny: tiny shapes and no test subprocess, so the whole script runs under Numba's CUDA simulator (the CI test).
 """
 import argparse
@@ -51,8 +51,8 @@ def kernel_tests(timeout):
     import os
     import subprocess
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_cuda_kernels.py"),
-                            str(ROOT / "tests" / "test_cuda_model.py")], capture_output=True, text=True, cwd=ROOT,
+        files = [str(ROOT / "tests" / f"test_cuda_{name}.py") for name in ("kernels", "attention", "model")]
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", *files], capture_output=True, text=True, cwd=ROOT,
                            env={**os.environ, "TINYHUN_CUDA_TESTS": "1"}, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
