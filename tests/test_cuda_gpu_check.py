@@ -57,10 +57,11 @@ def test_a_failing_section_is_recorded_and_the_others_run(tmp_path, monkeypatch)
     def broken(*a, **kw):
         raise RuntimeError("no such kernel")
     monkeypatch.setattr(gpu_check, "tinyhun_speed", broken)
+    monkeypatch.setattr(gpu_check, "depth_speeds", broken)
     monkeypatch.setattr(gpu_check, "compare_logits", lambda *a, **kw: {"rel_err": 0.0, "bound": 1, "ok": True,
                                                                        "argmax_agree": 1.0})
     assert gpu_check.main([str(tmp_path / "out"), "--tiny"]) == 1
     res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert res["errors"] == {"decode": "RuntimeError: no such kernel", "lora": "RuntimeError: no such kernel"}
+    assert res["errors"] == {name: "RuntimeError: no such kernel" for name in ("decode", "depth", "lora")}
     assert res["gemv_int4"]["gb_s"] > 0 and res["logits"]["tiny-hunyuan"]["ok"]   # before and after it
     assert "- section decode FAILED: RuntimeError: no such kernel" in (tmp_path / "out" / "report.md").read_text()
