@@ -49,17 +49,28 @@ def main():
     side_variants(f32)
     wide = cuda_ref.device_format(as_linear(np.zeros((cuda_linear.WIDE, K), f32)))   # several rows per warp
     cuda_linear.linear(np.zeros((1, cuda_linear.WIDE), f32), np.zeros((1, K), f32), wide, norm=np.ones(K, f32))
-    B, nh, nkv, d, S = 2, 16, 8, 128, 64
-    for (T, norm), kv in itertools.product(((1, True), (5, False)), (np.float16, f32)):   # the backend's cache: fp16
-        idx, cache, cos = np.zeros(T, np.int64), np.zeros((B, nkv, S, d), kv), np.zeros((S, d // 2), f32)
-        n = np.ones(d, f32) if norm else np.zeros(0, f32)
-        cuda_attention.rope_qk_store(np.zeros((T, nh, d), f32), np.zeros((T, (nh + 2 * nkv) * d), f32), cache,
-                                     cache, cos, cos, idx, idx, n, n, 1e-5)
-        for split in (256, 16):
-            cuda_attention.attention_rows(np.zeros((T, nh, d), f32), np.zeros((T, nh, d), f32), cache, cache, idx,
-                                          idx, split=split, partials=np.zeros(T * nh * 4 * (d + 2), f32))
+    attention_variants(f32)
     moe_variants(f32)
     print(f"{len(done)} kernels compiled to PTX for sm_90")
+
+
+def attention_variants(f32):
+    """RoPE + KV store and attention over the paged cache in each storage type (on the device fp16 is float16),
+    with QK-norm and without, decode and prefill rows, one split and several with their merge."""
+    from tinyhun.kernels import kv
+    nh, nkv, d, NB, bs = 16, 8, 128, 8, kv.BLOCK
+    dtypes = {"fp32": f32, "fp16": np.float16, "int8": np.int8}
+    for (T, norm), kind in itertools.product(((1, True), (5, False)), dtypes):
+        scales = (NB, nkv, bs) if kind == "int8" else (0, 0, 0)
+        blocks = kv.KVBlocks(*(np.zeros((NB, nkv, bs, d), dtypes[kind]) for _ in range(2)),
+                             *(np.zeros(scales, f32) for _ in range(2)))
+        idx, tables, cos = np.zeros(T, np.int64), np.zeros((2, 4), np.int32), np.zeros((4 * bs, d // 2), f32)
+        n = np.ones(d, f32) if norm else np.zeros(0, f32)
+        cuda_attention.rope_qk_store(np.zeros((T, nh, d), f32), np.zeros((T, (nh + 2 * nkv) * d), f32), blocks,
+                                     cos, cos, tables, idx, idx, n, n, 1e-5)
+        for split in (256, 16):   # sequences of 4 blocks: one split, or 8 and the merge
+            cuda_attention.attention_rows(np.zeros((T, nh, d), f32), np.zeros((T, nh, d), f32), blocks, tables,
+                                          idx, idx, split=split, partials=np.zeros(T * nh * 8 * (d + 2), f32))
 
 
 def side_variants(f32):

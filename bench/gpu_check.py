@@ -9,10 +9,12 @@ one runs, and the exit status is 1 if any failed:
      CUDA; the same for a mixture of experts of that width (MOE_SHAPE), with its decode GB/s over the bytes a token
      reads; the dense decode again without CUDA graphs, and whether replayed steps' logits equal launched ones';
      the dense INT4 decode again with a rank-16 LoRA adapter on all seven linears as a side path (LORA_RANK);
-  3. logits through device "cuda" vs the CPU on the tiny checkpoints, dense and mixture of experts (fp32 and
+  3. decode at depth: INT4 0.5B shape, DEPTHS tokens already in the cache, fp16 and int8 KV: tok/s, and GB/s of
+     what a token reads (the weights' decode bytes + the KV bytes of every cached token);
+  4. logits through device "cuda" vs the CPU on the tiny checkpoints, dense and mixture of experts (fp32 and
      INT4), and SmolLM2 when it is here;
-  4. the CUDA kernel and model tests on this GPU (tests/test_cuda_kernels.py, tests/test_cuda_model.py), within
-     --tests-timeout seconds.
+  5. the CUDA kernel and model tests on this GPU (tests/test_cuda_kernels.py, test_cuda_attention.py,
+     test_cuda_model.py), within --tests-timeout seconds.
 --tiny: tiny shapes and no test subprocess, so the whole script runs under Numba's CUDA simulator (the CI test).
 """
 import argparse
@@ -25,7 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from tinyhun.kernels.kv import BLOCK
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_models import ROOT, kv_token_bytes, random_model, tiny_checkpoint  # noqa: E402
+
 SMOLLM2 = Path.home() / ".cache" / "tinyhun" / "models" / "SmolLM2-135M-Instruct"
 HUNYUAN_05B = dict(vocab_size=120818, hidden_size=1024, intermediate_size=3584, num_layers=24, num_heads=16,
                    num_kv_heads=8, head_dim=128)
@@ -37,14 +43,16 @@ TINY_SHAPE = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_layer
                   head_dim=16)
 TINY_MOE = dict(TINY_SHAPE, num_experts=3, moe_topk=2, moe_intermediate_size=32, num_shared_expert=1)
 LORA_RANK = 16
+DEPTHS = (4096, 16384)   # tokens in the cache before the timed decode steps (llama-bench -d)
+DEPTH_KINDS = ("fp16", "int8")
 
 
 def kernel_tests(timeout):
     import os
     import subprocess
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_cuda_kernels.py"),
-                            str(ROOT / "tests" / "test_cuda_model.py")], capture_output=True, text=True, cwd=ROOT,
+        files = [str(ROOT / "tests" / f"test_cuda_{name}.py") for name in ("kernels", "attention", "model")]
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", *files], capture_output=True, text=True, cwd=ROOT,
                            env={**os.environ, "TINYHUN_CUDA_TESTS": "1"}, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -54,16 +62,20 @@ def kernel_tests(timeout):
 
 def compare_logits(path, cpu_kernels, rel, n, exact=False):
     """max |Δlogit| / max |logit| of device cuda vs the CPU over n tokens, and greedy agreement. exact: the CPU
-    (NumPy reference, fp16 KV cache as on the device) runs the weights as the device sees them, for a model whose
-    routing the CPU's int8 activation rounding would change (an INT4 mixture of experts)."""
+    (NumPy reference, the device's fp16 KV storage) runs the weights as the device sees them, for a model whose
+    routing the CPU's int8 activation rounding would change (an INT4 mixture of experts). Both fp16 KV."""
     import tinyhun
-    from tinyhun.cuda_backend import HalfKV, device_view
+    from tinyhun.backend import NumpyBackend
+    from tinyhun.cuda_memory import device_view
     from tinyhun.model import Model
 
-    cpu = tinyhun.load(path, kernels="numpy" if exact else cpu_kernels, max_context=n)
+    memory = 64 << 20   # n tokens of a small model's KV, many times over
+    cpu = tinyhun.load(path, kernels="numpy" if exact else cpu_kernels, max_context=n, kv_dtype="fp16",
+                       kv_memory=memory)
     if exact:
-        cpu = Model(cpu.config, device_view(cpu.weights), backend=HalfKV(), max_context=n)
-    gpu = tinyhun.load(path, device="cuda", max_context=n)
+        cpu = Model(cpu.config, device_view(cpu.weights), backend=NumpyBackend(), max_context=n, kv_dtype="fp16",
+                    kv_memory=memory)
+    gpu = tinyhun.load(path, device="cuda", max_context=n, kv_dtype="fp16", kv_memory=memory)
     ids = np.random.default_rng(0).integers(0, cpu.config.vocab_size, n)
     a, b = cpu.logits(ids), gpu.logits(ids)
     err = float(np.abs(a - b).max() / np.abs(a).max())
@@ -71,83 +83,38 @@ def compare_logits(path, cpu_kernels, rel, n, exact=False):
             "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).mean())}
 
 
-def tiny_checkpoint(folder, shape, like):
-    """A checkpoint folder of `shape` with random weights, the config of weights/`like` otherwise: --tiny's
-    stand-in for weights/tiny-hunyuan (or tiny-hunyuan-moe), small enough for the simulator."""
-    from tinyhun.families import config_from_dict, family_of
-    from tinyhun.folders import write_checkpoint
-    names = dict(num_layers="num_hidden_layers", num_heads="num_attention_heads",
-                 num_kv_heads="num_key_value_heads")
-    d = json.loads((ROOT / "weights" / like / "config.json").read_text())
-    d.update({names.get(k, k): v for k, v in shape.items()}, bos_token_id=0, eod_token_id=1, eos_token_id=2,
-             pad_token_id=3)
-    cfg = config_from_dict(d)
-    rng = np.random.default_rng(2)
-    tensors = {name: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.2 * rng.standard_normal(s))
-               .astype(np.float32) for name, s in family_of(cfg).checkpoint_shapes(cfg).items()}
-    Path(folder).mkdir(parents=True)
-    write_checkpoint(folder, tensors, d)
-    return Path(folder)
-
-
-def random_model(shape, fmt, backend, max_context, lora_rank=0):
-    """A Hunyuan model of `shape` (dense, or a mixture of experts when it has num_experts) with random weights as
-    fp32 (the device makes them fp16) or INT4; lora_rank: with a LoRA adapter of that rank on every linear of every
-    layer, kept as a side path."""
-    from tinyhun.adapters import TARGETS, Adapter, Update, attach
-    from tinyhun.families import hunyuan_v1_dense, hunyuan_v1_moe
-    from tinyhun.kernels import q4
-    from tinyhun.kernels.linear import as_linear
-    from tinyhun.kernels.moe import stack_linears
+def depth_speeds(shape, depths, kinds, gen):
+    """Decode tok/s of the INT4 model of `shape` with each of `depths` tokens already in a cache of each KV storage
+    type in `kinds` (one model, its device weights shared by a pool per kind), greedy steps replayed as CUDA graphs,
+    and the GB/s that is of what a token reads. A cache takes its blocks and length without a prefill (its keys and
+    values are the pool's zeros): a decode step reads every cached byte whatever it holds, and a 16K prefill would
+    cost the device session more than the decode it sets up."""
+    from tinyhun.cuda_backend import CudaBackend
     from tinyhun.model import Model
-    from tinyhun.structs import Attention, DenseMLP, Layer, MoEMLP, Weights
-    rng = np.random.default_rng(0)
-    moe = "num_experts" in shape
-    fam = hunyuan_v1_moe if moe else hunyuan_v1_dense
-    L = shape["num_layers"]
-    per_layer = {k: (shape[k],) * L for k in ("num_experts", "moe_topk", "moe_intermediate_size",
-                                              "num_shared_expert") if moe}
-    cfg = fam.Config(model_type=fam.MODEL_TYPE, rms_norm_eps=1e-6, rope_base=1e6, max_position_embeddings=4096,
-                     tie_word_embeddings=True, **{**shape, **per_layer})
-    H, I, d, nh, nkv = (shape[k] for k in ("hidden_size", "intermediate_size", "head_dim", "num_heads",
-                                           "num_kv_heads"))
-
-    made = {}
-
-    def mat(n, k):
-        # one random matrix per shape, shared by every layer and expert: speed does not depend on the values, and
-        # the device still holds a copy per layer (the backend uploads each), so no layer is read from another's
-        # place in the L2 cache. Drawing and quantizing 2.1 G values for the MoE shape would take minutes of the
-        # device session
-        if (n, k) not in made:
-            w = (rng.standard_normal((n, k), np.float32) * 0.02)
-            made[n, k] = as_linear(q4.quantize_q4(w, 32) if fmt == "int4" else w)
-        return made[n, k]
-
-    def norm(n):
-        return np.ones(n, np.float32)
-
-    def mlp():
-        dense = DenseMLP(mat(I, H), mat(I, H), mat(H, I))
-        if not moe:
-            return dense
-        E, Ie = shape["num_experts"], shape["moe_intermediate_size"]
-        gate, up, down = (stack_linears([mat(n, k) for _ in range(E)]) for n, k in ((Ie, H), (Ie, H), (H, Ie)))
-        return MoEMLP(rng.standard_normal((E, H), np.float32), gate, up, down, dense, bool(shape["num_shared_expert"]),
-                      shape["moe_topk"], Ie, np.zeros(E, np.int64), np.zeros(1, np.bool_))
-    layers = tuple(Layer(norm(H), Attention(mat(nh * d, H), mat(nkv * d, H), mat(nkv * d, H), mat(H, nh * d),
-                                            norm(d), norm(d)), norm(H), mlp())
-                   for _ in range(L))
-    embed = mat(cfg.vocab_size, H)
-    weights = Weights(embed, layers, norm(H), embed)
-    if lora_rank:
-        shapes = {"q_proj": (nh * d, H), "k_proj": (nkv * d, H), "v_proj": (nkv * d, H), "o_proj": (H, nh * d),
-                  "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-        ab = {m: (rng.standard_normal((lora_rank, k), np.float32) * 0.02,
-                  rng.standard_normal((n, lora_rank), np.float32) * 0.02) for m, (n, k) in shapes.items()}
-        weights = attach(weights, cfg, Adapter(None, None, {(i, m): Update(*ab[m], 2.0, m) for i in range(L)
-                                                            for m in TARGETS}), "side")
-    return Model(cfg, weights, backend=backend, max_context=max_context)
+    base = random_model(shape, "int4", CudaBackend(), max(depths) + gen + 4, kv_dtype=kinds[0], caches=1)
+    res = {}
+    for kind in kinds:
+        model = base if kind == base.kv_dtype else Model(
+            base.config, base.weights, backend=base.backend, max_context=base.max_context, kv_dtype=kind,
+            kv_memory=kv_token_bytes(base.config, kind) * (base.max_context + BLOCK))
+        for depth in depths:
+            cache = model.new_cache()
+            cache.reserve(depth)
+            cache.append(np.random.default_rng(depth).integers(0, model.config.vocab_size, depth))
+            token = np.array([1])
+            for _ in range(2):   # the step runs, then is captured: the timed steps replay its graph
+                token[0] = model.forward(cache, token, argmax=True)
+            t = time.perf_counter()
+            for _ in range(gen):
+                token[0] = model.forward(cache, token, argmax=True)
+            tok_s = gen / (time.perf_counter() - t)
+            kv_bytes = kv_token_bytes(model.config, kind) * (depth + 2 + gen // 2)   # the mean length while timed
+            w = model.weights.decode_bytes
+            res[f"int4 {kind} KV, {depth} tokens"] = {
+                "depth": depth, "kv": kind, "decode_tok_s": tok_s, "weight_gb": w / 1e9, "kv_gb": kv_bytes / 1e9,
+                "decode_gb_s": (w + kv_bytes) * tok_s / 1e9}
+            del cache   # its blocks back to the pool for the next depth
+    return res
 
 
 def tinyhun_speed(shape, fmt, prompt, gen, reps, launched_too=False, lora_rank=0):
@@ -265,6 +232,9 @@ def report(res):
         lines.append(f"- {name}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.1f} tok/s{extra}")
     for name, v in res.get("ratios", {}).items():
         lines.append(f"- {name}: {v:.2f}x")
+    for name, r in res.get("depth", {}).items():
+        lines.append(f"- decode at depth, {name}: {r['decode_tok_s']:.1f} tok/s, {r['decode_gb_s']:.1f} GB/s of "
+                     f"weights ({r['weight_gb']:.2f} GB) + KV ({r['kv_gb']:.2f} GB) read per token")
     for fmt, g in res.get("cuda_graph", {}).items():
         lines.append(f"- CUDA graphs, {fmt}: decode {g['decode_speedup']:.2f}x the speed of launching kernel by "
                      f"kernel; replayed vs launched logits: max |diff| {g['replayed_vs_launched_max_abs_diff']:.3g} -> "
@@ -337,6 +307,11 @@ def main(argv=None):
                                           "replayed_vs_launched_max_abs_diff": diff, "ok": diff == 0.0}
         print(json.dumps(res["decode"]), flush=True)
 
+    def depth():
+        # tiny: two blocks and a bit, each kind (the simulator's cost is its threads)
+        res["depth"] = depth_speeds(shape, (70,) if tiny else DEPTHS, DEPTH_KINDS, 1 if tiny else 64)
+        print(json.dumps(res["depth"]), flush=True)
+
     def lora():
         rank = 2 if tiny else LORA_RANK
         name = f"int4 + LoRA r{rank} side path (all 7 linears)"
@@ -383,7 +358,8 @@ def main(argv=None):
         res["tests"] = kernel_tests(args.tests_timeout)
         print("tests:", "passed" if res["tests"]["ok"] else "FAILED", flush=True)
 
-    for name, fn in (("gemv", gemv), ("decode", decode), ("lora", lora), ("transformers", versus_transformers),
+    for name, fn in (("gemv", gemv), ("decode", decode), ("depth", depth), ("lora", lora),
+                     ("transformers", versus_transformers),
                      ("logits", logits)) + ((("tests", tests),) if not tiny else ()):
         section(name, fn)
     print(save())

@@ -1,5 +1,5 @@
 """What the numba.cuda kernels share: the one launch function (its counter, its target stream, the capture of a
-CUDA graph), and sums across a warp or a block.
+CUDA graph), and sums and maxima across a warp or a block.
 
 Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, how CI runs these kernels) has no warp shuffles, so `warp_sum`
 goes through shared memory there and through shfl_xor on a GPU: the one place the simulated code differs from the
@@ -105,16 +105,57 @@ def capture(fn, stream):
     return graph
 
 
-if SHUFFLE:
-    @cuda.jit(device=True)
-    def warp_sum(v, red, tid):
-        # the sum of v over the warp, in lane 0 (in every lane here; red unused)
-        off = 16
-        while off > 0:
-            v += cuda.shfl_xor_sync(0xffffffff, v, off)
-            off //= 2
-        return v
+def _reductions(combine):
+    """(warp, block) reductions by a device function combine(a, b) (a sum, a max): the warp's in lane 0 (in every
+    lane with shuffles), the block's in every thread (nthreads a multiple of 32, at most 32 warps). red: float32
+    shared [block threads] (unused by a warp's shuffles); every thread of the block must call them."""
+    if SHUFFLE:
+        @cuda.jit(device=True)
+        def warp(v, red, tid):
+            off = 16
+            while off > 0:
+                v = combine(v, cuda.shfl_xor_sync(0xffffffff, v, off))
+                off //= 2
+            return v
+    else:
+        @cuda.jit(device=True)
+        def warp(v, red, tid):
+            red[tid] = v
+            cuda.syncthreads()
+            if tid % WARP == 0:
+                for i in range(1, WARP):
+                    v = combine(v, red[tid + i])
+            cuda.syncthreads()
+            return v
 
+    @cuda.jit(device=True)
+    def block(v, red, tid, nthreads):
+        s = warp(v, red, tid)
+        if tid % WARP == 0:
+            red[tid // WARP] = s
+        cuda.syncthreads()
+        t = red[0]
+        for i in range(1, nthreads // WARP):
+            t = combine(t, red[i])
+        cuda.syncthreads()
+        return t
+    return warp, block
+
+
+@cuda.jit(device=True)
+def _add(a, b):
+    return a + b
+
+
+@cuda.jit(device=True)
+def _max(a, b):
+    return max(a, b)
+
+
+warp_sum, block_sum = _reductions(_add)
+warp_max, block_max = _reductions(_max)
+
+if SHUFFLE:
     @cuda.jit(device=True)
     def warp_sums(acc, n, red, tid):
         # acc[:n] (a local array) summed over the warp, in lane 0 (in every lane here; red unused)
@@ -123,17 +164,6 @@ if SHUFFLE:
 
     warp_allsums = warp_sums
 else:
-    @cuda.jit(device=True)
-    def warp_sum(v, red, tid):
-        # the sum of v over the warp, in lane 0; red: float32 shared [block threads]
-        red[tid] = v
-        cuda.syncthreads()
-        if tid % WARP == 0:
-            for i in range(1, WARP):
-                v += red[tid + i]
-        cuda.syncthreads()
-        return v
-
     @cuda.jit(device=True)
     def warp_sums(acc, n, red, tid):
         # acc[:n] (a local array) summed over the warp, in lane 0; red: float32 shared [n, block threads].
@@ -162,17 +192,3 @@ else:
             acc[i] = red[i, tid - lane]
         cuda.syncthreads()
 
-
-@cuda.jit(device=True)
-def block_sum(v, red, tid, nthreads):
-    # the sum of v over the block (nthreads a multiple of 32, at most 32 warps), in every thread; red: float32
-    # shared [nthreads]
-    s = warp_sum(v, red, tid)
-    if tid % WARP == 0:
-        red[tid // WARP] = s
-    cuda.syncthreads()
-    t = float32(0.0)
-    for i in range(nthreads // WARP):
-        t += red[i]
-    cuda.syncthreads()
-    return t

@@ -25,7 +25,8 @@ import numpy as np
 
 from . import moe, q4, q8
 from .linear import F32, LoRA, Q4, Q8, lora_b, side_path
-from .ref import rmsnorm, rope, store_kv
+from .kv import store_kv
+from .ref import rmsnorm, rope
 
 BM = 32   # rows of a prefill GEMM tile (kernels.cuda_linear.BM): the tiles of group_rows
 
@@ -238,12 +239,13 @@ def argmax_rows(out, x):
     return out
 
 
-def rope_qk_store(q, qkv, k_cache, v_cache, cos, sin, slots, positions, q_norm, k_norm, eps):
+def rope_qk_store(q, qkv, kv, cos, sin, tables, slots, positions, q_norm, k_norm, eps):
     # qkv[T, (nh + 2 nkv) d] (one QKV GEMV's output): q[T, nh, d] = its queries after RoPE (row t at
     # positions[t] of the tables cos/sin[S, d/2]) and the per-head QK-norm when q_norm.size; keys the same,
-    # stored with the values into k_cache/v_cache[B, nkv, S, d] at (slots[t], positions[t])
+    # stored with the values into kv (a kernels.kv.KVBlocks) at position positions[t] of sequence slots[t] through
+    # its block table (kernels.kv.store_kv: converted to the blocks' storage, int8 per token and head)
     T, nh, d = q.shape
-    nkv = k_cache.shape[1]
+    nkv = kv.k.shape[1]
     qq = qkv[:, :nh * d].reshape(T, nh, d).copy()
     k = qkv[:, nh * d:(nh + nkv) * d].reshape(T, nkv, d).copy()
     v = qkv[:, (nh + nkv) * d:].reshape(T, nkv, d)
@@ -254,7 +256,7 @@ def rope_qk_store(q, qkv, k_cache, v_cache, cos, sin, slots, positions, q_norm, 
         rmsnorm(qq, qq, q_norm, eps)
         rmsnorm(k, k, k_norm, eps)
     q[:] = qq
-    store_kv(k_cache, v_cache, k, v, slots, positions)
+    store_kv(kv, k, v, tables, slots, positions)
     return q
 
 

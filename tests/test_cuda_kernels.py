@@ -1,6 +1,7 @@
-"""Every numba.cuda kernel against its NumPy reference, tiny shapes. Run by test_cuda_sim.py under Numba's CUDA
-simulator (CI) and by bench/gpu_check.py on a GPU: NUMBA_ENABLE_CUDASIM must be set before numba.cuda is first
-imported, so these tests run in a process of their own (TINYHUN_CUDA_TESTS=1)."""
+"""Every numba.cuda kernel against its NumPy reference, tiny shapes (attention over the paged KV cache:
+test_cuda_attention.py). Run by test_cuda_sim.py under Numba's CUDA simulator (CI) and by bench/gpu_check.py on a
+GPU: NUMBA_ENABLE_CUDASIM must be set before numba.cuda is first imported, so these tests run in a process of their
+own (TINYHUN_CUDA_TESTS=1)."""
 import os
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tinyhun.kernels import cuda_ref, q4, q8, ref
+from tinyhun.kernels import cuda_ref, q4, q8
 from tinyhun.kernels.linear import as_linear
 
 pytestmark = pytest.mark.skipif(os.environ.get("TINYHUN_CUDA_TESTS") != "1",
@@ -185,55 +186,6 @@ def test_embed_rows(fmt):
     out = dev(np.zeros((4, 128), f32))
     cuda_linear.embed_rows(out, device_linear(w), dev(ids))
     assert np.array_equal(out.copy_to_host(), cuda_ref.embed_rows(np.zeros((4, 128), f32), w, ids))
-
-
-def caches(rng, B, nkv, S, d, dtype=f32):
-    return [rng.standard_normal((B, nkv, S, d)).astype(dtype) for _ in range(2)]
-
-
-# each of QK-norm, rows and cache type (the backend's is fp16) with each value of the others once
-@pytest.mark.parametrize("qk_norm, T, kv", [(False, 1, f32), (True, 1, np.float16), (False, 3, np.float16),
-                                            (True, 3, f32)])
-def test_rope_qk_store(qk_norm, T, kv):
-    from tinyhun.kernels import cuda_attention
-    rng = np.random.default_rng(4)
-    B, nh, nkv, d, S = 2, 4, 2, 16, 12
-    qkv = rng.standard_normal((T, (nh + 2 * nkv) * d)).astype(f32)
-    cos, sin = rng.standard_normal((2, S, d // 2)).astype(f32)
-    slots, positions = np.array([1, 0, 1][:T]), np.array([4, 9, 5][:T])
-    norms = [(1 + 0.1 * rng.standard_normal(d)).astype(f32) if qk_norm else np.zeros(0, f32) for _ in range(2)]
-    kc, vc = caches(rng, B, nkv, S, d, kv)
-    dk, dv, dq = dev(kc), dev(vc), dev(np.zeros((T, nh, d), f32))
-    q = cuda_ref.rope_qk_store(np.zeros((T, nh, d), f32), qkv, kc, vc, cos, sin, slots, positions, *norms, 1e-5)
-    cuda_attention.rope_qk_store(dq, dev(qkv), dk, dv, dev(cos), dev(sin), dev(slots), dev(positions),
-                                 *[dev(n) if n.size else n for n in norms], 1e-5)
-    close(dq.copy_to_host(), q)
-    got = dk.copy_to_host().astype(f32)
-    if kv == f32:
-        close(got, kc)
-    else:   # fp32 keys a few ulps apart may round to neighbouring fp16 values: one fp16 step at most
-        assert np.abs(got - kc).max() <= 2.0 ** -10 * np.abs(kc).max()
-    assert np.array_equal(dv.copy_to_host(), vc)   # values are copied, rounded the same way (to nearest even)
-
-
-@settings(max_examples=3, deadline=None)
-@given(T=st.integers(1, 3), group=st.sampled_from([1, 2]), d=st.sampled_from([16, 40]), split=st.sampled_from([3, 256]),
-       seed=st.integers(0, 99), half=st.booleans())
-@example(T=2, group=2, d=40, split=3, seed=0, half=True).via("the backend's fp16 cache, several splits")
-def test_attention_rows(T, group, d, split, seed, half):
-    """GQA decode/prefill rows over the cache (fp32, or fp16 as the backend keeps it), one split or several (with
-    their merge), head dims past a warp."""
-    from tinyhun.kernels import cuda_attention
-    rng = np.random.default_rng(seed)
-    B, nkv, S = 2, 2, 11
-    nh = nkv * group
-    q = rng.standard_normal((T, nh, d)).astype(f32)
-    kc, vc = caches(rng, B, nkv, S, d, np.float16 if half else f32)
-    slots, positions = rng.integers(0, B, T), rng.integers(0, S, T)
-    want = ref.attention_rows(np.zeros((T, nh, d), f32), q, kc, vc, slots, positions)
-    out = dev(np.zeros((T, nh, d), f32))
-    cuda_attention.attention_rows(out, dev(q), dev(kc), dev(vc), dev(slots), dev(positions), split=split)
-    close(out.copy_to_host(), want)
 
 
 # ---- mixture of experts ----

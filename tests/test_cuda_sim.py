@@ -1,6 +1,7 @@
-"""The CUDA backend in CI, without a GPU: test_cuda_kernels.py, test_cuda_model.py and test_cuda_gpu_check.py in one
-subprocess under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM must be set before numba.cuda is imported, so not in
-this process), and the one-line error when CUDA is asked for on a machine without one."""
+"""The CUDA backend in CI, without a GPU: test_cuda_kernels.py, test_cuda_attention.py, test_cuda_model.py and
+test_cuda_gpu_check.py in one subprocess under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM must be set before
+numba.cuda is imported, so not in this process), and the one-line error when CUDA is asked for on a machine without
+one."""
 import os
 import subprocess
 import sys
@@ -17,8 +18,8 @@ SIM = {"NUMBA_ENABLE_CUDASIM": "1", "TINYHUN_CUDA_TESTS": "1"}
 
 
 def start_simulated(folder, **popen):
-    """The three files in one subprocess, started by conftest.py when collection ends (see the background mark)."""
-    files = ("test_cuda_kernels.py", "test_cuda_model.py", "test_cuda_gpu_check.py")
+    """The four files in one subprocess, started by conftest.py when collection ends (see the background mark)."""
+    files = ("test_cuda_kernels.py", "test_cuda_attention.py", "test_cuda_model.py", "test_cuda_gpu_check.py")
     return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--basetemp",
                              str(folder / "tmp"), *(str(HERE / f) for f in files)],
                             text=True, env={**os.environ, **SIM}, cwd=HERE.parent, **popen)

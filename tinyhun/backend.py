@@ -75,6 +75,11 @@ class NumpyBackend:
     def zeros(self, shape, dtype):
         return np.zeros(shape, dtype)   # calloc: pages are backed as blocks are first written
 
+    def kv_memory(self):
+        """The KV pool's size when the model is not told (bytes), for a backend whose memory is not the host's;
+        None: the host's default (model.default_kv_memory)."""
+        return None
+
     def copy_block(self, layers, src, dst):
         """Block src's keys and values (and scales) into block dst, in every layer (kernels.kv.KVBlocks)."""
         for kv in layers:

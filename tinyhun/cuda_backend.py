@@ -2,11 +2,12 @@
 
 At load (`prepare`) the weights go to the device once: float and INT8 matrices as fp16, INT4 kept INT4 in the
 row layout of kernels.cuda_ref.R4; q, k and v become one matrix (one GEMV), gate and up one matrix with their rows
-interleaved (the GEMV writes silu(gate) * up). The KV pool (fp16), the activation buffers and the RoPE tables live
-on the device; per forward only the token ids, slots and positions go up and the logits rows (or, picking greedily,
-the picked ids) come down.
+interleaved (the GEMV writes silu(gate) * up). The KV pool's blocks (kernels/kv.py's layout, fp16, int8 or fp32 as
+the model's kv_dtype), the activation buffers, the block tables and the RoPE tables live on the device
+(tinyhun.cuda_memory); per forward only the token ids, slots and positions go up, with the block-table entries that
+changed, and the logits rows (or, picking greedily, the picked ids) come down.
 
-A decoder layer is six launches (seven when the cache is long enough to split attention along the sequence):
+A decoder layer is six launches (seven when the context is longer than one split of attention along the sequence):
   1 RMSNorm + QKV GEMV   2 RoPE + QK-norm + KV store   3 attention   4 o_proj GEMV + residual add
   5 RMSNorm + gate/up GEMV + SiLU * up                 6 down GEMV + residual add
 A mixture of experts (kernels.cuda_moe) replaces 5 and 6 by three launches when decoding: 5 RMSNorm + router +
@@ -20,22 +21,20 @@ that adds the B product to each output (kernels.cuda_linear).
 Every launch goes to the thread's own stream, and a step that repeats (a decode step: the same pool, the same
 number of rows) is captured as a CUDA graph on its second run and replayed from then on: one host launch per token
 instead of ~150 for a 24-layer model. That works because a step's kernels read everything that changes from device
-memory at fixed addresses (token ids, slots and positions uploaded before the graph runs, the KV cache indexed by
-position on the device), never from launch arguments. TINYHUN_CUDA_GRAPHS=0 turns graphs off.
+memory at fixed addresses (token ids, slots, positions and block tables uploaded before the graph runs, the KV
+blocks found through the tables on the device), never from launch arguments. TINYHUN_CUDA_GRAPHS=0 turns graphs
+off.
 """
 import os
 import warnings
-import weakref
-from typing import NamedTuple
 
 import numpy as np
 
 from .backend import NumpyBackend, _Quiet
+from .cuda_memory import (CudaDense, CudaMoE, CudaLayer, CudaWeights, DeviceScratch, Shaped, device_zeros,
+                          kv_memory)
 from .errors import TinyhunError
-from .structs import Attention, DenseMLP, Layer, MoEMLP, Rows, Weights, weight_arrays
-
-MAX_SPLITS = 16   # attention splits per row at most: a longer cache gets longer splits
-KV_DTYPE = np.float16   # the device KV cache's
+from .structs import Attention, DenseMLP, Layer, MoEMLP, Weights
 
 
 def graphs_wanted():
@@ -56,182 +55,6 @@ def require_cuda():
         raise TinyhunError("device 'cuda': no CUDA GPU or driver found (numba.cuda.is_available() is false); "
                            "use device 'cpu'")
     return cuda
-
-
-class CudaDense(NamedTuple):
-    gate_up: object        # device linear [2 I, H], rows gate_0, up_0, gate_1, ...
-    down: object           # [H, I]
-
-
-class CudaMoE(NamedTuple):
-    router: object         # float32[E, H] (fp32, as on the CPU)
-    experts: object        # kernels.cuda_ref.Experts of device linears (the shared MLP among them when stacked)
-    apart: object          # CudaDense: a shared MLP that could not be stacked with the experts; None: none such
-    topk: int              # k
-    load: np.ndarray       # host int64[E]: tokens routed to each expert while counting (tinyhun.moe_stats)
-    counting: np.ndarray   # host bool[1], the model's switch
-
-
-class CudaLayer(NamedTuple):
-    attn_norm: object      # float32[H]
-    qkv: object            # device linear [(nh + 2 nkv) d, H]: q, k, v rows stacked
-    wo: object             # [H, nh d]
-    q_norm: object         # float32[d], or a host [0] when the family has no QK-norm
-    k_norm: object
-    mlp_norm: object       # float32[H]
-    mlp: object            # CudaDense or CudaMoE
-
-
-class CudaWeights(NamedTuple):
-    embed: object          # device linear [V, H]
-    layers: tuple          # CudaLayer per decoder layer
-    norm: object           # float32[H]
-    lm_head: object        # device linear [V, H]; the embedding itself when tied
-
-    def arrays(self, decode=False):
-        """Every device array once (see structs.Weights.arrays)."""
-        return weight_arrays(self, decode, lambda v: hasattr(v, "copy_to_host"))
-
-    @property
-    def nbytes(self):
-        return sum(a.nbytes for a in self.arrays())
-
-    @property
-    def decode_bytes(self):
-        """Bytes a decoded token reads: of a mixture of experts only its k experts' (and a stacked shared MLP's)."""
-        idle = 0
-        for layer in self.layers:
-            if isinstance(layer.mlp, CudaMoE):
-                ex = layer.mlp.experts
-                held = sum({id(a): a.nbytes for w in (ex.gate_up, ex.down) for a in w
-                            if hasattr(a, "copy_to_host")}.values())
-                idle += held * (ex.n_experts - ex.topk) // (ex.n_experts + ex.shared)
-        return sum(a.nbytes for a in self.arrays(decode=True)) - idle
-
-
-class Shaped(NamedTuple):
-    """A part of a device linear as tinyhun.adapters.attach sees it when an adapter goes beside weights already on
-    the device: only its shape."""
-    shape: tuple
-
-
-class CudaBuffers(NamedTuple):
-    """Device activation scratch for up to R rows; `rows(T)` views the first T rows."""
-    x: object              # [R, H] residual stream
-    xn: object             # the residual stream again: the CUDA kernels norm as they load, so no normed copy
-    qkv: object            # [R, (nh + 2 nkv) d]
-    q: object              # [R, nh, d] queries after RoPE (and QK-norm)
-    attn: object           # [R, nh, d]
-    attn2: object          # attn as [R, nh d]
-    h: object              # [R, I] silu(gate) * up
-    part: object           # flat float32 attention partials, R * nh * MAX_SPLITS * (d + 2)
-    acts: object           # None: no int8 activation scratch on the device
-
-    moe: object = None     # kernels.cuda_moe.MoEScratch of a mixture-of-experts model
-    side: object = None    # flat float32, R * side_width(cfg): a LoRA side path's t
-
-    def rows(self, T):
-        return CudaBuffers(*(b[:T] for b in self[:7]), self.part, None, self.moe, self.side)
-
-
-def side_width(cfg):
-    """Columns of t a LoRA side path needs at most: three adapted parts (q, k, v) of rank hidden/4 each (the most
-    tinyhun.adapters allows)."""
-    return 3 * (cfg.hidden_size // 4)
-
-
-class DeviceScratch:
-    """One thread's device buffers (Model asks the backend for it), its stream, host staging for what crosses, and
-    the CUDA graphs of its steps."""
-
-    def __init__(self, cuda, cfg, rows):
-        def dev(*shape):
-            return cuda.device_array(shape, np.float32)
-        nh, d = cfg.num_heads, cfg.head_dim
-        x, attn = dev(rows, cfg.hidden_size), dev(rows, nh, d)
-        moe = None
-        if getattr(cfg, "num_experts", None):
-            from .kernels.cuda_moe import MoEScratch
-            k = max(cfg.moe_topk)
-            moe = MoEScratch(cuda, rows, cfg.hidden_size, k, k + 1, max(cfg.moe_intermediate_size),
-                             max(cfg.num_experts) + 1)
-        self.bufs = CudaBuffers(x, x, dev(rows, cfg.q_dim + 2 * cfg.kv_dim), dev(rows, nh, d), attn,
-                                attn.reshape(rows, nh * d), dev(rows, cfg.intermediate_size),
-                                dev(rows * nh * MAX_SPLITS * (d + 2)), None, moe, dev(rows * side_width(cfg)))
-        self.slots = np.zeros(rows, np.int64)        # filled by Model.forward / forward_batch
-        self.positions = np.zeros(rows, np.int64)
-        # a stream of its own: the legacy default stream cannot be captured into a graph
-        self.stream = cuda.stream()
-        self._stage = cuda.pinned_array(3 * rows, np.int64)
-        self._index = cuda.device_array(3 * rows, np.int64)
-        self._logits = dev(rows, cfg.vocab_size)
-        self._host_logits = cuda.pinned_array((rows, cfg.vocab_size), np.float32)
-        self._picks = cuda.device_array(rows, np.int64)
-        self._host_picks = cuda.pinned_array(rows, np.int64)
-        from .kernels.cuda_linear import argmax_rows
-        self._argmax = argmax_rows
-        # KV pool -> {(rows, logits rows, argmax): None (seen once) or its graph}
-        self.graphs = weakref.WeakKeyDictionary()
-
-    def rows(self, T, rope, ids):
-        """structs.Rows on the device: slots, positions and token ids uploaded in one copy, always into the same
-        device array (a graph reads them there); cos/sin are the whole tables (the RoPE kernel indexes them by
-        position)."""
-        st = self._stage
-        st[:T], st[T:2 * T], st[2 * T:3 * T] = self.slots[:T], self.positions[:T], ids
-        self._index[:3 * T].copy_to_device(st[:3 * T], stream=self.stream)
-        return Rows(self._index[:T], self._index[T:2 * T], rope[0], rope[1], self._index[2 * T:3 * T])
-
-    def logits_out(self, n, vocab, into):
-        return self._logits[:n]
-
-    def to_host(self, out, into):
-        """The logits rows down to the host, the step's one wait: into `into` when given, else a staging array
-        valid until the next forward of this thread."""
-        host = self._host_logits[:len(out)] if into is None else into
-        out.copy_to_host(host, stream=self.stream)
-        self.stream.synchronize()
-        return host
-
-    def pick(self, out):
-        """Each logits row's argmax on the device (a launch of the step, so inside its graph)."""
-        self._argmax(self._picks[:len(out)], out)
-
-    def picked(self, n):
-        """The picked ids down to the host (n x 8 bytes instead of n logits rows), valid until the next forward."""
-        host = self._host_picks[:n]
-        self._picks[:n].copy_to_host(host, stream=self.stream)
-        self.stream.synchronize()
-        return host
-
-
-def device_view(w):
-    """Host weights (a structs.Weights or any part of it) as the device multiplies by them, as F32: floats and INT8
-    rounded to fp16, INT4 dequantized, stacked experts one by one, a LoRA side path merged (in fp16, as the device
-    holds it); the router stays fp32. With HalfKV, the NumPy reference of exactly what the device computes (tests
-    and bench/gpu_check.py compare the two)."""
-    from .kernels import cuda_ref, moe
-    from .kernels.linear import F32, Q4, Q8, LoRA
-
-    def seen(lin):
-        return F32(cuda_ref.dense(cuda_ref.device_format(lin)))
-    if isinstance(w, (F32, Q4, Q8, LoRA)):
-        return seen(w)
-    if isinstance(w, MoEMLP):
-        return w._replace(shared=device_view(w.shared), **{
-            f: F32(np.stack([seen(moe.expert(getattr(w, f), e)).w for e in range(len(w.router))]))
-            for f in ("gate", "up", "down")})
-    if isinstance(w, tuple):
-        parts = [device_view(v) for v in w]
-        return type(w)(*parts) if hasattr(w, "_fields") else tuple(parts)
-    return w
-
-
-class HalfKV(NumpyBackend):
-    """The NumPy reference with the device's fp16 KV cache: keys and values rounded as the device stores them."""
-
-    def zeros(self, shape, dtype):
-        return np.zeros(shape, np.float16)
 
 
 class CudaBackend(NumpyBackend):
@@ -281,12 +104,22 @@ class CudaBackend(NumpyBackend):
             graph.launch()
 
     def zeros(self, shape, dtype):
-        """The KV pool's allocator (its only caller): keys and values are held in fp16 on the device, half the
-        bytes attention reads, rounded once as they are stored."""
-        return self.cuda.to_device(np.zeros(shape, KV_DTYPE if dtype == np.float32 else dtype))
+        """The KV pool's allocator (its only caller): its blocks on the device, fp16 as float16 (cuda_memory)."""
+        return device_zeros(self.cuda, shape, dtype)
 
-    def scratch(self, cfg, rows):
-        return DeviceScratch(self.cuda, cfg, rows)
+    def kv_memory(self):
+        return kv_memory(self.cuda)
+
+    def copy_block(self, layers, src, dst):
+        """Block src's keys and values (and scales) into block dst in every layer, device to device (ordered
+        after the steps before it and before those after: the default stream waits for the scratch's)."""
+        for kv in layers:
+            for a in kv:
+                if a.size:
+                    a[dst].copy_to_device(a[src])
+
+    def scratch(self, cfg, rows, max_blocks):
+        return DeviceScratch(self.cuda, cfg, rows, max_blocks)
 
     def _put(self, a):
         return self.cuda.to_device(np.ascontiguousarray(a))
@@ -399,14 +232,14 @@ class CudaBackend(NumpyBackend):
             if m.counting[0]:   # routing statistics (tinyhun.moe_stats): the ids come down only while counting
                 np.add.at(m.load, ids.copy_to_host(), 1)
 
-        def decoder_layer(lw, s, k_cache, v_cache, rows, dims):
-            # llama.decoder_layer's block order in six launches, or a mixture of experts' (module docstring)
-            eps, S, m, side = dims.eps, k_cache.shape[2], lw.mlp, s.side
+        def decoder_layer(lw, s, kv, rows, dims):
+            # llama.decoder_layer's block order in six launches, or a mixture of experts' (module docstring); kv:
+            # this layer's kernels.kv.KVBlocks on the device
+            eps, m, side = dims.eps, lw.mlp, s.side
             linear(s.qkv, s.x, lw.qkv, norm=lw.attn_norm, eps=eps, side=side)
-            rope_qk_store(s.q, s.qkv, k_cache, v_cache, rows.cos, rows.sin, rows.slots, rows.positions,
-                          lw.q_norm, lw.k_norm, eps)
-            attention_rows(s.attn, s.q, k_cache, v_cache, rows.slots, rows.positions,
-                           split=max(self.k_attn.SPLIT, -(-S // MAX_SPLITS)), partials=s.part)
+            rope_qk_store(s.q, s.qkv, kv, rows.cos, rows.sin, rows.tables, rows.slots, rows.positions, lw.q_norm,
+                          lw.k_norm, eps)
+            attention_rows(s.attn, s.q, kv, rows.tables, rows.slots, rows.positions, partials=s.part)
             linear(s.x, s.attn2, lw.wo, resid=s.x, side=side)
             if isinstance(m, CudaMoE):
                 moe_mlp(s, m, lw.mlp_norm, eps)

@@ -68,7 +68,7 @@ class Model:
         set_(self, "tokenizer", tokenizer)
         set_(self, "max_context", context_of(cfg, max_context))
         if kv_pool is None:
-            memory = default_kv_memory() if kv_memory is None else kv_memory
+            memory = (backend.kv_memory() or default_kv_memory()) if kv_memory is None else kv_memory
             if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0:
                 raise TinyhunError(f"kv_memory={kv_memory!r}: expected a positive number of bytes")
             kv_pool = KVPool(backend, cfg, kv_dtype_of(kv_dtype), memory)
