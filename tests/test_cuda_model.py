@@ -39,9 +39,9 @@ KV = dict(max_context=8, kv_memory=1 << 16)   # a pool of 64 KiB: 128 blocks of 
 def small_blocks(monkeypatch, bs):
     """KV blocks of bs positions in the pool, the model's tables and the kernels (kernels.kv.BLOCK where each
     module reads it)."""
-    from tinyhun import kv_cache, model
+    from tinyhun import kv_cache, model, prompt_cache
     from tinyhun.kernels import kv
-    for m in (kv, kv_cache, model):
+    for m in (kv, kv_cache, model, prompt_cache):
         monkeypatch.setattr(m, "BLOCK", bs)
 
 
@@ -204,6 +204,30 @@ def test_repeated_steps_replay_as_graphs(monkeypatch):
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed .ZeroDivisionError"):
         assert np.array_equal(model.forward(cache, np.array([9])), launched[1])
     assert not model.backend.graphs
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_prompt_cache_files_cross_backends(kind, tmp_path, monkeypatch):
+    """A prompt cache written from the device loads on the host and back (the file holds fp16 as the host's bits),
+    and the blocks read back give the logits the writer's cache gives."""
+    from tinyhun import prompt_cache
+    from tinyhun.cuda_backend import CudaBackend
+    small_blocks(monkeypatch, 4)
+    cfg, rng = config(llama, 1), np.random.default_rng(5)
+    w = weights(rng, False, ("f32",))
+    gpu, cpu = (Model(cfg, w, backend=b, kv_dtype=kind, **KV) for b in (CudaBackend(), NumpyBackend()))
+    ids = np.array([5, 17, 2, 30, 9, 21])
+    c = gpu.new_cache()
+    gpu.forward(c, ids)
+    want = gpu.forward(c, np.array([7])).copy()
+    c.trim(len(ids))
+    monkeypatch.setattr(prompt_cache, "fingerprint", lambda model: "same")   # one model on two backends
+    path = prompt_cache.save(gpu, c, tmp_path / "p.safetensors")
+    host = prompt_cache.load(cpu, path)
+    np.testing.assert_array_equal(cpu.backend.read_blocks(cpu.kv_pool.layers, host.table)[0],
+                                  gpu.backend.read_blocks(gpu.kv_pool.layers, c.table)[0])
+    back = prompt_cache.load(gpu, prompt_cache.save(cpu, host, tmp_path / "q.safetensors"))
+    np.testing.assert_array_equal(gpu.forward(back, np.array([7])), want)
 
 
 def adapter_folder(folder, rng, ranks):

@@ -118,6 +118,24 @@ class CudaBackend(NumpyBackend):
                 if a.size:
                     a[dst].copy_to_device(a[src])
 
+    def read_blocks(self, layers, blocks):
+        """Each field's given blocks of every layer as host arrays [L, len(blocks), ...], fp16 as the host holds
+        it (uint16 bits: a prompt cache file is the same from either backend)."""
+        def host(f):
+            if not f.size:
+                return f
+            a = np.stack([f[b].copy_to_host() for b in blocks])
+            return a.view(np.uint16) if a.dtype == np.float16 else a
+        return [np.stack([host(f) for f in fields]) for fields in zip(*layers)]
+
+    def write_blocks(self, layers, blocks, fields):
+        """read_blocks' arrays back into the given blocks on the device."""
+        for i, kv in enumerate(layers):
+            for dst, src in zip(kv, fields):
+                if dst.size:
+                    for j, b in enumerate(blocks):
+                        dst[b].copy_to_device(np.ascontiguousarray(src[i, j]).view(dst.dtype))
+
     def scratch(self, cfg, rows, max_blocks):
         return DeviceScratch(self.cuda, cfg, rows, max_blocks)
 
