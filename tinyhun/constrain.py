@@ -28,6 +28,9 @@ from .errors import TinyhunError
 from .kernels.token_mask import apply_token_mask
 
 THINK_END = b"</think>"
+# JSON written on one line with the usual separators: no run of free whitespace for a small model to loop in (a
+# known failure of flexible-whitespace JSON grammars), and fewer tokens. A schema's own "x-guidance" wins.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 KINDS = ("json_schema", "json_object", "grammar", "regex", "choice")
 _LL = weakref.WeakKeyDictionary()   # Tokenizer -> LLTokenizer (~0.5 s to build for a 49k vocabulary: once each)
 
@@ -50,9 +53,9 @@ def grammar_text(kind, spec):
                 spec = json.loads(spec)
             if not isinstance(spec, dict):
                 raise TinyhunError(f"json_schema: expected a JSON object, got {type(spec).__name__}")
-            return llg.LLMatcher.grammar_from_json_schema(spec)
+            return llg.LLMatcher.grammar_from_json_schema(spec, defaults=JSON_OPTIONS)
         if kind == "json_object":
-            return llg.LLMatcher.grammar_from_json_schema({"type": "object"})
+            return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
         if kind == "grammar":
             return llg.grammar_from("lark" if _looks_lark(spec) else "gbnf", spec)
         if kind == "regex":
@@ -69,6 +72,11 @@ def grammar_text(kind, spec):
 def _looks_lark(text):
     # GBNF writes `rule ::= ...`, Lark `rule: ...`; llguidance takes both, through a converter for GBNF
     return isinstance(text, str) and "::=" not in text
+
+
+def lark_json(schema):
+    """A Lark `%json` item for `schema`, with JSON_OPTIONS unless the schema sets its own."""
+    return "%json " + json.dumps({**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}})
 
 
 def lark_literal(text):

@@ -19,7 +19,7 @@ import json
 import re
 import uuid
 
-from .constrain import lark_literal
+from .constrain import lark_json, lark_literal
 from .errors import TinyhunError
 from .generation import held_back
 from .thinking import HUNYUAN_MARKERS
@@ -135,7 +135,7 @@ class Hunyuan:
 
 def _alternatives(tools, prefix, suffix):
     """Lark rules `call: c0 | c1 ...`, each ci the fixed text around tool i's arguments (its parameters' schema)."""
-    rules = [f"c{i}: {lark_literal(prefix(t['name']))} %json {json.dumps(t['parameters'])} {lark_literal(suffix)}"
+    rules = [f"c{i}: {lark_literal(prefix(t['name']))} {lark_json(t['parameters'])} {lark_literal(suffix)}"
              for i, t in enumerate(tools)]
     return "call: " + " | ".join(f"c{i}" for i in range(len(tools))) + "\n" + "\n".join(rules) + "\n"
 
