@@ -85,7 +85,10 @@ def lark_literal(text):
 
 
 def _first_line(e):
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """llguidance's message on one line, without its excerpt of the grammar (`  1 | ...` and the `^` under it)."""
+    lines = [t.strip() for t in str(e).splitlines()]
+    text = " ".join(t for t in lines if t and not re.match(r"^(\d+ \||\^)", t))
+    return (text[:297] + "...") if len(text) > 300 else text or type(e).__name__
 
 
 class Grammar:
