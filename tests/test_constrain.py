@@ -3,6 +3,8 @@ stream_generate under a JSON schema (the default model, outputs validated with j
 choice on the tiny checkpoint, logit_bias, a thinking model's reasoning left free until </think>, and the errors."""
 import json
 import re
+import subprocess
+import sys
 
 import jsonschema
 import numpy as np
@@ -136,3 +138,21 @@ def test_reasoning_is_free_until_think_closes(tiny):
     off = "".join(tinyhun.generate(tiny, "hi", choice=["yes", "no"], max_tokens=6,
                                    chat_template_kwargs={"enable_thinking": False}))
     assert off in ("yes", "no") and on not in ("yes", "no")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "tinyhun.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_generate_json_schema(tmp_path):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    r = _cli("generate", "x", "--model", str(TINY), "--raw", "--quiet", "--json-schema", str(tmp_path / "s.json"),
+             "--max-tokens", "40")
+    assert r.returncode == 0, r.stderr
+    jsonschema.validate(json.loads(r.stdout), schema)
+    (tmp_path / "bad.json").write_text('{"type": "object", "if": {}}')
+    r = _cli("generate", "x", "--model", str(TINY), "--raw", "--quiet", "--json-schema", str(tmp_path / "bad.json"))
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert 'Unimplemented keys: ["if"]' in r.stderr.strip().splitlines()[-1]

@@ -141,3 +141,34 @@ def test_forcing_grammar_accepts_what_the_parser_reads(hy_tok, fmt, parallel):
     assert not (m.consume_tokens(hy_tok.encode(bad, add_special_tokens=False)) and m.is_accepting())
     for name, args in calls:
         jsonschema.validate(args, next(t["parameters"] for t in TOOLS if t["name"] == name))
+
+
+def test_chat_tries_tools_by_hand():
+    """`tinyhun chat --tools`: the tools go into the prompt, a call's result typed by the user into the next."""
+    import tinyhun
+    from tinyhun.chat import Conversation, ask_results
+
+    tools = [{"type": "function", "function": t} for t in TOOLS]
+    conv = Conversation(tinyhun.load(ROOT / "weights" / "tiny-hunyuan"), think=False, temperature=0,
+                        max_tokens=4, tools=tools)
+    prompt, _, _ = conv._prompt("Where is order 5?")
+    assert '"name": "lookup_order"' in prompt[0]["content"]
+    list(conv.reply("Where is order 5?"))
+    conv.calls = [("call_1", "lookup_order", '{"order_id": 5}')]     # as if the reply had made it
+
+    class Typed:
+        def prompt(self, text):
+            assert text == "result of lookup_order> "
+            return "shipped yesterday"
+
+    class Term:
+        lines = []
+
+        def line(self, text, dim=False):
+            self.lines.append(text)
+    ask_results(conv, Term(), Typed())
+    assert Term.lines == ['(tool call lookup_order({"order_id": 5}))'] and conv.calls == []
+    prompt, variables, _ = conv._prompt(None)
+    text = conv.model.tokenizer.render_chat(prompt, **variables)
+    assert "<｜hy_User｜><tool_response>\nshipped yesterday\n</tool_response><｜hy_Assistant｜>" in text
+    assert len(list(conv.reply(None))) >= 1
