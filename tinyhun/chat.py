@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from . import tool_calls
 from .errors import TinyhunError
 from .generation import stream_generate
 from .styles import DEFAULT_TEMPERATURE, STYLES, check_temperature, style_prompt, system_prompt
@@ -34,7 +35,7 @@ class TurnStats:
 
 class Conversation:
     def __init__(self, model, style=None, system=None, think=None, temperature=DEFAULT_TEMPERATURE,
-                 max_tokens=512, content_filter=None, seed=None):
+                 max_tokens=512, content_filter=None, seed=None, tools=None):
         if model.tokenizer is None or not model.tokenizer.has_chat_template:
             raise TinyhunError(f"{getattr(model.tokenizer, 'name', 'this model')}: chat needs a tokenizer with a "
                                "chat template")
@@ -46,6 +47,10 @@ class Conversation:
         self.messages: list[dict] = []   # user and assistant turns, as the model saw and wrote them
         self.cache = model.new_cache()
         self.prompt_tokens = self.cached_tokens = 0   # over the whole conversation: the prefill the cache saved
+        # tools (OpenAI's list) to try by hand: a reply's calls wait in `calls` for their results (add_result)
+        self.tools = tool_calls.check_tools(tools) if tools else None
+        self.fmt = tool_calls.format_for(model.tokenizer, "moe" in getattr(model.config, "model_type", ""))
+        self.calls = []
 
     def reset(self):
         self.messages.clear()
@@ -60,11 +65,20 @@ class Conversation:
             self.style = name
 
     def _prompt(self, user_text):
+        """(prompt messages, template variables, the new messages); user_text None: the turn after tool results."""
         system = system_prompt(self.style, self.system)
         head = [{"role": "system", "content": system}] if system else []
-        messages, kwargs = think_prompt_args(self.model.tokenizer, [{"role": "user", "content": user_text}],
-                                             self.think)
-        return head + self.messages + messages, kwargs
+        new = [] if user_text is None else [{"role": "user", "content": user_text}]
+        new, kwargs = think_prompt_args(self.model.tokenizer, new, self.think)
+        prompt = head + self.messages + new
+        if self.tools:
+            prompt, variables = tool_calls.prompt_messages(self.model.tokenizer, self.fmt, prompt, self.tools)
+            kwargs = {**variables, **kwargs}
+        return prompt, kwargs, new
+
+    def add_result(self, call_id, text):
+        """The result of a call the last reply made, for the next turn (reply(None))."""
+        self.messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
 
     def reply(self, user_text):
         """Yield (kind, text) pieces of the reply: REASONING and CONTENT deltas (masked by the filter), or one
@@ -74,9 +88,10 @@ class Conversation:
             from .content_filter import REFUSAL
             yield REFUSED, REFUSAL
             return
-        prompt, kwargs = self._prompt(user_text)
+        prompt, kwargs, new = self._prompt(user_text)
         shown = ReplyPieces(self.filter)
         raw, step, finish, start = [], None, "interrupted", time.perf_counter()
+        self.calls = []
         try:
             for step in stream_generate(self.model, prompt, max_tokens=self.max_tokens,
                                         temperature=self.temperature, seed=self.seed, cache=self.cache,
@@ -89,9 +104,11 @@ class Conversation:
         finally:
             if step is not None:
                 # the turn as the model saw and wrote it, so that the next prompt starts with what the cache holds
-                self.messages += [prompt[-1], {"role": "assistant", "content": "".join(raw)}]
+                self.messages += new + [{"role": "assistant", "content": "".join(raw)}]
                 self.prompt_tokens += step.prompt_tokens
                 self.cached_tokens += step.cached_tokens
+        if self.tools:
+            self.calls = tool_calls.parse_all(self.fmt, self.tools, shown.content)[1]
         yield "stats", TurnStats(step.prompt_tokens, step.cached_tokens, step.completion_tokens,
                                  time.perf_counter() - start, finish)
 
@@ -105,6 +122,7 @@ class ReplyPieces:
         self._splitter = ThinkSplitter()
         self._masks = {k: content_filter.stream() for k in (REASONING, CONTENT)} if content_filter else None
         self._reasoning_done = False
+        self.content = ""   # the answer so far, as shown (tool calls are read from it)
 
     def push(self, text):
         return self._pieces(*self._splitter.push(text), final=False)
@@ -121,6 +139,7 @@ class ReplyPieces:
                 self._reasoning_done = self._reasoning_done or (kind == REASONING and bool(end))
             if text:
                 out.append((kind, text))
+                self.content += text if kind == CONTENT else ""
         return out
 
 
@@ -218,6 +237,19 @@ def command(conv, line, term):
     return True
 
 
+def ask_results(conv, term, session):
+    """Show each call of the last reply and read its result from the user (the tools are tried by hand)."""
+    for call_id, name, arguments in conv.calls:
+        term.line(f"(tool call {name}({arguments}))", dim=True)
+        prompt = f"result of {name}> "
+        try:
+            result = session.prompt(prompt) if session is not None else input(prompt)
+        except EOFError:
+            result = ""
+        conv.add_result(call_id, result)
+    conv.calls = []
+
+
 def read_lines(session):
     """The user's lines: from prompt_toolkit on a terminal, else one per line of stdin."""
     while True:
@@ -257,6 +289,9 @@ def repl(conv, term, session):
                     break
                 continue
             run_turn(conv, line, term)
+            while conv.calls:
+                ask_results(conv, term, session)
+                run_turn(conv, None, term)
         except TinyhunError as e:
             term.line(f"tinyhun: {e}")
     term.write("\n")

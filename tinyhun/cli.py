@@ -41,18 +41,38 @@ def text_arg(value, what):
                            "pass the text in UTF-8") from None
 
 
+def text_file(path, flag):
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinyhunError(f"{flag} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") \
+            from None
+
+
+def json_file(path, flag, kind):
+    try:
+        value = json.loads(text_file(path, flag))
+    except json.JSONDecodeError as e:
+        raise TinyhunError(f"{flag} {path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(value, kind):
+        raise TinyhunError(f"{flag} {path}: expected a JSON {'object' if kind is dict else 'list'}")
+    return value
+
+
 def cmd_generate(args):
     import tinyhun
     from . import moe_stats
     prompt = text_arg(args.prompt, "the prompt")
     system = None if args.system is None else text_arg(args.system, "--system")
     stop = [text_arg(s, "--stop") for s in args.stop or ()]
+    schema = None if args.json_schema is None else json_file(args.json_schema, "--json-schema", dict)
+    grammar = None if args.grammar is None else text_file(args.grammar, "--grammar")
     model = load_model(args)
     pinned = cli_kv.pin_prompt_cache(model, args)   # noqa: F841  (held: its blocks stay shared while we run)
     pieces = tinyhun.generate(model, prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed, chat=args.chat,
-                              stop=stop, system=system)
+                              stop=stop, system=system, json_schema=schema, grammar=grammar, regex=args.regex)
     with (moe_stats.collect(model) if args.moe_stats else contextlib.nullcontext()) as stats:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -155,10 +175,14 @@ def cmd_chat(args):
     if args.max_tokens < 1:
         raise TinyhunError(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
     flt = content_filter_of(args)
+    tools = None if args.tools is None else json_file(args.tools, "--tools", list)
+    if tools is not None:
+        from .tool_calls import check_tools
+        check_tools(tools)
     model = load_model(args)
     pinned = cli_kv.pin_prompt_cache(model, args)   # noqa: F841  (held: its blocks stay shared while we run)
     conv = Conversation(model, style=args.style, system=system, think=args.think, temperature=args.temperature,
-                        max_tokens=args.max_tokens, content_filter=flt, seed=args.seed)
+                        max_tokens=args.max_tokens, content_filter=flt, seed=args.seed, tools=tools)
     repl(conv, Terminal(hide_thinking=args.hide_thinking), make_session())
 
 
@@ -274,6 +298,10 @@ def build_parser():
     g.add_argument("--seed", type=int)
     g.add_argument("--system", help="system prompt (chat mode)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this schema")
+    shape.add_argument("--grammar", metavar="FILE", help="constrain the output to a Lark (or GBNF) grammar")
+    shape.add_argument("--regex", help="constrain the output to match this regular expression")
     g.add_argument("--moe-stats", action="store_true",
                    help="after the text, print a mixture-of-experts model's routing statistics to stderr")
     mode = g.add_mutually_exclusive_group()
@@ -295,6 +323,8 @@ def build_parser():
                     help="0.1-1.0 (default 0.3, for steady customer-service replies); 0 = greedy")
     ch.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
     ch.add_argument("--seed", type=int)
+    ch.add_argument("--tools", metavar="FILE", help="tools to try by hand (OpenAI's JSON list): the chat shows each "
+                    "call the model makes and asks for its result")
     ch.add_argument("--blocklist", metavar="FILE", help="more sensitive words, one a line (added to the default list)")
     ch.add_argument("--replace-blocklist", action="store_true", help="use --blocklist FILE instead of the default list")
     ch.add_argument("--no-filter", action="store_true", help="no content filter")

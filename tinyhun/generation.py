@@ -169,7 +169,8 @@ class Sequence:
 
 def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                     repetition_penalty=1.0, seed=None, chat=None, stop=(), system=None, cache=None, logprobs=False,
-                    top_logprobs=0, presence_penalty=0.0, frequency_penalty=0.0, chat_template_kwargs=None):
+                    top_logprobs=0, presence_penalty=0.0, frequency_penalty=0.0, chat_template_kwargs=None,
+                    json_schema=None, grammar=None, regex=None, choice=None, logit_bias=None):
     """Yield a Step per sampled token of the completion of `prompt` (a string, or a list of chat messages).
 
     chat=None uses the chat template when the tokenizer has one; chat_template_kwargs are extra template variables
@@ -177,6 +178,10 @@ def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top
     not emitted), or after max_tokens tokens; the last Step says which. `cache` (Model.new_cache) is reused and
     left holding the conversation, so a next call whose prompt extends this one recomputes only the new part.
     top_logprobs=n also gives each Step the n most likely tokens with their logprobs.
+
+    Constraints (tinyhun.constrain, at most one): json_schema (a dict or its JSON text), grammar (Lark or GBNF),
+    regex, choice (a list of strings); logit_bias {token id: -100..100} (-100 bans the token). A thinking model's
+    reasoning is left free: the constraint applies to the answer after `</think>`.
     """
     tok = model.tokenizer
     if tok is None:
@@ -189,6 +194,10 @@ def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top
                            repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
                            frequency_penalty=frequency_penalty)
     ids = encode_prompt(tok, prompt, chat, system, chat_template_kwargs)
+    if json_schema is not None or grammar is not None or regex is not None or choice is not None or logit_bias:
+        from .constrain import request_sampler
+        sampler = request_sampler(sampler, tok, model.config.vocab_size, tok.decode(ids, skip_special_tokens=False),
+                                  chat, json_schema, grammar, regex, choice, logit_bias)
     seq = None
     for token, logits, reused in token_steps(model, ids, sampler, max_tokens, cache,
                                              logits=bool(logprobs or top_logprobs)):

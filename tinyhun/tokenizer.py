@@ -218,6 +218,10 @@ class Tokenizer:
         except (jinja2.TemplateError, TypeError) as e:
             raise TinyhunError(f"chat template of {self.name}: {e}") from None
 
+    def backend_json(self) -> str:
+        """The tokenizer as `tokenizers` JSON (what llguidance builds its own from: tinyhun.constrain)."""
+        return self._backend.to_str()
+
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
 

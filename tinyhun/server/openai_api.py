@@ -13,9 +13,10 @@ import uuid
 from ..errors import TinyhunError
 from ..generation import Step
 from ..sampling import make_sampler
-from . import output
-from .scheduler import Job, PromptLogprobs, QueueFull
+from ..tool_calls import format_for, prompt_messages
+from . import output, structured
 from .legacy import LegacyLogprobs
+from .scheduler import Job, PromptLogprobs, QueueFull
 from .schemas import ApiError, ChatRequest, CompletionRequest
 from .tokens import TokenAligned
 
@@ -47,7 +48,10 @@ class Events:
 class Run:
     """One job: its events, its Output, the counts the usage and the metrics need."""
 
-    def __init__(self, server, model, ids, req, max_tokens, text_out, logprobs, top_logprobs, prompt_logprobs=None):
+    def __init__(self, server, model, ids, req, max_tokens, text_out, logprobs, top_logprobs, prompt_logprobs=None,
+                 index=0, wrap=None):
+        """index: the choice's number among the request's n (its seed is the request's + index); wrap: the
+        request's constraint and bias around its sampler (structured.sampler_wrap), or None."""
         self.server, self.ids, self.out = server, ids, text_out
         self.started = time.monotonic()
         self.first_token_at = None
@@ -55,10 +59,13 @@ class Run:
         try:
             sampler = make_sampler(temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
                                    top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
-                                   repetition_penalty=req.repetition_penalty, seed=req.seed,
+                                   repetition_penalty=req.repetition_penalty,
+                                   seed=None if req.seed is None else (req.seed + index) % 2**63,
                                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
         except TinyhunError as e:
             raise ApiError(400, str(e)) from None
+        if wrap is not None:
+            sampler = wrap(sampler)
         self.job = Job(ids, sampler, max_tokens, self.events, req.stops(), logprobs, top_logprobs, prompt_logprobs,
                        model)
         self.steps, self.prompt_scores = [], None
@@ -137,22 +144,39 @@ def _max_tokens(server, requested, n_prompt, param):
     return requested
 
 
-def _n(req):
-    if req.n != 1:
-        raise ApiError(400, f"n={req.n}: only n=1 is supported (send n requests)", param="n")
+def _submit(runs):
+    """Submit every run, or none: a full queue cancels those already in."""
+    submitted = []
+    try:
+        for run in runs:
+            run.submit()
+            submitted.append(run)
+    except ApiError:
+        for run in submitted:
+            run.finish_reason = "cancelled"
+            run.cancel()
+        raise
+
+
+def _usage(runs):
+    """The prompt counted once (the n choices of a request share it, as OpenAI counts), the completions summed."""
+    u = [r.usage() for r in runs]
+    prompt, done = u[0]["prompt_tokens"], sum(x["completion_tokens"] for x in u)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+            "prompt_tokens_details": u[0]["prompt_tokens_details"]}
 
 
 class Streamed:
-    """A streamed answer: its chunks, and the run they come from, which the response cancels however it ends.
+    """A streamed answer: its chunks, and the runs they come from, which the response cancels however it ends.
     The chunks' own `finally` is not enough: a client gone while the response starts (before the chunks are
     first iterated) would leave a never-started generator, and its job running to max_tokens."""
 
-    def __init__(self, chunks, run=None):
-        self.chunks, self.run = chunks, run
+    def __init__(self, chunks, runs=()):
+        self.chunks, self.runs = chunks, runs if isinstance(runs, (list, tuple)) else [runs]
 
     def close(self):
-        if self.run is not None:
-            self.run.cancel()
+        for run in self.runs:
+            run.cancel()
 
 
 def _sse(obj):
@@ -169,16 +193,32 @@ def _token_entry(tok, token, logprob, top):
     return entry
 
 
+def _message(m):
+    d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        d["tool_calls"] = [{"id": c.id, "type": "function",
+                            "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                           for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    return d
+
+
 async def chat(server, req: ChatRequest):
     model = server.model_named(req.model)
-    _n(req)
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     tok = server.model.tokenizer
     if not tok.has_chat_template:
         raise ApiError(400, f"model {server.model_name!r} has no chat template: use /v1/completions", param="messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    prompt = output.chat_prompt(server, messages, req.style, req.think)
+    tools = structured.tools_of(server, req)
+    try:
+        messages, variables = prompt_messages(tok, tools.fmt if tools else format_for(tok),
+                                              [_message(m) for m in req.messages],
+                                              tools.tools if tools and tools.offered else None)
+    except TinyhunError as e:
+        raise ApiError(400, f"messages: {e}", param="messages") from None
+    prompt = output.chat_prompt(server, messages, req.style, req.think, variables)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": req.model}
     if prompt.refusal is not None:
@@ -186,14 +226,26 @@ async def chat(server, req: ChatRequest):
     ids = tok.encode(prompt.text, add_special_tokens=False)
     max_tokens = _max_tokens(server, req.limit(), len(ids), "max_completion_tokens" if req.max_completion_tokens
                              is not None else "max_tokens")
-    text_out = prompt.output()
-    if req.stream and req.logprobs:   # each token's logprob goes out with its text, held back as long as it is
-        text_out = TokenAligned(tok, text_out)
-    run = Run(server, model, ids, req, max_tokens, text_out, req.logprobs, req.top_logprobs or 0)
-    run.submit()
+    wrap = await structured.sampler_wrap(server, req, prompt.text, True, tools)
+
+    def text_out():   # streamed with logprobs: each token's logprob goes out with its text, held back as long as it is
+        out = prompt.output()
+        return TokenAligned(tok, out) if req.stream and req.logprobs else out
+    runs = [Run(server, model, ids, req, max_tokens, text_out(), req.logprobs, req.top_logprobs or 0, index=i,
+                wrap=wrap) for i in range(req.n)]
+    _submit(runs)
     if req.stream:
-        return Streamed(_chat_stream(server, run, req, head), run)
-    return await _chat_whole(server, run, req, head)
+        return Streamed(_chat_stream(server, runs, req, head, tools), runs)
+    return await _chat_whole(server, runs, req, head, tools)
+
+
+def _tool_call(index, call):
+    call_id, name, arguments = call
+    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _finish(run, n_calls):
+    return "tool_calls" if n_calls and run.finish_reason == "stop" else run.finish_reason
 
 
 def _refusal(req, head, text, n_prompt):
@@ -214,62 +266,94 @@ def _refusal(req, head, text, n_prompt):
     return Streamed(chunks())
 
 
-async def _chat_whole(server, run, req, head):
+async def _chat_whole(server, runs, req, head, tools):
+    choices = []
+    try:
+        for i, run in enumerate(runs):
+            choices.append(await _chat_choice(server, run, req, i, tools))
+    finally:
+        for run in runs:
+            run.cancel()
+    return {**head, "object": "chat.completion", "usage": _usage(runs), "choices": choices}
+
+
+async def _chat_choice(server, run, req, index, tools):
     reasoning, content, entries = [], [], []
     tok = server.model.tokenizer
-    try:
-        async for step, r, c in run.deltas():
-            reasoning.append(r)
-            content.append(c)
-            if step is not None and req.logprobs:
-                entries.append(_token_entry(tok, step.token, step.logprob, step.top_logprobs))
-    finally:
-        run.cancel()
+    async for step, r, c in run.deltas():
+        reasoning.append(r)
+        content.append(c)
+        if step is not None and req.logprobs:
+            entries.append(_token_entry(tok, step.token, step.logprob, step.top_logprobs))
     message = {"role": "assistant", "content": "".join(content)}
+    parser = tools.parser() if tools else None
+    calls = []
+    if parser is not None:
+        text, calls = parser.push(message["content"])
+        rest, more = parser.flush()
+        text, calls = text + rest, calls + more
+        if calls:
+            message = {"role": "assistant", "content": text.strip() or None,
+                       "tool_calls": [{k: v for k, v in _tool_call(i, c).items() if k != "index"}
+                                      for i, c in enumerate(calls)]}
     if any(reasoning):
         message["reasoning_content"] = "".join(reasoning)
-    return {**head, "object": "chat.completion", "usage": run.usage(), "choices": [
-        {"index": 0, "message": message, "logprobs": {"content": entries} if req.logprobs else None,
-         "finish_reason": run.finish_reason}]}
+    return {"index": index, "message": message, "logprobs": {"content": entries} if req.logprobs else None,
+            "finish_reason": _finish(run, len(calls))}
 
 
-async def _chat_stream(server, run, req, head):
+async def _chat_stream(server, runs, req, head, tools):
     tok = server.model.tokenizer
     usage = req.stream_options is not None and req.stream_options.include_usage
     chunk = {**head, "object": "chat.completion.chunk"}
     if usage:
         chunk["usage"] = None
 
-    def choice(delta, steps=None, finish=None):
+    def choice(index, delta, steps=None, finish=None):
         lp = None if steps is None else {"content": [_token_entry(tok, s.token, s.logprob, s.top_logprobs)
                                                      for s in steps]}
-        return _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+        return _sse({**chunk, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
     try:
-        yield choice({"role": "assistant", "content": ""})
-        ready = []   # steps whose text has gone out (logprobs): sent with the chunk that has the last of it
-        try:
-            async for step, r, c in run.deltas():
-                delta = {}
-                if r:
-                    delta["reasoning_content"] = r
-                if c:
-                    delta["content"] = c
-                if req.logprobs:
-                    ready += run.out.take()
-                if delta:
-                    yield choice(delta, ready if req.logprobs else None)
-                    ready = []
-        except ApiError as e:
-            yield _sse(e.body())
-            yield "data: [DONE]\n\n"
-            return
-        yield choice({}, ready or None, finish=run.finish_reason)
+        for index, run in enumerate(runs):   # one choice after the other: the engine runs them all meanwhile
+            parser, n_calls = tools.parser() if tools else None, 0
+            yield choice(index, {"role": "assistant", "content": ""})
+            ready = []   # steps whose text has gone out (logprobs): sent with the chunk that has the last of it
+            try:
+                async for step, r, c in run.deltas():
+                    calls = []
+                    if parser is not None:
+                        c, calls = parser.push(c)
+                        if step is None:
+                            rest, more = parser.flush()
+                            c, calls = c + rest, calls + more
+                    delta = {}
+                    if r:
+                        delta["reasoning_content"] = r
+                    if c:
+                        delta["content"] = c
+                    if req.logprobs:
+                        ready += run.out.take()
+                    if delta:
+                        yield choice(index, delta, ready if req.logprobs else None)
+                        ready = []
+                    for call in calls:   # OpenAI's shape: the id and name first, then the arguments
+                        first = _tool_call(n_calls, call)
+                        first["function"] = {"name": call[1], "arguments": ""}
+                        yield choice(index, {"tool_calls": [first]})
+                        yield choice(index, {"tool_calls": [{"index": n_calls, "function": {"arguments": call[2]}}]})
+                        n_calls += 1
+            except ApiError as e:
+                yield _sse(e.body())
+                yield "data: [DONE]\n\n"
+                return
+            yield choice(index, {}, ready or None, finish=_finish(run, n_calls))
         if usage:
-            yield _sse({**chunk, "choices": [], "usage": run.usage()})
+            yield _sse({**chunk, "choices": [], "usage": _usage(runs)})
         yield "data: [DONE]\n\n"
     finally:
-        run.cancel()
+        for run in runs:
+            run.cancel()
 
 
 # ---- legacy completions ----
@@ -286,7 +370,6 @@ def _prompt_ids(tok, prompt, vocab):
 
 async def completions(server, req: CompletionRequest):
     model = server.model_named(req.model)
-    _n(req)
     tok, vocab = server.model.tokenizer, server.model.config.vocab_size
     prompts = req.prompts()
     if req.stream and len(prompts) > 1:
@@ -295,6 +378,10 @@ async def completions(server, req: CompletionRequest):
     if score_only and not req.echo:
         raise ApiError(400, "max_tokens=0: nothing to generate; it takes echo: true (the prompt scored with "
                        "logprobs, nothing generated)", param="max_tokens")
+    if req.stream and req.n > 1:
+        raise ApiError(400, f"n={req.n}: streamed completions take n=1 (the chat endpoint streams n choices)",
+                       param="n")
+    wrap = await structured.sampler_wrap(server, req, None, False)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": req.model}
     runs = []
@@ -303,20 +390,12 @@ async def completions(server, req: CompletionRequest):
         # score only: one token is sampled from the prompt's last logits (no forward step more) and left out
         max_tokens = _max_tokens(server, 1 if score_only else req.max_tokens, len(ids), "max_tokens")
         n_top = req.logprobs
-        run = Run(server, model, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
-                  n_top if req.echo and n_top is not None else None)
-        run.score_only = score_only
-        runs.append((p, run))
-    submitted = []
-    try:
-        for _, run in runs:
-            run.submit()
-            submitted.append(run)
-    except ApiError:
-        for run in submitted:
-            run.finish_reason = "cancelled"
-            run.cancel()
-        raise
+        for i in range(req.n):
+            run = Run(server, model, ids, req, max_tokens, output.plain(server), n_top is not None, n_top or 0,
+                      n_top if req.echo and n_top is not None else None, index=i, wrap=wrap)
+            run.score_only = score_only
+            runs.append((p, run))
+    _submit([run for _, run in runs])
     if req.stream:
         return Streamed(_completion_stream(server, runs[0][1], req, head, runs[0][0]), runs[0][1])
     choices = []
@@ -327,6 +406,10 @@ async def completions(server, req: CompletionRequest):
         for _, run in runs:
             run.cancel()
     usage = {k: sum(r.usage()[k] for _, r in runs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    if req.n > 1:   # each prompt counted once, as OpenAI counts it
+        prompt = sum(len(r.ids) for _, r in runs[::req.n])
+        usage = {"prompt_tokens": prompt, "completion_tokens": usage["completion_tokens"],
+                 "total_tokens": prompt + usage["completion_tokens"]}
     return {**head, "object": "text_completion", "choices": choices, "usage": usage}
 
 

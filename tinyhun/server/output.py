@@ -69,9 +69,10 @@ class ChatPrompt:
         return Output(ThinkSplitter(opened=self.opened), self.content_filter)
 
 
-def chat_prompt(server, messages, style=None, think=None):
+def chat_prompt(server, messages, style=None, think=None, variables=None):
     """The rendered prompt of a chat request. A style's preset goes before the request's own system text. Only the
-    last user message is checked by the filter: a conversation whose earlier turn was refused can go on."""
+    last user message is checked by the filter: a conversation whose earlier turn was refused can go on.
+    variables: more template variables (the tools)."""
     tok, flt = server.model.tokenizer, server.content_filter
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
     try:
@@ -85,9 +86,9 @@ def chat_prompt(server, messages, style=None, think=None):
         last_user = next((m["content"] for m in reversed(rest) if m["role"] == "user"), "")
         if flt.blocks(last_user):
             return ChatPrompt("", REFUSAL, False, flt)
-    rest, variables = think_prompt_args(tok, rest, think)
+    rest, think_vars = think_prompt_args(tok, rest, think)
     text = tok.render_chat(([{"role": "system", "content": system}] if system else []) + rest,
-                           add_generation_prompt=True, **variables)
+                           add_generation_prompt=True, **(variables or {}), **think_vars)
     return ChatPrompt(text, None, text.rstrip().endswith(THINK_OPEN), flt)
 
 

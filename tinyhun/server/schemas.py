@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_N = 16   # choices per request (each a sequence of its own in the engine)
 
 
 class ApiError(Exception):
@@ -40,11 +41,24 @@ class TextPart(_Strict):
     text: StrictStr
 
 
+class FunctionCall(_Strict):
+    name: StrictStr
+    arguments: StrictStr   # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(_Strict):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
     reasoning_content: StrictStr | None = None   # a previous answer's thinking, sent back: not put in the prompt
+    tool_calls: list[ToolCall] | None = None     # an assistant's calls, sent back for the next turn
+    tool_call_id: StrictStr | None = None        # a tool message: the call it answers
 
     def text(self):
         if isinstance(self.content, list):
@@ -65,20 +79,42 @@ class _Sampling(_Strict):
     repetition_penalty: Annotated[Number, Field(gt=0, le=10)] = 1.0
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
-    n: Annotated[StrictInt, Field(ge=1)] = 1   # only 1: checked by the app with its own message
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     metadata: dict | None = None
     store: StrictBool | None = None
     service_tier: StrictStr | None = None
+    logit_bias: dict[StrictStr, Number] | None = None
+    # constrained decoding, llama.cpp's / vLLM's extensions (tinyhun.constrain): at most one of them
+    grammar: StrictStr | None = None           # Lark, or GBNF
+    regex: StrictStr | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    json_schema: dict | None = None
 
     def stops(self):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
 
 
+class JsonSchemaFormat(_Strict):
+    name: StrictStr
+    schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: StrictBool | None = None
+    description: StrictStr | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None             # checked by tinyhun.tool_calls.check_tools
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: StrictBool = True
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
