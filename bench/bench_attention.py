@@ -4,7 +4,10 @@ read bandwidth measured in the same run) for fp32 / fp16 / int8 storage, and pre
 0 / 1024 / 4096, and whole 1024 / 4096-token prompts in 128-row chunks: ms) next to the kernel it replaced (commit
 8925476's kernels/cpu_attention.py, copied below as `old_attention`: contiguous fp32 [B, nkv, S, d] caches).
 
-    PYTHONSAFEPATH=1 python bench/bench_attention.py [--quick]
+    PYTHONSAFEPATH=1 PYTHONPATH=bench python bench/bench_attention.py [--quick] [--threads N]
+
+--threads 1 times one thread by its CPU time (time.thread_time), which other jobs on the cores do not inflate:
+the figure to compare kernels by on a busy machine (caches and memory are still shared).
 
 Decode cycles through enough layers' pools that each pass reads 2x L3 from DRAM, as a decoder's 24 layers do;
 prefill reuses one pool (its keys are read by 128 rows, so they are cache-resident anyway). Times are the best of
@@ -15,6 +18,7 @@ import math
 import sys
 import time
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -158,23 +162,27 @@ def old_attention(out, q, k_cache, v_cache, slots, positions):
 
 # ---- the benchmark -------------------------------------------------------------------------------------------
 
+CLOCK = [time.perf_counter]   # time.thread_time with --threads 1
+
+
 def best(fn, seconds):
     # best per-call seconds over batches of ~20 ms, for `seconds`
+    clock = CLOCK[0]
     fn()
     n, t = 1, 0.0
     while t < 0.02:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n):
             fn()
-        t = time.perf_counter() - t0
+        t = clock() - t0
         n *= 2
     n //= 2
     top, stop = t / n, time.perf_counter() + seconds
     while time.perf_counter() < stop:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n):
             fn()
-        top = min(top, (time.perf_counter() - t0) / n)
+        top = min(top, (clock() - t0) / n)
     return top
 
 
@@ -186,7 +194,8 @@ def filled(kind, n, rng):
     table = np.arange(nb, dtype=np.int32)[None]
     k, v = rng.standard_normal((n, NKV, D), dtype=f32), rng.standard_normal((n, NKV, D), dtype=f32)
     cpu.store_kv(pool, k, v, table, np.zeros(n, np.int64), np.arange(n))
-    return pool, table, np.ascontiguousarray(k.transpose(1, 0, 2))[None], np.ascontiguousarray(v.transpose(1, 0, 2))[None]
+    kc, vc = (np.ascontiguousarray(x.transpose(1, 0, 2))[None] for x in (k, v))
+    return pool, table, kc, vc
 
 
 def kv_bytes(kind, n):
@@ -194,25 +203,27 @@ def kv_bytes(kind, n):
     return 2 * n * NKV * (D * np.dtype(kv.KINDS[kind]).itemsize + (4 if kind == "int8" else 0))
 
 
+def decode_run(kind, n, rng, out, q):
+    # a call of one kernel decoding the row at position n - 1, each call on the next of enough copies of the
+    # cache that a cycle through them reads 2x L3
+    slots, pos = np.zeros(1, np.int64), np.array([n - 1])
+    pool, table, kc, vc = filled("fp32" if kind == "old" else kind, n, rng)
+    if kind == "old":
+        caches = itertools.cycle(cold_copies(lambda: (kc.copy(), vc.copy()), 2 * kc.nbytes))
+        return lambda: old_attention(out, q, *next(caches), slots, pos)
+    pools = itertools.cycle(cold_copies(lambda: kv.KVBlocks(*(x.copy() for x in pool)), kv_bytes(kind, n)))
+    return lambda: attention_kernel(out, q, next(pools), table, slots, pos)
+
+
 def decode(bw, depths, seconds, rng):
-    print(f"decode, one row: us per layer, GB/s of KV read, % of read bandwidth (old: 8925476's fp32 kernel)")
+    print("decode, one row: us per layer, GB/s of KV read, % of read bandwidth (old: 8925476's fp32 kernel)")
     q, out = rng.standard_normal((1, NH, D), dtype=f32), np.empty((1, NH, D), f32)
-    slots = np.zeros(1, np.int64)
     for n in depths:
-        pos = np.array([n - 1])
         for kind in ("old", *kv.KINDS):
-            pool, table, kc, vc = filled("fp32" if kind == "old" else kind, n, rng)
-            if kind == "old":
-                caches = itertools.cycle(cold_copies(lambda: (kc.copy(), vc.copy()), 2 * kc.nbytes))
-                run = lambda: old_attention(out, q, *next(caches), slots, pos)   # noqa: E731
-            else:
-                pools = itertools.cycle(cold_copies(lambda: kv.KVBlocks(*(x.copy() for x in pool)), kv_bytes(kind, n)))
-                run = lambda: attention_kernel(out, q, next(pools), table, slots, pos)   # noqa: E731
-            del pool, kc, vc
-            t = best(run, seconds)
+            t = best(decode_run(kind, n, rng, out, q), seconds)
             gbs = kv_bytes("fp32" if kind == "old" else kind, n) / t / 1e9
-            print(f"  depth {n:6}  {kind:5} {t * 1e6:9.1f} us  {gbs:6.1f} GB/s  {100 * gbs * 1e9 / bw.measure(1):5.1f} %")
-            caches = pools = run = None
+            share = 100 * gbs * 1e9 / bw.measure(1)
+            print(f"  depth {n:6}  {kind:5} {t * 1e6:9.1f} us  {gbs:6.1f} GB/s  {share:5.1f} %")
 
 
 def prefill(depths, prompts, seconds, rng):
@@ -237,9 +248,13 @@ def prefill(depths, prompts, seconds, rng):
 
 def main():
     quick = "--quick" in sys.argv
+    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
+    numba.set_num_threads(threads)
+    if threads == 1:
+        CLOCK[0] = time.thread_time
     rng = np.random.default_rng(0)
     bw = BestBandwidth()
-    print(f"read bandwidth {bw.measure() / 1e9:.1f} GB/s (2 threads)")
+    print(f"{threads} thread(s); read bandwidth {bw.measure() / 1e9:.1f} GB/s (all cores)")
     decode(bw, (4096, 16384), 0.3 if quick else 1.0, rng)
     prefill((0, 1024, 4096), (1024, 4096), 0.3 if quick else 1.0, rng)
     print(f"read bandwidth, best in this run: {bw.best / 1e9:.1f} GB/s")
