@@ -30,33 +30,46 @@ MAX_CHUNKS = 256
 
 @njit(**JIT)
 def _scores(s, qs, M, kb, nj, scale):
-    # s[m, j] = (qs[m] . kb[j]) * scale for m < M, j < nj
+    # s[m, j] = (qs[m] . kb[j]) * scale for m < M, j < nj: four vectors by two keys per pass over d (eight
+    # accumulators: measured faster than two by four), the vectors left over by four keys
     d = qs.shape[1]
-    m = 0
-    while m < M:
-        pair = m + 1 < M
-        q0, q1 = qs[m], qs[m + 1 if pair else m]
-        s0, s1 = s[m], s[m + 1 if pair else m]
+    for m in range(0, M - 3, 4):
+        q0, q1, q2, q3 = qs[m], qs[m + 1], qs[m + 2], qs[m + 3]
+        for j in range(0, nj - 1, 2):
+            k0, k1 = kb[j], kb[j + 1]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+            for i in range(d):
+                x, y = k0[i], k1[i]
+                a0, a1, a2, a3 = a0 + x * q0[i], a1 + x * q1[i], a2 + x * q2[i], a3 + x * q3[i]
+                b0, b1, b2, b3 = b0 + y * q0[i], b1 + y * q1[i], b2 + y * q2[i], b3 + y * q3[i]
+            s[m, j], s[m + 1, j], s[m + 2, j], s[m + 3, j] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+            s[m, j + 1], s[m + 1, j + 1], s[m + 2, j + 1], s[m + 3, j + 1] = (b0 * scale, b1 * scale, b2 * scale,
+                                                                              b3 * scale)
+        if nj % 2:
+            k0 = kb[nj - 1]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for i in range(d):
+                x = k0[i]
+                a0, a1, a2, a3 = a0 + x * q0[i], a1 + x * q1[i], a2 + x * q2[i], a3 + x * q3[i]
+            s[m, nj - 1], s[m + 1, nj - 1], s[m + 2, nj - 1], s[m + 3, nj - 1] = (a0 * scale, a1 * scale, a2 * scale,
+                                                                                  a3 * scale)
+    for m in range(M - M % 4, M):
+        qv, sm = qs[m], s[m]
         j = 0
         while j + 4 <= nj:
             k0, k1, k2, k3 = kb[j], kb[j + 1], kb[j + 2], kb[j + 3]
-            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+            a0 = a1 = a2 = a3 = np.float32(0.0)
             for i in range(d):
-                x, y = q0[i], q1[i]
+                x = qv[i]
                 a0, a1, a2, a3 = a0 + x * k0[i], a1 + x * k1[i], a2 + x * k2[i], a3 + x * k3[i]
-                b0, b1, b2, b3 = b0 + y * k0[i], b1 + y * k1[i], b2 + y * k2[i], b3 + y * k3[i]
-            s1[j], s1[j + 1], s1[j + 2], s1[j + 3] = b0 * scale, b1 * scale, b2 * scale, b3 * scale
-            s0[j], s0[j + 1], s0[j + 2], s0[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+            sm[j], sm[j + 1], sm[j + 2], sm[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
             j += 4
         for jj in range(j, nj):
             kj = kb[jj]
-            a = b = np.float32(0.0)
+            a = np.float32(0.0)
             for i in range(d):
-                a += q0[i] * kj[i]
-                b += q1[i] * kj[i]
-            s1[jj] = b * scale
-            s0[jj] = a * scale
-        m += 2
+                a += qv[i] * kj[i]
+            sm[jj] = a * scale
 
 
 @njit(**JIT)
@@ -92,38 +105,32 @@ def _softmax_step(s, o, mx, lsum, lim, M, j0, nj, nb):
 
 @njit(**JIT)
 def _accumulate(o, p, M, vb, nj):
-    # o[m] += sum_j p[m, j] * vb[j] for m < M, j < nj
+    # o[m] += sum_j p[m, j] * vb[j] for m < M, j < nj: two vectors by four values per pass over d (an odd last
+    # vector alone); no branch inside the pair loop, which kept it at half speed
     d = o.shape[1]
-    m = 0
-    while m < M:
-        pair = m + 1 < M
-        o0, o1 = o[m], o[m + 1 if pair else m]
-        p0, p1 = p[m], p[m + 1 if pair else m]
+    for m in range(0, M - 1, 2):
+        o0, o1, p0, p1 = o[m], o[m + 1], p[m], p[m + 1]
         j = 0
         while j + 4 <= nj:
             v0, v1, v2, v3 = vb[j], vb[j + 1], vb[j + 2], vb[j + 3]
             a0, a1, a2, a3 = p0[j], p0[j + 1], p0[j + 2], p0[j + 3]
-            if pair:
-                b0, b1, b2, b3 = p1[j], p1[j + 1], p1[j + 2], p1[j + 3]
-                for i in range(d):
-                    x0, x1, x2, x3 = v0[i], v1[i], v2[i], v3[i]
-                    o0[i] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-                    o1[i] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
-            else:
-                for i in range(d):
-                    o0[i] += a0 * v0[i] + a1 * v1[i] + a2 * v2[i] + a3 * v3[i]
+            b0, b1, b2, b3 = p1[j], p1[j + 1], p1[j + 2], p1[j + 3]
+            for i in range(d):
+                x0, x1, x2, x3 = v0[i], v1[i], v2[i], v3[i]
+                o0[i] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                o1[i] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
             j += 4
         for jj in range(j, nj):
-            vj = vb[jj]
-            a, b = p0[jj], p1[jj]
-            if pair:
-                for i in range(d):
-                    o0[i] += a * vj[i]
-                    o1[i] += b * vj[i]
-            else:
-                for i in range(d):
-                    o0[i] += a * vj[i]
-        m += 2
+            vj, a, b = vb[jj], p0[jj], p1[jj]
+            for i in range(d):
+                o0[i] += a * vj[i]
+                o1[i] += b * vj[i]
+    if M % 2:
+        o0, p0 = o[M - 1], p[M - 1]
+        for j in range(nj):
+            vj, a = vb[j], p0[j]
+            for i in range(d):
+                o0[i] += a * vj[i]
 
 
 @njit(**JIT)
@@ -171,8 +178,9 @@ def _unit(out, q, kv, table, positions, t0, R, h, k0, k1, qs, o, s, kbuf, vbuf, 
 
 
 @njit(**JIT)
-def _units(out, q, kv, tables, slots, positions, blocks, units, mq, first, step, pm, pl, po):
-    # units first, first+step, ... of `units` (rows of query block, head, k0, k1, part); this run's scratch
+def _units(out, q, kv, tables, slots, positions, blocks, units, mq, c, nc, pm, pl, po):
+    # chunk c of nc: units c, 2nc-1-c, 2nc+c, ... of `units` (rows: query block, kv head, k0, k1, partial index
+    # or -1), sorted by falling cost, so each chunk gets a large and a small one in turn; allocates its scratch
     d = q.shape[2]
     bs = kv.k.shape[2]
     qs, o = np.empty((mq, d), np.float32), np.empty((mq, d), np.float32)
@@ -181,7 +189,11 @@ def _units(out, q, kv, tables, slots, positions, blocks, units, mq, first, step,
     mx, lsum = np.empty(mq, np.float32), np.empty(mq, np.float32)
     lim = np.empty(mq, np.int64)
     nb = np.empty(bs, np.int32)
-    for u in range(first, units.shape[0], step):
+    ci = np.int64(c)                       # prange's index is unsigned: uint64 with int64 makes a float
+    for r in range(-(-units.shape[0] // nc)):
+        u = r * nc + (ci if r % 2 == 0 else nc - 1 - ci)
+        if u >= units.shape[0]:
+            continue
         qb, h, k0, k1, part = units[u, 0], units[u, 1], units[u, 2], units[u, 3], units[u, 4]
         t0, R = blocks[qb, 0], blocks[qb, 1]
         _unit(out, q, kv, tables[slots[t0]], positions, t0, R, h, k0, k1, qs, o, s, kbuf, vbuf, mx, lsum, lim, nb,
@@ -189,66 +201,77 @@ def _units(out, q, kv, tables, slots, positions, blocks, units, mq, first, step,
 
 
 @njit(**JIT)
-def _plan(slots, positions, nkv, group, bs, d):
-    # -> query blocks int64[nq, 2] (first row, rows), units int64[nu, 5] (query block, kv head, k0, k1, partial
-    # index or -1), the number of partials, the most query vectors of a block, the multiply-adds of the call
+def _query_blocks(slots, positions, group):
+    # rows -> query blocks int64[nq, 2] (first row, rows): runs of one sequence at consecutive positions, at most
+    # MAXQ query vectors each
     T = slots.shape[0]
     rows_max = max(1, MAXQ // group)
     blocks = np.empty((T, 2), np.int64)
     nq = 0
     t = 0
-    keys = 0
     while t < T:
         n = 1
         while (n < rows_max and t + n < T and slots[t + n] == slots[t]
                and positions[t + n] == positions[t + n - 1] + 1):
             n += 1
         blocks[nq, 0], blocks[nq, 1] = t, n
-        keys += positions[t + n - 1] + 1   # the block's last row sees the most keys
         nq += 1
         t += n
-    span = max(MIN_KEYS, -(-keys * nkv // TARGET))
-    span = -(-span // bs) * bs             # split at block boundaries
-    nu = 0
-    for i in range(nq):
-        nu += nkv * (-(-(positions[blocks[i, 0] + blocks[i, 1] - 1] + 1) // span))
-    units = np.empty((nu, 5), np.int64)
-    u = 0
-    parts = 0
-    mq = 1
-    work = 0
-    for i in range(nq):
-        R = blocks[i, 1]
-        mq = max(mq, R * group)
-        for r in range(R):
-            work += positions[blocks[i, 0] + r] + 1
-        n = positions[blocks[i, 0] + R - 1] + 1
-        ns = -(-n // span)
-        for h in range(nkv):
-            for c in range(ns):
-                units[u, 0], units[u, 1] = i, h
-                units[u, 2], units[u, 3] = c * span, min(n, (c + 1) * span)
-                units[u, 4] = parts if ns > 1 else -1
-                parts += 1 if ns > 1 else 0
-                u += 1
-    return blocks[:nq], units, parts, mq, work * nkv * group * d
+    return blocks[:nq]
 
 
 @njit(**JIT)
-def _merge(out, blocks, units, group, pm, pl, po):
-    # each split item's partials (runs of units with part >= 0, the first at k0 = 0) -> out: the exact softmax
-    # merge, every partial weighted by exp(its max - the overall max)
-    d = out.shape[2]
-    u = 0
-    while u < units.shape[0]:
-        p0 = units[u, 4]
-        if p0 < 0:
+def _plan(blocks, positions, nkv, bs):
+    # -> units int64[nu, 5] (query block, kv head, k0, k1, partial index or -1) by falling cost, splits int64[ns, 4]
+    # (query block, kv head, first partial, partials) of the items split along the keys, and the call's cost
+    # (query vectors x keys summed over units, per query head of a kv head)
+    nq = blocks.shape[0]
+    keys = 0
+    for i in range(nq):
+        keys += positions[blocks[i, 0] + blocks[i, 1] - 1] + 1   # a block's last row sees the most keys
+    span = max(MIN_KEYS, -(-keys * nkv // TARGET))
+    span = -(-span // bs) * bs             # split at cache block boundaries
+    nu = ns = 0
+    for i in range(nq):
+        n = -(-(positions[blocks[i, 0] + blocks[i, 1] - 1] + 1) // span)
+        nu += nkv * n
+        ns += nkv if n > 1 else 0
+    units, splits = np.empty((nu, 5), np.int64), np.empty((ns, 4), np.int64)
+    cost = np.empty(nu, np.int64)
+    u = si = parts = total = 0
+    for i in range(nq):
+        t0, R = blocks[i, 0], blocks[i, 1]
+        n = positions[t0 + R - 1] + 1
+        nsplit = -(-n // span)
+        for c in range(nsplit):
+            k0, k1 = c * span, min(n, (c + 1) * span)
+            work = 0
+            for r in range(R):
+                work += max(0, min(positions[t0 + r] + 1, k1) - k0)
+            for h in range(nkv):
+                units[u + h * nsplit, 0], units[u + h * nsplit, 1] = i, h
+                units[u + h * nsplit, 2], units[u + h * nsplit, 3] = k0, k1
+                units[u + h * nsplit, 4] = parts + h * nsplit + c if nsplit > 1 else -1
+                cost[u + h * nsplit] = work
+            total += work * nkv
             u += 1
-            continue
-        n = 1
-        while u + n < units.shape[0] and units[u + n, 2] != 0:
-            n += 1
-        t0, R, h = blocks[units[u, 0], 0], blocks[units[u, 0], 1], units[u, 1]
+        if nsplit > 1:
+            for h in range(nkv):
+                splits[si, 0], splits[si, 1], splits[si, 2], splits[si, 3] = i, h, parts + h * nsplit, nsplit
+                si += 1
+            parts += nkv * nsplit
+        u += (nkv - 1) * nsplit
+    return units[np.argsort(-cost, kind="mergesort")], splits, parts, total
+
+
+@njit(**JIT)
+def _merge(out, blocks, splits, group, pm, pl, po):
+    # each split item's partials -> out: the exact softmax merge, every partial weighted by exp(its max - the
+    # overall max)
+    d = out.shape[2]
+    for si in range(splits.shape[0]):
+        t0, R = blocks[splits[si, 0], 0], blocks[splits[si, 0], 1]
+        h, p0, n = splits[si, 1], splits[si, 2], splits[si, 3]
         for r in range(R):
             for g in range(group):
                 m = r * group + g
@@ -266,7 +289,6 @@ def _merge(out, blocks, units, group, pm, pl, po):
                     src = po[p, m]
                     for i in range(d):
                         dst[i] += w * src[i]
-        u += n
 
 
 @njit(parallel=True, **JIT)
@@ -278,15 +300,19 @@ def attention_kernel(out, q, kv, tables, slots, positions):
     if nh % nkv != 0:
         raise ValueError("attention: query heads must be a multiple of kv heads")
     group = nh // nkv
-    blocks, units, parts, mq, work = _plan(slots, positions, nkv, group, kv.k.shape[2], d)
+    blocks = _query_blocks(slots, positions, group)
+    units, splits, parts, cost = _plan(blocks, positions, nkv, kv.k.shape[2])
+    mq = 1
+    for i in range(blocks.shape[0]):
+        mq = max(mq, blocks[i, 1] * group)
     pm, pl = np.empty((parts, mq), np.float32), np.empty((parts, mq), np.float32)
     po = np.empty((parts, mq, d), np.float32)
-    nc = max(1, min(units.shape[0], MAX_CHUNKS, work // CHUNK))
+    nu = units.shape[0]
+    # a chunk per two units or more: a static split of the chunks between threads stays balanced
+    nc = max(1, min(max(16, nu // 4), nu // 2, MAX_CHUNKS, cost * group * d // CHUNK))
     if nc == 1:
         _units(out, q, kv, tables, slots, positions, blocks, units, mq, 0, 1, pm, pl, po)
     else:
-        # chunk c takes units c, c+nc, ...: rows at later positions (later units) have more keys
         for c in prange(nc):
             _units(out, q, kv, tables, slots, positions, blocks, units, mq, c, nc, pm, pl, po)
-    if parts:
-        _merge(out, blocks, units, group, pm, pl, po)
+    _merge(out, blocks, splits, group, pm, pl, po)
