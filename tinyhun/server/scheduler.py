@@ -107,6 +107,7 @@ class Engine:
         self._free = list(range(slots))         # engine thread only: rows of _next no job holds
         self._active = []                       # engine thread only, oldest first
         self.preempted = 0                      # jobs preempted for KV memory so far
+        self._kept = deque()                    # engine thread only: finished jobs' caches, newest last
         self._joining = deque()                 # engine thread only: _Prefills, first come first served
         self._next = np.zeros((slots, model.config.vocab_size), np.float32)   # each slot's next-token logits
         self._waiting = deque()
@@ -196,12 +197,33 @@ class Engine:
 
     def _fits(self, job):
         """Whether the pool has the blocks a waiting job's prompt needs now (a preempted job's: what it held),
-        beyond those it will find shared; with nothing running it must start (it fits the empty pool: submit)."""
+        beyond those it will find shared, finished jobs' caches let go first; with nothing running it must start
+        (it fits the empty pool: submit)."""
         if not self._active and not self._joining:
             return True
         ids = job.resumed.ids() if job.resumed is not None else job.ids
         salt = (job.model or self.model).kv_salt
-        return self.pool.available() >= -(-len(ids) // BLOCK) + 1 - self.pool.shared_blocks(ids, salt)
+        return self._make_room(-(-len(ids) // BLOCK) + 1 - self.pool.shared_blocks(ids, salt))
+
+    def _make_room(self, blocks):
+        """Let finished jobs' kept caches go, oldest first, until the pool has `blocks` free; whether it has."""
+        while self.pool.available() < blocks and self._kept:
+            self._kept.popleft()
+        return self.pool.available() >= blocks
+
+    def _cache_for(self, job):
+        """A finished job's kept cache sharing more of this prompt than the pool's shared blocks would (the last
+        turn of this conversation, its partial last block and all), else a fresh one."""
+        salt = job.model.kv_salt
+        best, shared = None, self.pool.shared_blocks(job.ids, salt) * BLOCK
+        for c in self._kept:
+            n = _common(c.tokens, job.ids)
+            if c.salt == salt and n > shared:
+                best, shared = c, n
+        if best is None:
+            return job.model.new_cache(self.max_context)
+        self._kept.remove(best)
+        return best
 
     def _start(self, job):
         """Give a job a slot and a fresh cache (it finds its prompt's shared blocks when its prefill begins)."""
@@ -209,7 +231,7 @@ class Engine:
             return self._done(job)
         job.model = job.model or self.model
         resume, job.resumed = job.resumed, None
-        self._joining.append(_Prefill(job, job.model.new_cache(self.max_context), self._free.pop(), resume=resume))
+        self._joining.append(_Prefill(job, self._cache_for(job), self._free.pop(), resume=resume))
 
     def _prefill(self):
         """Pieces of the joining jobs' prompts until PREFILL_BUDGET tokens have run; a job whose prompt is all in
@@ -239,6 +261,8 @@ class Engine:
                     p.done += n
                     budget -= n
             except KVMemoryFull:   # others hold the blocks: wait at the head of the queue for them
+                if self._make_room(self.pool.available() + 1):
+                    continue
                 self._joining.popleft()
                 self._requeue(job, p.slot, p.resume)
                 continue
@@ -278,6 +302,8 @@ class Engine:
                     r.cache.reserve(1)
                 return running
             except KVMemoryFull:
+                if self._make_room(self.pool.available() + 1):
+                    continue
                 victim = running.pop()
                 self.preempted += 1
                 self._requeue(victim.job, victim.slot, victim)
@@ -287,6 +313,7 @@ class Engine:
     def _prefill_scored(self, cache, job):
         """Prefill from scratch, scoring every prompt token against the logits before it; return the last
         position's logits. Chunk by chunk: all positions' logits at once would be [T, V]."""
+        cache.reset()
         ids, V = np.asarray(job.ids, np.int64), self.model.config.vocab_size
         out, lp = np.empty((CHUNK, V), np.float32), _LogProb(V)
         n_top = max(job.prompt_logprobs, 1)
@@ -355,7 +382,13 @@ class Engine:
         self._active = [r for r in ok if self._sample(r)]
 
     def _release(self, r):
-        r.cache = None   # its blocks go back to the pool; the full ones stay as cached prefixes
+        """The job is done: its cache is kept (the next turn of its conversation finds all of it, not only its
+        full blocks) until the pool needs its blocks or `slots` newer ones are kept."""
+        if r.cache is not None and len(r.cache):
+            self._kept.append(r.cache)
+            if len(self._kept) > self.slots:
+                self._kept.popleft()
+        r.cache = None
         self._free_slot(r.slot, r.job)
 
     def _free_slot(self, slot, job):
@@ -367,3 +400,12 @@ def _picks_there(job):
     """A job whose tokens the forward can pick: greedy on the raw logits, and no logprobs wanted."""
     return not job.logprobs and not job.top_logprobs and getattr(job.sampler, "greedy", False)
 
+
+
+def _common(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
