@@ -22,7 +22,7 @@ from starlette.routing import Route
 from ..adapters import with_adapter
 from ..content_filter import ContentFilter
 from ..errors import TinyhunError
-from . import openai_api, ui
+from . import completions_api, openai_api, ui
 from .metrics import Metrics
 from .scheduler import Engine
 from .schemas import ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse
@@ -187,7 +187,7 @@ def create_app(load, settings: Settings, background=True) -> Starlette:
         return await generation(request, ChatRequest, openai_api.chat)
 
     async def completions(request):
-        return await generation(request, CompletionRequest, openai_api.completions)
+        return await generation(request, CompletionRequest, completions_api.completions)
 
     async def models(request):
         return _json({"object": "list", "data": [_model_card(server, name) for name in server.models]})
