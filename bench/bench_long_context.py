@@ -13,6 +13,7 @@ roofline of a memory-bound decode. memory: one process per run (peak RSS is per 
 prompts share `system` tokens, `own` more each, then `decode` batched steps; prints peak RSS and the pool's blocks.
 """
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -35,13 +36,20 @@ def model_of(kind, context):
     return Model(base.config, base.weights, max_context=context, kv_dtype=kind)
 
 
+@functools.cache   # one llama-bench run per depth, whichever KV kinds tinyhun runs at it
 def llama_bench(path, gguf, depth, tokens):
-    """llama.cpp's decode tok/s at depth `depth` (its default f16 KV), or None when it does not run."""
+    """llama.cpp's decode tok/s at depth `depth` (its default f16 KV), or None when it does not run.
+    llama-bench -o json prints one JSON array on stdout (its log goes to stderr): the test's "avg_ts"."""
     cmd = [path, "-m", gguf, "-p", "0", "-n", str(tokens), "-d", str(depth), "-t", str(os.cpu_count()), "-o", "json"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True).stdout
-        return float(json.loads(out[out.index("["):])[0]["avg_ts"])
-    except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError) as e:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if p.returncode:
+            tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ValueError(f"exit status {p.returncode}: {tail}")
+        out = p.stdout[p.stdout.index("["):]   # from the array on, whatever a build prints before it
+        test = next(t for t in json.loads(out) if t["n_gen"] == tokens and t["n_depth"] == depth)
+        return float(test["avg_ts"])
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, StopIteration) as e:
         print(f"llama-bench: {e}", file=sys.stderr)
         return None
 
