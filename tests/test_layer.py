@@ -9,6 +9,7 @@ from tinyhun.backend import NumbaBackend
 from tinyhun.families import hunyuan_v1_dense, llama
 from tinyhun.kernels import q4, q8
 from tinyhun.kernels.linear import as_linear
+from tinyhun.kernels.kv import KVBlocks
 from tinyhun.structs import Attention, Buffers, DenseMLP, Dims, Layer, Rows
 
 f32 = np.float32
@@ -38,21 +39,25 @@ def test_compiled_layer_equals_reference(qk_norm, fmt):
     dims = Dims(nh, nkv, d, 1e-6)
     family = hunyuan_v1_dense if qk_norm else llama
     runs = {"ref": family.decoder_layer, "numba": NumbaBackend().layer(family)}
-    caches = {m: (np.zeros((1, nkv, S, d), f32), np.zeros((1, nkv, S, d), f32)) for m in runs}
+    # a paged fp32 KV cache of one sequence: blocks of 4 positions, its table in reverse order
+    bs, nb = 4, -(-S // 4)
+    tables = np.arange(nb, dtype=np.int32)[::-1].copy()[None]
+    caches = {m: KVBlocks(np.zeros((nb, nkv, bs, d), f32), np.zeros((nb, nkv, bs, d), f32),
+                          np.zeros((0, 0, 0), f32), np.zeros((0, 0, 0), f32)) for m in runs}
     x0 = rng.standard_normal((S, H)).astype(f32)
     inv = 10000.0 ** (-np.arange(0, d, 2) / d)
     for pos, T in ((0, 7), (7, 1), (8, 1)):
         positions = np.arange(pos, pos + T)
         ang = np.outer(positions, inv)
         rows = Rows(np.zeros(T, np.int64), positions, np.cos(ang).astype(f32), np.sin(ang).astype(f32),
-                    np.zeros(T, np.int64))
+                    np.zeros(T, np.int64), tables)
         outs = {}
         for m, layer in runs.items():
             s = Buffers.allocate(cfg, T)
             s.x[:] = x0[pos:pos + T]
-            layer(lw, s, *caches[m], rows, dims)
+            layer(lw, s, caches[m], rows, dims)
             outs[m] = s.x
         rtol = 1e-5 if fmt == "f32" else 1e-4   # int8 activations: a rounding flip moves a value by one step
         scale = np.abs(outs["ref"]).max()
         assert np.abs(outs["numba"] - outs["ref"]).max() <= rtol * scale
-        assert np.abs(caches["numba"][0] - caches["ref"][0]).max() <= rtol * np.abs(caches["ref"][0]).max()
+        assert np.abs(caches["numba"].k - caches["ref"].k).max() <= rtol * np.abs(caches["ref"].k).max()
