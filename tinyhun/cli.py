@@ -45,8 +45,8 @@ def text_file(path, flag):
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise TinyhunError(f"{flag} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") \
-            from None
+        why = e.strerror if isinstance(e, OSError) else e
+        raise TinyhunError(f"{flag} {path}: cannot read it ({why})") from None
 
 
 def json_file(path, flag, kind):

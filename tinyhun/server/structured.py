@@ -1,6 +1,6 @@
 """What a request asks of the decoder beyond sampling: a constraint (response_format, or the grammar / regex /
-choice / json_schema extensions), logit_bias, and tools (offered in the prompt, a call forced by a grammar built
-from their parameters under tool_choice required or a named function, the calls parsed out of the reply).
+choice / json_schema extensions), logit_bias, and tools (offered in the prompt, a call forced by a grammar built on
+their parameters under tool_choice required or a named function, the calls parsed out of the reply).
 
 Constraints are compiled once per request, checked against the model's tokenizer (an unsupported schema keyword is
 a 400 naming it), off the event loop; each choice of the request then gets its own matcher.
