@@ -144,6 +144,16 @@ class KVPool:
         return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
+def common_prefix(a, b):
+    """How many leading tokens two id sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def block_hash(parent, tokens, salt=b""):
     """The hash a full block of `tokens` is registered under, after the block hashed `parent` (None: the first)."""
     h = hashlib.blake2b(parent or salt, digest_size=16)
@@ -187,12 +197,7 @@ class KVCache:
     def reuse(self, ids):
         """Trim to the longest prefix shared with `ids`, extend it with full blocks of `ids` that the pool holds
         (another cache's, or a finished one's), and return its length: those tokens need no recompute."""
-        n = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        self.trim(n)
+        self.trim(common_prefix(self.tokens, ids))
         j = len(self.hashes)
         while (j + 1) * BLOCK <= len(ids) and (j + 1) * BLOCK <= self.max_context:
             part = ids[j * BLOCK:(j + 1) * BLOCK]

@@ -20,9 +20,8 @@ preempted (its blocks go back, its full blocks stay as cached prefixes) and wait
 prefilled again (mostly from those cached blocks) and go on with the same Sequence: its stream continues as if
 nothing happened.
 
-A job may name its own Model: an adapter over the engine's (adapters.with_adapter: the same base arrays, the same
-config and KV pool, its prefixes hashed apart). A step runs one forward_batch per distinct model among the active
-slots, in the order they first appear: each reads the base weights once for its rows.
+A job may name its own Model: an adapter over the engine's (adapters.with_adapter: the same base arrays and KV
+pool, its prefixes hashed apart). A step runs one forward_batch per distinct model among the active slots.
 
 A group whose every job samples greedily and asks for no logprobs has its tokens picked where the logits are
 (forward_batch argmax=True), as has such a job's first token after its prompt (forward argmax=True): on a GPU only
@@ -37,7 +36,7 @@ import numpy as np
 from ..errors import TinyhunError
 from ..generation import Sequence, _LogProb, reuse_prompt
 from ..kernels.kv import BLOCK
-from ..kv_cache import KVMemoryFull
+from ..kv_cache import KVMemoryFull, common_prefix
 from ..model import CHUNK
 
 PREFILL_BUDGET = CHUNK   # prompt tokens prefilled per turn of the loop (in whole pieces), between decode steps
@@ -217,7 +216,7 @@ class Engine:
         salt = job.model.kv_salt
         best, shared = None, self.pool.shared_blocks(job.ids, salt) * BLOCK
         for c in self._kept:
-            n = _common(c.tokens, job.ids)
+            n = common_prefix(c.tokens, job.ids)
             if c.salt == salt and n > shared:
                 best, shared = c, n
         if best is None:
@@ -401,11 +400,3 @@ def _picks_there(job):
     return not job.logprobs and not job.top_logprobs and getattr(job.sampler, "greedy", False)
 
 
-
-def _common(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
