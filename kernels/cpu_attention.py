@@ -12,6 +12,8 @@ the exp. Dot products take two query vectors by four keys per pass over d (share
 
 Few long items (decode at depth: one row, nkv items) are split along the keys into units so that every core
 works on the one sequence; a split unit leaves its unnormalised output, max and sum, merged exactly afterwards.
+Where blocks start and where a row's keys are split depend only on that row's position (never on the other rows of
+the call), so a row's output is the same bits alone, in a batch, or after a cached prefix of whole cache blocks.
 """
 import math
 
@@ -201,18 +203,23 @@ def _units(out, q, kv, tables, slots, positions, blocks, units, mq, c, nc, pm, p
 
 
 @njit(**JIT)
-def _query_blocks(slots, positions, group):
-    # rows -> query blocks int64[nq, 2] (first row, rows): runs of one sequence at consecutive positions, at most
-    # MAXQ query vectors each
+def _query_blocks(slots, positions, group, bs):
+    # rows -> query blocks int64[nq, 2] (first row, rows): runs of one sequence at consecutive positions, cut at
+    # every multiple of `rows` positions (a power of two, at most MAXQ query vectors and at most the cache block
+    # size bs). Cut at fixed positions, a row lands in the same block (same vectors, same keys, the same operations)
+    # whether its prompt is prefilled whole or after a cached prefix of whole cache blocks or in CHUNK-row pieces:
+    # a prompt's logits do not depend on what the cache held.
+    rows = 1
+    while rows * 2 * group <= MAXQ and rows * 2 <= bs:
+        rows *= 2
     T = slots.shape[0]
-    rows_max = max(1, MAXQ // group)
     blocks = np.empty((T, 2), np.int64)
     nq = 0
     t = 0
     while t < T:
         n = 1
-        while (n < rows_max and t + n < T and slots[t + n] == slots[t]
-               and positions[t + n] == positions[t + n - 1] + 1):
+        while (t + n < T and slots[t + n] == slots[t] and positions[t + n] == positions[t + n - 1] + 1
+               and positions[t + n] % rows != 0):
             n += 1
         blocks[nq, 0], blocks[nq, 1] = t, n
         nq += 1
@@ -221,19 +228,26 @@ def _query_blocks(slots, positions, group):
 
 
 @njit(**JIT)
+def _span(n, R, nkv, bs):
+    # keys per unit of an item of R rows whose last row sees n keys: a one-row item is cut into about TARGET / nkv
+    # units of at least MIN_KEYS keys (at cache block boundaries), a longer one not at all
+    if R > 1:
+        return n
+    span = max(MIN_KEYS, -(-n * nkv // TARGET))
+    return -(-span // bs) * bs
+
+
+@njit(**JIT)
 def _plan(blocks, positions, nkv, bs):
     # -> units int64[nu, 5] (query block, kv head, k0, k1, partial index or -1) by falling cost, splits int64[ns, 4]
     # (query block, kv head, first partial, partials) of the items split along the keys, and the call's cost
-    # (query vectors x keys summed over units, per query head of a kv head)
+    # (query vectors x keys summed over units, per query head of a kv head). Only one-row items (decode) are split,
+    # each by its own length alone, so a row's keys are cut at the same places alone or in a batch
     nq = blocks.shape[0]
-    keys = 0
-    for i in range(nq):
-        keys += positions[blocks[i, 0] + blocks[i, 1] - 1] + 1   # a block's last row sees the most keys
-    span = max(MIN_KEYS, -(-keys * nkv // TARGET))
-    span = -(-span // bs) * bs             # split at cache block boundaries
     nu = ns = 0
     for i in range(nq):
-        n = -(-(positions[blocks[i, 0] + blocks[i, 1] - 1] + 1) // span)
+        n = positions[blocks[i, 0] + blocks[i, 1] - 1] + 1
+        n = -(-n // _span(n, blocks[i, 1], nkv, bs))
         nu += nkv * n
         ns += nkv if n > 1 else 0
     units, splits = np.empty((nu, 5), np.int64), np.empty((ns, 4), np.int64)
@@ -242,6 +256,7 @@ def _plan(blocks, positions, nkv, bs):
     for i in range(nq):
         t0, R = blocks[i, 0], blocks[i, 1]
         n = positions[t0 + R - 1] + 1
+        span = _span(n, R, nkv, bs)
         nsplit = -(-n // span)
         for c in range(nsplit):
             k0, k1 = c * span, min(n, (c + 1) * span)
@@ -300,7 +315,7 @@ def attention_kernel(out, q, kv, tables, slots, positions):
     if nh % nkv != 0:
         raise ValueError("attention: query heads must be a multiple of kv heads")
     group = nh // nkv
-    blocks = _query_blocks(slots, positions, group)
+    blocks = _query_blocks(slots, positions, group, kv.k.shape[2])
     units, splits, parts, cost = _plan(blocks, positions, nkv, kv.k.shape[2])
     mq = 1
     for i in range(blocks.shape[0]):

@@ -15,8 +15,10 @@ from .cpu_math import JIT
 from .kv import INT8_MAX
 
 # The store compiles without fastmath: arcp would turn amax / 127 into amax * (1 / 127) and x * (1 / scale) into
-# x / scale, and the stored bytes must equal kv.encode's exactly.
-EXACT = {"cache": True, "error_model": "numpy"}
+# x / scale, and the stored bytes must equal kv.encode's exactly. fastmath=False is spelled out because Numba
+# otherwise inherits the caller's fastmath flag (CPUTargetOptions.finalize), so a fused layer compiled with fastmath
+# would compile these into different bytes.
+EXACT = {"cache": True, "error_model": "numpy", "fastmath": False}
 
 
 @intrinsic
