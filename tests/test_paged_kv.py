@@ -98,6 +98,31 @@ def test_batched_decode_of_caches_sharing_a_prefix(model):
         close(logits[i], model.logits(prompt + [20 + i, t])[-1])
 
 
+def test_a_prompt_gives_the_same_bits_whole_or_after_a_cached_prefix(tmp_path):
+    """What a prompt's logits are does not depend on what the cache held: after a shared prefix of whole blocks, in
+    CHUNK-row pieces, or as one row of a batch decode, each row gets the bits it gets alone (INT4 weights: their
+    GEMMs are row-invariant, and int8 activations turn the last bit into a different token on real models)."""
+    from tinyhun.model import CHUNK
+    from tinyhun.quantize import quantize_model
+    m = tinyhun.load(quantize_model(TINY, tmp_path / "q4", progress=False), kv_dtype="fp16")
+    prompt = ids_of(CHUNK + 3 * BLOCK + 5, seed=8)
+    whole = m.logits(prompt)
+    for cached in (BLOCK, 3 * BLOCK, CHUNK + BLOCK):
+        second = m.new_cache()
+        assert second.reuse(prompt[:cached]) == cached   # the blocks `whole` left in the pool
+        rest = np.empty((len(prompt) - cached, whole.shape[1]), np.float32)
+        np.testing.assert_array_equal(m.forward(second, prompt[cached:], out=rest), whole[cached:])
+    alone = m.new_cache()
+    m.forward(alone, prompt[:40])
+    want = m.forward(alone, [7])[0].copy()
+    others = m.new_caches(3)
+    for i, c in enumerate(others):
+        m.forward(c, ids_of(300 + 50 * i, seed=i))   # longer contexts beside it (one split along the keys)
+    batch = m.new_cache()
+    m.forward(batch, prompt[:40])
+    np.testing.assert_array_equal(m.forward_batch([others[0], batch, *others[1:]], [1, 7, 2, 3])[1], want)
+
+
 def test_caches_of_another_model_are_refused(model):
     other = tinyhun.load(TINY, kv_dtype="fp32")
     with pytest.raises(TinyhunError, match="another model"):
