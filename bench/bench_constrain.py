@@ -32,7 +32,8 @@ from bench_filter import time_decode                # noqa: E402
 from tinyhun.constrain import Constrained, Grammar  # noqa: E402
 from tinyhun.kernels.token_mask import apply_token_mask  # noqa: E402
 from tinyhun.sampling import make_sampler           # noqa: E402
-from tinyhun.server.scheduler import Engine, Job    # noqa: E402
+from tinyhun.server.jobs import Job                 # noqa: E402
+from tinyhun.server.scheduler import Engine         # noqa: E402
 
 SCHEMAS = [
     {"type": "object", "properties": {

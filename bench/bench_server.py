@@ -198,7 +198,7 @@ def bench_long_joiner(model, n_prompt, rounds):
     """(longest gap between the decoding job's tokens while the joiner prefills, the joiner's time to first token),
     chunked vs whole, median of `rounds`."""
     from tinyhun.sampling import make_sampler
-    from tinyhun.server import scheduler
+    from tinyhun.server import jobs, scheduler
     long = ids_of(model, " ".join(PROMPTS * 200))[:n_prompt]
     if len(long) < n_prompt:
         raise SystemExit(f"--long-joiner {n_prompt}: the sample text has only {len(long)} tokens")
@@ -215,11 +215,11 @@ def bench_long_joiner(model, n_prompt, rounds):
             if isinstance(step, Exception) or step.finish_reason:
                 done.set()
         try:
-            engine.submit(scheduler.Job(ids_of(model, PROMPTS[0]), lambda logits, h: 42, 250, decoding))
+            engine.submit(jobs.Job(ids_of(model, PROMPTS[0]), lambda logits, h: 42, 250, decoding))
             while len(stamps) < 5:
                 time.sleep(0.001)
             t0 = time.perf_counter()
-            engine.submit(scheduler.Job(long, make_sampler(), 1, lambda step: (first.append(time.perf_counter()),
+            engine.submit(jobs.Job(long, make_sampler(), 1, lambda step: (first.append(time.perf_counter()),
                                                                               joined.set())))
             joined.wait(120)
             done.wait(120)

@@ -8,9 +8,9 @@ from numba.extending import overload
 from . import cpu_matmul, q4_cpu, q8_cpu
 from .cpu_math import JIT, _n_chunks
 from .cpu_matmul import BLAS_T, _matmul
+from .cpu_simd import _fma, _lane, _load_f, _load_h, _reduce_f, _splat_f, _store_f
 from .linear import F32, LoRA, Q4, Q8, linear, rank_scratch
 from .q4 import ACT_BLOCK, TILE
-from .q4_cpu import _fma, _lane, _load_f, _reduce_f, _splat_f, _store_f
 
 
 def _f32(out, x, w, acts):
@@ -45,8 +45,8 @@ def _vec(a, off):
 @overload(_vec, inline="always")
 def _vec_ov(a, off):
     if a.dtype == types.uint16:
-        return lambda a, off: q4_cpu._load_h(a, off)
-    return lambda a, off: q4_cpu._load_f(a, off)
+        return lambda a, off: _load_h(a, off)
+    return lambda a, off: _load_f(a, off)
 
 
 @njit(cache=True, inline="always")

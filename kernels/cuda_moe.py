@@ -16,8 +16,9 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from .cuda_common import SHUFFLE, WARP, block_sum, launch, warp_sum
-from .cuda_linear import BM, DOWN, GEMV_ROWS, UP, dispatch, no_routing
-from .cuda_ref import shape
+from .cuda_gemm import DOWN, UP
+from .cuda_linear import GEMV_ROWS, dispatch, no_routing
+from .cuda_ref import BM, shape
 
 # experts scored at once per row; one warp under the simulator (its cost is its threads)
 ROUTER_WARPS = 4 if SHUFFLE else 1

@@ -1,4 +1,4 @@
-"""Numba CPU kernels for INT8 weights (format "q8_tiled16", see tinyhun.kernels.q8), on q4_cpu's vector intrinsics.
+"""Numba CPU kernels for INT8 weights (format "q8_tiled16", see tinyhun.kernels.q8), on cpu_simd's vector intrinsics.
 
 A 16-row x 4-k chunk of int8 codes is one VPDPBUSD operand. That instruction multiplies unsigned bytes by signed
 ones, so each chunk is loaded with its sign bit flipped (q ^ 0x80 = q + 128 as u8, one XOR) and the block's
@@ -12,10 +12,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .cpu_simd import U8, _check, _dot, _fma, _load64, _load_f, _load_h, _mul, _prefetch, _splat_f, _splat_i, _store_f
 from .q4 import ACT_BLOCK, TILE
-from .q4_cpu import (FEW_GROUP, GEMM_TOKENS, PREFETCH, U8, _check, _dot, _dot32, _fma, _launch, _load64,
-                     _load_f, _load_h, _mul, _prefetch, _quantize_acts, _splat_f, _splat_i, _store_f, _store_few,
-                     _store_tile)
+from .q4_cpu import FEW_GROUP, GEMM_TOKENS, PREFETCH, _dot32, _launch, _quantize_acts, _store_few, _store_tile
 from .q8 import check_matmul
 
 BLOCK_BYTES = ACT_BLOCK * TILE   # one 16-row x 32-k block of codes: 512 bytes, eight VPDPBUSD operands

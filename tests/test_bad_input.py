@@ -145,7 +145,7 @@ def test_a_prompt_that_is_not_utf8_is_refused_by_name(where):
 
 
 def test_utf8_bytes_escaped_by_an_ascii_locale_are_read_as_utf8():
-    from tinyhun.cli import text_arg
+    from tinyhun.cli_args import text_arg
     assert text_arg("h\udcc3\udca9llo", "the prompt") == "héllo"    # b"h\xc3\xa9llo" through surrogateescape
     assert text_arg("日本語", "the prompt") == "日本語"
 

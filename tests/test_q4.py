@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tinyhun.errors import TinyhunError
-from tinyhun.kernels import q4, q4_cpu
+from tinyhun.kernels import cpu_simd, q4, q4_cpu
 
 GROUPS = st.sampled_from(q4.GROUPS)
 
@@ -50,9 +50,9 @@ def check_safetensors_roundtrip(tmp_path, q, cls, dequantize):
 def check_dot_code_paths(vnni, monkeypatch, kernel, packed, xq, want):
     """kernel(packed, xq, out float32[16]) compiled afresh with VNNI on or off must write exactly `want`, and use
     VPDPBUSD only when on. Also used by test_q8.py."""
-    if vnni and not q4_cpu.VNNI:
+    if vnni and not cpu_simd.VNNI:
         pytest.skip("host has no AVX-512 VNNI")
-    monkeypatch.setattr(q4_cpu, "VNNI", vnni)   # read when the intrinsic is lowered, i.e. by a fresh compile
+    monkeypatch.setattr(cpu_simd, "VNNI", vnni)   # read when the intrinsic is lowered, i.e. by a fresh compile
     block = njit(kernel)
     out = np.empty(16, np.float32)
     block(packed, xq, out)
@@ -222,7 +222,7 @@ def test_integer_dot_both_code_paths(vnni, monkeypatch):
     """The VPDPBUSD intrinsic and its portable fallback compute the same exact u8 x s8 block dot product."""
     def block(packed, xq, out):
         v = q4_cpu._block_dot(-3, packed, 0, xq, 0)
-        q4_cpu._store_f(out, 0, q4_cpu._fma(q4_cpu._splat_f(0.0), v, q4_cpu._splat_f(1.0)))
+        cpu_simd._store_f(out, 0, cpu_simd._fma(cpu_simd._splat_f(0.0), v, cpu_simd._splat_f(1.0)))
 
     rng = np.random.default_rng(5)
     codes = rng.integers(0, 16, (16, 32), dtype=np.uint8)

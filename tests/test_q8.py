@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tinyhun.errors import TinyhunError
-from tinyhun.kernels import q4, q4_cpu, q8, q8_cpu
+from tinyhun.kernels import cpu_simd, q4, q4_cpu, q8, q8_cpu
 
 from test_q4 import check_dot_code_paths, check_rows_alone, check_safetensors_roundtrip, weights
 
@@ -188,10 +188,10 @@ def test_bad_input_raises():
 def test_integer_dot_both_code_paths(vnni, monkeypatch):
     """VPDPBUSD and its portable fallback give the same exact signed block dot product over the +128 codes."""
     def block(packed, xq, out):
-        v = q4_cpu._splat_i(-128 * np.int32(xq.astype(np.int32).sum()))
+        v = cpu_simd._splat_i(-128 * np.int32(xq.astype(np.int32).sum()))
         for c in range(8):
-            v = q4_cpu._dot(v, q8_cpu._load_codes(packed, 64 * c), xq, 4 * c)
-        q4_cpu._store_f(out, 0, q4_cpu._fma(q4_cpu._splat_f(0.0), v, q4_cpu._splat_f(1.0)))
+            v = cpu_simd._dot(v, q8_cpu._load_codes(packed, 64 * c), xq, 4 * c)
+        cpu_simd._store_f(out, 0, cpu_simd._fma(cpu_simd._splat_f(0.0), v, cpu_simd._splat_f(1.0)))
 
     rng = np.random.default_rng(5)
     codes = rng.integers(-128, 128, (16, 32), dtype=np.int8)

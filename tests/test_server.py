@@ -224,7 +224,8 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model, monkeypatch):
     from tinyhun.generation import generate_step
     from tinyhun.model import CHUNK
     from tinyhun.sampling import make_sampler
-    from tinyhun.server.scheduler import Engine, Job
+    from tinyhun.server.jobs import Job
+    from tinyhun.server.scheduler import Engine
     long = [int(i) for i in np.random.default_rng(5).integers(0, 400, 2 * CHUNK + 40)]
     # the single stream on a model of its own: its blocks in `model`'s pool would be found by the job's prefill
     want = list(generate_step(tinyhun.load(TINY), long, make_sampler(), 8))

@@ -16,7 +16,8 @@ from tinyhun.errors import TinyhunError
 from tinyhun.generation import generate_step
 from tinyhun.kernels.kv import BLOCK
 from tinyhun.sampling import make_sampler
-from tinyhun.server.scheduler import Engine, Job
+from tinyhun.server.jobs import Job
+from tinyhun.server.scheduler import Engine
 
 TINY = ROOT / "weights" / "tiny-hunyuan"
 BLOCKS = 8   # the pool: 256 tokens

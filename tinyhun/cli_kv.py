@@ -4,6 +4,7 @@ import re
 import sys
 import time
 
+from .cli_args import text_arg
 from .errors import TinyhunError
 
 
@@ -44,7 +45,6 @@ def pin_prompt_cache(model, args):
 
 def cmd_cache_prompt(args, load_model):
     from . import prompt_cache
-    from .cli import text_arg
     try:
         with open(args.file, encoding="utf-8") as f:
             text = text_arg(f.read(), args.file)

@@ -15,7 +15,7 @@ from ..generation import Step
 from ..sampling import make_sampler
 from ..tool_calls import format_for, prompt_messages
 from . import output, structured
-from .scheduler import Job, PromptLogprobs, QueueFull
+from .jobs import Job, PromptLogprobs, QueueFull
 from .schemas import ApiError, ChatRequest
 from .tokens import TokenAligned
 

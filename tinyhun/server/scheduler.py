@@ -29,7 +29,6 @@ the ids come down, not a logits row of the vocabulary per slot.
 """
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,58 +37,9 @@ from ..generation import Sequence, _LogProb, reuse_prompt
 from ..kernels.kv import BLOCK
 from ..kv_cache import KVMemoryFull, common_prefix
 from ..model import CHUNK
+from .jobs import Prefill, PromptLogprobs, QueueFull, Running
 
 PREFILL_BUDGET = CHUNK   # prompt tokens prefilled per turn of the loop (in whole pieces), between decode steps
-
-
-class QueueFull(Exception):
-    pass
-
-
-@dataclass
-class Job:
-    ids: list               # prompt token ids
-    sampler: object
-    max_tokens: int
-    emit: object            # called from the engine thread with each Step, a PromptLogprobs, or an Exception
-    stop: list = field(default_factory=list)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    prompt_logprobs: int | None = None   # the top n for every prompt position (legacy echo); None = off
-    model: object = None    # the Model to run (an adapter over the engine's); None: the engine's
-    cancelled: bool = False
-    resumed: object = None  # while a preempted job waits: its _Running, to go on with
-
-
-@dataclass
-class PromptLogprobs:
-    """For prompt positions 1..T-1: each token's logprob given the ones before it, and the n most likely there."""
-    logprobs: list
-    top: list
-
-
-@dataclass
-class _Prefill:
-    job: Job
-    cache: object
-    slot: int
-    reused: int = -1        # prompt tokens the cache already held (-1: not looked at yet)
-    done: int = 0           # prompt tokens in the cache so far
-    resume: object = None   # a preempted job's _Running: its prompt is job.ids + what it generated before
-
-
-@dataclass
-class _Running:
-    job: Job
-    cache: object
-    seq: Sequence
-    slot: int               # its row of the engine's logits
-    token: int = 0
-    picked: int | None = None   # its next token when the forward picked it (greedy, no logprobs)
-
-    def ids(self):
-        """What its cache holds before `token` runs: the prompt and every token generated but the last."""
-        return self.seq.history[:-1]
 
 
 class Engine:
@@ -107,7 +57,7 @@ class Engine:
         self._active = []                       # engine thread only, oldest first
         self.preempted = 0                      # jobs preempted for KV memory so far
         self._kept = deque()                    # engine thread only: finished jobs' caches, newest last
-        self._joining = deque()                 # engine thread only: _Prefills, first come first served
+        self._joining = deque()                 # engine thread only: Prefills, first come first served
         self._next = np.zeros((slots, model.config.vocab_size), np.float32)   # each slot's next-token logits
         self._waiting = deque()
         self._load = 0                          # jobs waiting or running
@@ -230,7 +180,7 @@ class Engine:
             return self._done(job)
         job.model = job.model or self.model
         resume, job.resumed = job.resumed, None
-        self._joining.append(_Prefill(job, self._cache_for(job), self._free.pop(), resume=resume))
+        self._joining.append(Prefill(job, self._cache_for(job), self._free.pop(), resume=resume))
 
     def _prefill(self):
         """Pieces of the joining jobs' prompts until PREFILL_BUDGET tokens have run; a job whose prompt is all in
@@ -280,7 +230,7 @@ class Engine:
                 continue
             seq = Sequence(self.model.tokenizer, job.ids, job.sampler, job.max_tokens, job.stop, job.logprobs,
                            job.top_logprobs, p.reused, self.model.config.vocab_size)
-            r = _Running(job, cache, seq, p.slot, picked=picked)
+            r = Running(job, cache, seq, p.slot, picked=picked)
             if picked is None:
                 self._next[r.slot] = logits
             if self._sample(r):   # its first token goes out now, not after the other joiners' prefills
@@ -398,5 +348,3 @@ class Engine:
 def _picks_there(job):
     """A job whose tokens the forward can pick: greedy on the raw logits, and no logprobs wanted."""
     return not job.logprobs and not job.top_logprobs and getattr(job.sampler, "greedy", False)
-
-
