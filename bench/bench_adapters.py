@@ -21,11 +21,11 @@ import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eval import fp32_folder  # noqa: E402
+from bench_eval import fp32_folder
 
-import tinyhun  # noqa: E402
-from tinyhun.adapters import PARENT  # noqa: E402
-from tinyhun.hub import default_model_dir  # noqa: E402
+import tinyhun
+from tinyhun.adapters import PARENT
+from tinyhun.hub import default_model_dir
 
 
 def write_adapter(folder, cfg, targets, r, seed=0):
@@ -98,7 +98,8 @@ def main():
     for name, s in med.items():
         base = peer[name.split()[0]]
         bare = 'int4 bare' if name.startswith('int4') else 'fp32 merged all 7'
-        print(f"{name:20s} {1 / s:7.1f} tok/s   {1000 * s:6.2f} ms/token   x{s / base:.3f} of {bare.rsplit(' all', 1)[0]}"
+        print(f"{name:20s} {1 / s:7.1f} tok/s   {1000 * s:6.2f} ms/token   "
+              f"x{s / base:.3f} of {bare.rsplit(' all', 1)[0]}"
               f"   (fastest round: x{best[name] / best[bare]:.3f})")
 
 

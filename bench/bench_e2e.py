@@ -75,7 +75,8 @@ def tinyhun_bench(model_dir, kernels, args):
     cmd = [sys.executable, "-m", "tinyhun.cli", "bench", "--model", model_dir, "--json", "--quiet",
            "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
            "--repetitions", str(args.repetitions)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TINYHUN_KERNELS": kernels})
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env={**os.environ, "TINYHUN_KERNELS": kernels})
     return json.loads(out.stdout)
 
 

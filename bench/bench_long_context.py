@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bandwidth import read_bandwidth  # noqa: E402
-from bench_moe import DENSE, random_model  # noqa: E402
+from bandwidth import read_bandwidth
+from bench_moe import DENSE, random_model
 
-from tinyhun import Model  # noqa: E402
-from tinyhun.bench import bench, peak_rss_mb  # noqa: E402
+from tinyhun import Model
+from tinyhun.bench import bench, peak_rss_mb
 
 
 def model_of(kind, context):

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bandwidth import read_bandwidth  # noqa: E402
+from bandwidth import read_bandwidth
 
-from tinyhun import Model  # noqa: E402
-from tinyhun.bench import timed_run  # noqa: E402
-from tinyhun.families import config_from_dict, family_of  # noqa: E402
-from tinyhun.kernels import q4, q8  # noqa: E402
-from tinyhun.moe_stats import collect  # noqa: E402
+from tinyhun import Model
+from tinyhun.bench import timed_run
+from tinyhun.families import config_from_dict, family_of
+from tinyhun.kernels import q4, q8
+from tinyhun.moe_stats import collect
 
 DENSE = dict(model_type="hunyuan_v1_dense", vocab_size=120818, hidden_size=1024, intermediate_size=3584,
              num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
@@ -67,7 +67,7 @@ def random_model(config, rng):
 def params(model, active):
     cfg = model.config
     total = sum(int(np.prod(s)) for s in family_of(cfg).checkpoint_shapes(cfg).values())
-    if not active or not hasattr(cfg, "num_experts"):
+    if not active or not cfg.has_experts:
         return total
     return total - sum((E - k) * 3 * cfg.hidden_size * Ie
                        for E, k, Ie in zip(cfg.num_experts, cfg.moe_topk, cfg.moe_intermediate_size))

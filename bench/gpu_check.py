@@ -30,7 +30,7 @@ import numpy as np
 from tinyhun.kernels.kv import BLOCK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_models import ROOT, kv_token_bytes, random_model, tiny_checkpoint  # noqa: E402
+from gpu_models import ROOT, kv_token_bytes, random_model, tiny_checkpoint
 
 SMOLLM2 = Path.home() / ".cache" / "tinyhun" / "models" / "SmolLM2-135M-Instruct"
 HUNYUAN_05B = dict(vocab_size=120818, hidden_size=1024, intermediate_size=3584, num_layers=24, num_heads=16,
@@ -223,7 +223,8 @@ def report(res):
     lines = [f"# tinyhun gpu_check on {res['device']}", ""]
     if "gemv_int4" in res:
         g = res["gemv_int4"]
-        lines.append(f"- INT4 GEMV [{g['n']}x{g['k']}]: {g['gb_s']:.1f} GB/s = {100 * g['gb_s'] / res['copy_gb_s']:.0f} "
+        lines.append(f"- INT4 GEMV [{g['n']}x{g['k']}]: {g['gb_s']:.1f} GB/s = "
+                     f"{100 * g['gb_s'] / res['copy_gb_s']:.0f} "
                      f"% of the measured device copy ({res['copy_gb_s']:.1f} GB/s)")
     for name, r in {**res.get("decode", {}), **res.get("transformers", {})}.items():
         extra = (f", {r['launches_per_token']} kernels and {r['host_launches_per_token']} host launches/token"

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as T
 
 SHAPE = dict(hidden=1024, layers=24, heads=16, kv_heads=8, head_dim=128, ffn=3584, vocab=120818, context=32768,
              rms_eps=1e-5, ntk_alpha=1000.0)
-FIRST_CONTROL, BOS, PAD, EOS = 120000, 120000, 120002, 120020   # Hunyuan's hy_ vocabulary (HUNYUAN_SPEC.md)
+FIRST_CONTROL, BOS, PAD, EOS = 120000, 120000, 120002, 120020   # Hunyuan's hy_ vocabulary's ids
 ARCH = "llama"
 
 

@@ -9,7 +9,7 @@ sums (they synchronize).
 import threading
 from contextlib import contextmanager
 
-from numba import cuda, float32
+from numba import cuda
 
 WARP = 32
 SHUFFLE = hasattr(cuda, "shfl_xor_sync")   # False under the simulator

@@ -37,11 +37,11 @@ from pathlib import Path
 
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
-import llvmlite  # noqa: E402
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-from llvmlite import binding as llvm  # noqa: E402
-from numba.core import config  # noqa: E402
+import llvmlite
+import numba
+import numpy as np
+from llvmlite import binding as llvm
+from numba.core import config
 
 
 def _package_dirs():

@@ -118,7 +118,8 @@ def test_no_constraint_keeps_the_plain_sampler(tiny):
 def test_reasoning_is_free_until_think_closes(tiny):
     """The constraint waits for </think> when the prompt leaves the think block to the model."""
     tok = tiny.tokenizer
-    script = tok.encode("<think>\nlet me see\n</think>", add_special_tokens=False) + tok.encode("no", add_special_tokens=False)
+    script = (tok.encode("<think>\nlet me see\n</think>", add_special_tokens=False)
+              + tok.encode("no", add_special_tokens=False))
     seen = []
 
     def scripted(logits, history):

@@ -4,7 +4,8 @@ fp16 rounds every stored key and value to 11 significant bits (relative error <=
 head vector as 127 steps of its largest entry. Measured on the six tiny oracle configurations at 37 and 300
 tokens (fp32 KV: 1.7e-7..5.3e-7 of the largest logit): fp16 KV 0.85e-4..2.5e-4, int8 KV 2.2e-3..5.6e-3. The bounds
 stated here: fp16 2^-11 (its own unit roundoff: an error no larger than one rounding of the logits themselves),
-int8 1e-2. On SmolLM2 and real English text (see the tests below) int8 KV keeps the perplexity within 0.5 % of fp32 KV's.
+int8 1e-2. On SmolLM2 and real English text (see the tests below) int8 KV keeps the perplexity within 0.5 % of fp32
+KV's.
 """
 import os
 
@@ -53,7 +54,7 @@ def _on_text(folder, kinds):
 @pytest.mark.slow
 def test_fp16_and_int8_kv_on_real_text(smollm2_dir):
     """The KV storage's own cost, on SmolLM2's fp32 weights (fp32 activations: nothing else rounds). Measured:
-    fp16 100 % of fp32 KV's greedy choices, perplexity +0.01 %; int8 98.3 % and -0.04 %. The issue's int8 target
+    fp16 100 % of fp32 KV's greedy choices, perplexity +0.01 %; int8 98.3 % and -0.04 %. The int8 KV's target
     of 99 % agreement is not met (its error is K's: 127 steps per head vector, per 32 or per 16 values alike, and
     smoothing K's channels did not help); the perplexity target (+0.5 %) is."""
     got = _on_text(smollm2_dir, ("fp32", "fp16", "int8"))

@@ -35,7 +35,8 @@ def test_compiled_layer_equals_reference(qk_norm, fmt):
     rng = np.random.default_rng(int(qk_norm))
     H, nh, nkv, d, inter, S = 64, 4, 2, 16, 96, 12
     lw = make_layer(rng, H, nh, nkv, d, inter, qk_norm, fmt)
-    cfg = SimpleNamespace(hidden_size=H, intermediate_size=inter, q_dim=nh * d, kv_dim=nkv * d)
+    cfg = SimpleNamespace(hidden_size=H, intermediate_size=inter, q_dim=nh * d, kv_dim=nkv * d,
+                          has_experts=False)
     dims = Dims(nh, nkv, d, 1e-6)
     family = hunyuan_v1_dense if qk_norm else llama
     runs = {"ref": family.decoder_layer, "numba": NumbaBackend().layer(family)}

@@ -79,8 +79,8 @@ def test_chat_greedy_equals_the_library(client, model):
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.9, seed=11, top_p=0.9),
-                                dict(temperature=1.2, seed=3, extra_body={"top_k": 40, "min_p": 0.05}, presence_penalty=0.5,
-                                     frequency_penalty=0.3),
+                                dict(temperature=1.2, seed=3, extra_body={"top_k": 40, "min_p": 0.05},
+                                     presence_penalty=0.5, frequency_penalty=0.3),
                                 dict(temperature=0, max_completion_tokens=20, stop=["ab", "cd"])])
 def test_chat_stream_equals_whole_for_a_seed(client, kw):
     kw = {"max_tokens": 40, **kw}

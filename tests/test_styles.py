@@ -5,7 +5,7 @@ from tinyhun.errors import TinyhunError
 from tinyhun.styles import DEFAULT_TEMPERATURE, STYLES, check_temperature, style_prompt, system_prompt
 
 
-def test_the_issue_styles_exist_and_differ():
+def test_the_three_styles_exist_and_differ():
     assert {"formal", "casual", "friendly"} <= set(STYLES)
     assert len(set(STYLES.values())) == len(STYLES) and all(STYLES.values())
     assert style_prompt("formal") == STYLES["formal"]

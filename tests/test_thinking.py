@@ -3,15 +3,17 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from oracle import ROOT
-from tinyhun.thinking import NO_THINK_PREFIX, THINK_PREFIX, ThinkSplitter, template_switches_thinking, \
-    think_prompt_args, thinking_switch
+from tinyhun.families.hunyuan_v1_dense import THINK_SWITCH
+from tinyhun.thinking import ThinkSplitter, template_switches_thinking, think_prompt_args, thinking_switch
 from tinyhun.tokenizer import Tokenizer
 
 TINY = ROOT / "weights" / "tiny-hunyuan"
+THINK_PREFIX, NO_THINK_PREFIX = THINK_SWITCH
 
 
 def reference(text):
-    """(reasoning, content) of a whole reply, written from the rules (spec 4.2 output format)."""
+    """(reasoning, content) of a whole reply, written from the rules of the output format (a think block, then the
+    answer, optionally in an answer block)."""
     def answer(s):   # s starts right after <answer>
         j = s.find("</answer>")
         return s.strip() if j < 0 else s[:j].strip() + s[j + len("</answer>"):].lstrip()

@@ -21,7 +21,8 @@ MAX_HEADER = 100 << 20   # the format caps headers at 100 MB
 
 
 class SafetensorsFile:
-    """One .safetensors file: `names`, `metadata`, `dtype(name)`, `shape(name)`, `get(name)` (a read-only memmap view)."""
+    """One .safetensors file: `names`, `metadata`, `dtype(name)`, `shape(name)`, `get(name)` (a read-only memmap
+    view)."""
 
     def __init__(self, path):
         self.path = Path(path)

@@ -1,7 +1,8 @@
 """Importing a GGUF file (llama.cpp's format) as an HF-format folder that tinyhun and transformers both load.
 
 The `gguf` package parses the file; this module maps its Llama metadata to a LlamaConfig-style config.json, its
-tensors to HF names (dequantized to fp32, Q/K rows un-permuted), and its vocabulary to a tokenizer.json.
+tensors to HF names (the family's GGUF_NAMES: tinyhun/families; dequantized to fp32, Q/K rows un-permuted), and
+its vocabulary to a tokenizer.json.
 `read_gguf` also hands out each tensor's raw blocks, row by row, so a later importer can keep Q4 weights packed.
 """
 import functools
@@ -15,11 +16,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from tqdm import tqdm
 
 from .errors import TinyhunError
-from .families import config_from_dict, family_of
+from .families import config_from_dict, family_of, gguf_family
 from .folders import atomic_folder, check_destination, write_checkpoint, write_json
 from .kernels import q4, q8
-
-SUPPORTED_ARCHS = ("llama",)
 
 # tokenizer.ggml.pre -> how llama.cpp splits text before BPE, as a `tokenizers` pre-tokenizer.
 # transformers' GGUF converter ignores "smollm" (plain GPT-2 split); llama.cpp and SmolLM's own tokenizer.json
@@ -48,13 +47,7 @@ PRE_TOKENIZERS = {  # name -> (pre-tokenizer factory, BPE ignore_merges as llama
 }
 CONTROL, USER_DEFINED = 3, 4   # tokenizer.ggml.token_type values
 
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                "attn_output": "self_attn.o_proj",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")   # llama.cpp's per-layer names
 
 
 @dataclass(frozen=True)
@@ -136,9 +129,7 @@ def _f32(x) -> float:
 
 def llama_config(g: GGUFFile) -> dict:
     """config.json as transformers' LlamaConfig writes it (plus the legacy rope_theta/torch_dtype keys)."""
-    if g.architecture not in SUPPORTED_ARCHS:
-        raise TinyhunError(f"{g.path}: general.architecture {g.architecture!r} is not supported "
-                           f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    family = gguf_family(g.architecture, f"{g.path}: general.architecture")
 
     def need(key):
         v = g.arch_key(key)
@@ -161,7 +152,7 @@ def llama_config(g: GGUFFile) -> dict:
         raise TinyhunError(f"{g.path}: no tensor token_embd.weight")
     theta = _f32(g.arch_key("rope.freq_base", 10000.0))
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"], "model_type": family.MODEL_TYPE,
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "hidden_act": "silu",
         "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
         "hidden_size": hidden, "intermediate_size": need("feed_forward_length"),
@@ -182,13 +173,14 @@ def llama_config(g: GGUFFile) -> dict:
     return cfg
 
 
-def hf_name(gguf_name: str):
-    """The HF Llama name of a GGUF tensor, or None when it has none (e.g. rope_freqs.weight)."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def hf_name(family, gguf_name: str):
+    """The checkpoint (HF) name of a GGUF tensor in the family's naming (its GGUF_NAMES, GGUF_LAYER_NAMES), or
+    None when it has none (e.g. rope_freqs.weight)."""
+    if gguf_name in family.GGUF_NAMES:
+        return family.GGUF_NAMES[gguf_name]
     m = _LAYER_RE.fullmatch(gguf_name)
-    if m and m[2] in _LAYER_NAMES:
-        return f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.weight"
+    if m and m[2] in family.GGUF_LAYER_NAMES:
+        return f"model.layers.{m[1]}.{family.GGUF_LAYER_NAMES[m[2]]}.weight"
     return None
 
 
@@ -196,11 +188,13 @@ def tensor_plan(g: GGUFFile, cfg: dict) -> list:
     """[(hf_name, GGUFTensor, heads)] for every tensor, checked against the family's shape table for the config;
     `heads` is the head count to un-permute rows with (q_proj, k_proj), else None."""
     config = config_from_dict(cfg, str(g.path))
-    expected, plan = family_of(config).checkpoint_shapes(config), []
+    family = family_of(config)
+    expected, plan = family.checkpoint_shapes(config), []
     for t in g.tensors.values():
-        name = hf_name(t.name)
+        name = hf_name(family, t.name)
         if name not in expected:
-            raise TinyhunError(f"{g.path}: tensor {t.name} has no place in a Llama model with this config")
+            raise TinyhunError(f"{g.path}: tensor {t.name} has no place in a {family.MODEL_TYPE} model with this "
+                               "config")
         if t.shape != expected[name]:
             raise TinyhunError(f"{g.path}: tensor {t.name} has shape {list(t.shape)}, "
                                f"expected {list(expected[name])}")

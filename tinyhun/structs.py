@@ -128,7 +128,7 @@ class Buffers(NamedTuple):
         H, I = cfg.hidden_size, cfg.intermediate_size
         widest = max(H, cfg.q_dim, I)
         moe, act_rows = (), rows
-        if getattr(cfg, "num_experts", None):   # its experts' widths may exceed I; decode rounds k experts' inputs
+        if cfg.has_experts:   # its experts' widths may exceed I; decode rounds k experts' inputs
             moe = MoEScratch.allocate(cfg, rows)
             widest = max(widest, *cfg.moe_intermediate_size)
             act_rows = max(rows, *cfg.moe_topk)

@@ -17,8 +17,9 @@ STYLES: dict[str, str] = {
                  "customer feels, be encouraging and patient, and make sure they know what to do next."),
 }
 
-# Customer-service replies should be predictable, so the chat samples cooler than Tencent's recommended 0.7
-# (spec 4.3) by default; the issue fixes 0.3 as that default and 0.1-1.0 as the range a user may choose.
+# Customer-service replies should be predictable, so the chat samples cooler by default than the 0.7 of Tencent's
+# recommended sampling settings. A user may choose 0.1-1.0: below it sampling is all but greedy, above it the
+# distribution is flattened past the model's own (0 stays allowed for deterministic tests: check_temperature).
 DEFAULT_TEMPERATURE = 0.3
 TEMPERATURE_RANGE = (0.1, 1.0)
 

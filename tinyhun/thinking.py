@@ -1,16 +1,19 @@
-"""Thinking models (spec 4.2): switching thinking on or off in the prompt, and splitting a reply into its
-reasoning and its answer as the text streams.
+"""Thinking models: switching thinking on or off in the prompt, and splitting a reply into its reasoning and its
+answer as the text streams.
+
+How thinking is switched is the model's: its chat template's `enable_thinking` variable, else the prefixes its
+family's vocabulary was trained on (a family's THINK_SWITCH, found by its VOCAB_MARKERS: tinyhun/families).
 
 Hunyuan-0.5B/1.8B/4B-Instruct answer `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` by default. The
 reasoning is the inside of the think block; the content is the rest with the `<answer>` wrapper removed. A reply
 that does not open with a think (or answer) block is all content, passed through unchanged.
 """
 from .errors import TinyhunError
+from .families import vocabulary_family
 from .generation import held_back
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-THINK_PREFIX, NO_THINK_PREFIX = "/think", "/no_think"   # Hunyuan's switches at the start of a user message
 
 # Splitter states. START and the two AFTER states wait for the first non-blank text to see whether it opens a
 # block; THINK and ANSWER run to their closing tag; CONTENT passes everything through.
@@ -104,10 +107,6 @@ class ThinkSplitter:
         self._state, self._buf, self._fresh = state, buf, True
 
 
-# A control token of each Hunyuan vocabulary (spec 4.1): the models trained on the /think, /no_think prefixes.
-HUNYUAN_MARKERS = ("<｜hy_User｜>", "<|extra_0|>")
-
-
 def template_switches_thinking(tokenizer) -> bool:
     """Whether the chat template reads `enable_thinking` (its render changes with it)."""
     probe = [{"role": "user", "content": "hi"}]
@@ -118,33 +117,41 @@ def template_switches_thinking(tokenizer) -> bool:
         return False
 
 
+def prefix_switch(tokenizer):
+    """The (on, off) user-message prefixes the tokenizer's family switches thinking with, or None."""
+    family = vocabulary_family(tokenizer)
+    return getattr(family, "THINK_SWITCH", None)
+
+
 def thinking_switch(tokenizer) -> str | None:
     """How thinking is switched for this tokenizer: "template" (its enable_thinking variable), "prefix"
-    (a Hunyuan vocabulary whose template lacks the variable: /think, /no_think), or None (no switch known: a model
-    that does not think, e.g. SmolLM2, whose user text must not get Hunyuan's prefixes)."""
+    (a vocabulary whose family has prefixes, e.g. Hunyuan's /think, /no_think, and whose template lacks the
+    variable), or None (no switch known: a model that does not think, e.g. SmolLM2, whose user text must not get
+    Hunyuan's prefixes)."""
     if template_switches_thinking(tokenizer):
         return "template"
-    if any(len(tokenizer.encode(m, add_special_tokens=False)) == 1 for m in HUNYUAN_MARKERS):
+    if prefix_switch(tokenizer):
         return "prefix"
     return None
 
 
 def think_prompt_args(tokenizer, messages: list[dict], think: bool | None) -> tuple[list[dict], dict]:
     """(messages, template variables) that turn thinking on (True) or off (False), or leave the model's default
-    (None): the template's `enable_thinking` variable when it has one, else for a Hunyuan vocabulary the `/think` /
-    `/no_think` prefix on the last user message (the other messages are left as they are, so a conversation
-    renders the same way turn after turn and its KV cache stays reusable); unchanged when the model has no switch."""
+    (None): the template's `enable_thinking` variable when it has one, else the family's prefix (Hunyuan's `/think`
+    / `/no_think`) on the last user message (the other messages are left as they are, so a conversation renders the
+    same way turn after turn and its KV cache stays reusable); unchanged when the model has no switch."""
     messages = list(messages)
     switch = None if think is None else thinking_switch(tokenizer)
     if switch == "template":
         return messages, {"enable_thinking": bool(think)}
     if switch == "prefix":
-        prefix = THINK_PREFIX if think else NO_THINK_PREFIX
+        prefixes = prefix_switch(tokenizer)
+        prefix = prefixes[0] if think else prefixes[1]
         for i in range(len(messages) - 1, -1, -1):
             m = messages[i]
             if m.get("role") == "user":
                 text = m.get("content") or ""
-                if not text.startswith((THINK_PREFIX, NO_THINK_PREFIX)):
+                if not text.startswith(prefixes):
                     messages[i] = {**m, "content": prefix + text}
                 break
     return messages, {}

@@ -2,7 +2,8 @@
 
 A folder has either tokenizer.json (the "hy_" vocabulary of Hunyuan-0.5B/1.8B/4B, read by the `tokenizers`
 library) or hy.tiktoken (the older Hunyuan-7B/A13B vocabulary, converted to the same library by
-tinyhun.tiktoken_bpe). The chat template is rendered with jinja2 exactly as apply_chat_template does.
+tinyhun.tiktoken_bpe). The chat template is rendered with jinja2 exactly as apply_chat_template does; a folder
+without one gets its vocabulary's built-in template from the model families (tinyhun/families).
 """
 import json
 from datetime import datetime
@@ -14,52 +15,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as Backend
 
 from tinyhun.errors import TinyhunError, unreadable
+from tinyhun.families import chat_templates, end_tokens
 from tinyhun.tiktoken_bpe import tokenizer_from_tiktoken
 
 # The named special tokens transformers passes to chat templates as variables (its special_tokens_map).
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# Tokens that end an answer whichever config names them: the end of turn of each Hunyuan format (and ChatML),
-# and the end-of-text tokens, which a model may emit instead.
-END_TOKENS = ("<｜hy_place▁holder▁no▁2｜>", "<｜hy_end▁of▁sentence｜>", "<|eos|>", "<|endoftext|>", "<|im_end|>")
-
-# Built-in templates for folders whose tokenizer_config.json has none, written in the same jinja dialect.
-# Hunyuan-0.5B/1.8B/4B format (spec 4.2).
-HY_TEMPLATE = """\
-{%- set ns = namespace(system='') -%}
-{%- for m in messages if m['role'] == 'system' -%}
-    {%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m['content'] -%}
-{%- endfor -%}
-{{- '<｜hy_begin▁of▁sentence｜>' + ns.system + ('<｜hy_place▁holder▁no▁3｜>' if ns.system else '') -}}
-{%- for m in messages if m['role'] != 'system' -%}
-    {%- if m['role'] == 'user' -%}{{- '<｜hy_User｜>' + m['content'] -}}
-    {%- elif m['role'] == 'assistant' -%}{{- '<｜hy_Assistant｜>' + m['content'] + '<｜hy_place▁holder▁no▁2｜>' -}}
-    {%- else -%}{{- raise_exception('unsupported role: ' + m['role']) -}}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<｜hy_Assistant｜>' -}}
-    {%- if enable_thinking is defined and not enable_thinking -%}{{- '<think>\\n\\n</think>\\n' -}}{%- endif -%}
-{%- else -%}{{- '<｜hy_place▁holder▁no▁8｜>' -}}
-{%- endif -%}
-"""
-# Hunyuan-7B/A13B tiktoken format (spec 4.1, the A13B template without tools): a system prompt opens the
-# first turn, every other user turn opens with <|startoftext|>; the model answers right after <|extra_0|>.
-OLD_TEMPLATE = """\
-{%- for m in messages -%}
-    {%- if m['role'] == 'system' and loop.first -%}{{- '<|startoftext|>' + m['content'] + '<|extra_4|>' -}}
-    {%- elif m['role'] == 'user' -%}
-        {{- ('' if loop.index0 == 1 and messages[0]['role'] == 'system' else '<|startoftext|>') -}}
-        {{- m['content'] + '<|extra_0|>' -}}
-    {%- elif m['role'] == 'assistant' -%}{{- m['content'] + '<|eos|>' -}}
-    {%- else -%}{{- raise_exception('unsupported role: ' + m['role']) -}}
-    {%- endif -%}
-{%- endfor -%}
-{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n' -}}{%- endif -%}
-"""
-FALLBACKS = (  # (tokens the vocabulary must have, template)
-    (("<｜hy_User｜>", "<｜hy_Assistant｜>", "<｜hy_place▁holder▁no▁2｜>"), HY_TEMPLATE),
-    (("<|startoftext|>", "<|extra_4|>", "<|extra_0|>", "<|eos|>"), OLD_TEMPLATE),
-)
+# Tokens that end an answer whichever config names them, besides the families' own (families.end_tokens): the
+# end-of-text token and ChatML's end of turn, which many vocabularies share and a model may emit instead.
+END_TOKENS = ("<|endoftext|>", "<|im_end|>")
 
 
 def _raise_exception(message):
@@ -172,14 +135,14 @@ class Tokenizer:
         stops = set(_id_list(gen_cfg.get("eos_token_id"), gen_path, "eos_token_id"))
         for field in ("eos_token_id", "eod_token_id"):
             stops.update(_id_list(model_cfg.get(field), cfg_path, field))
-        for text in (tokens.get("eos_token"),) + END_TOKENS:
+        for text in (tokens.get("eos_token"),) + end_tokens() + END_TOKENS:
             if text is not None and backend.token_to_id(text) is not None:
                 stops.add(backend.token_to_id(text))
 
         text, source = _file_template(folder, tok_cfg)
         if text is None:
-            has = lambda t: backend.token_to_id(t) is not None  # noqa: E731
-            text = next((tmpl for needed, tmpl in FALLBACKS if all(map(has, needed))), None)
+            text = next((tmpl for needed, tmpl in chat_templates()
+                         if all(backend.token_to_id(t) is not None for t in needed)), None)
             source = "built-in template"
         try:
             template = None if text is None else _jinja_env().from_string(text)

@@ -21,8 +21,8 @@ import uuid
 
 from .constrain import lark_json, lark_literal
 from .errors import TinyhunError
+from .families.hunyuan_v1_dense import VOCAB_MARKERS as HUNYUAN_MARKERS
 from .generation import held_back
-from .thinking import HUNYUAN_MARKERS
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for a function name
 CHOICES = ("none", "auto", "required")

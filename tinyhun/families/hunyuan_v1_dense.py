@@ -5,9 +5,57 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from . import llama
-from .llama import decoder_layer  # noqa: F401  (the same block order)
 
 MODEL_TYPE = "hunyuan_v1_dense"
+
+# Hunyuan's two vocabularies, recognised by their tokens (tinyhun.tokenizer and tinyhun.thinking ask the families):
+# the "hy_" one of Hunyuan-0.5B/1.8B/4B (tokenizer.json) and the tiktoken one of Hunyuan-7B/A13B (hy.tiktoken).
+# Built-in chat templates for folders whose tokenizer_config.json has none, in transformers' jinja dialect.
+# The hy_ format: system text first, then <｜hy_User｜>/<｜hy_Assistant｜> turns, each answer closed by
+# placeholder 2, the end of turn; enable_thinking=false pre-fills an empty think block, as Tencent's template does.
+HY_TEMPLATE = """\
+{%- set ns = namespace(system='') -%}
+{%- for m in messages if m['role'] == 'system' -%}
+    {%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m['content'] -%}
+{%- endfor -%}
+{{- '<｜hy_begin▁of▁sentence｜>' + ns.system + ('<｜hy_place▁holder▁no▁3｜>' if ns.system else '') -}}
+{%- for m in messages if m['role'] != 'system' -%}
+    {%- if m['role'] == 'user' -%}{{- '<｜hy_User｜>' + m['content'] -}}
+    {%- elif m['role'] == 'assistant' -%}{{- '<｜hy_Assistant｜>' + m['content'] + '<｜hy_place▁holder▁no▁2｜>' -}}
+    {%- else -%}{{- raise_exception('unsupported role: ' + m['role']) -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<｜hy_Assistant｜>' -}}
+    {%- if enable_thinking is defined and not enable_thinking -%}{{- '<think>\\n\\n</think>\\n' -}}{%- endif -%}
+{%- else -%}{{- '<｜hy_place▁holder▁no▁8｜>' -}}
+{%- endif -%}
+"""
+# The tiktoken format (Hunyuan-A13B's own template without its tools part): a system prompt opens the first
+# turn, every other user turn opens with <|startoftext|>; the model answers right after <|extra_0|>.
+OLD_TEMPLATE = """\
+{%- for m in messages -%}
+    {%- if m['role'] == 'system' and loop.first -%}{{- '<|startoftext|>' + m['content'] + '<|extra_4|>' -}}
+    {%- elif m['role'] == 'user' -%}
+        {{- ('' if loop.index0 == 1 and messages[0]['role'] == 'system' else '<|startoftext|>') -}}
+        {{- m['content'] + '<|extra_0|>' -}}
+    {%- elif m['role'] == 'assistant' -%}{{- m['content'] + '<|eos|>' -}}
+    {%- else -%}{{- raise_exception('unsupported role: ' + m['role']) -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n' -}}{%- endif -%}
+"""
+CHAT_TEMPLATES = (  # (tokens the vocabulary must have, template)
+    (("<｜hy_User｜>", "<｜hy_Assistant｜>", "<｜hy_place▁holder▁no▁2｜>"), HY_TEMPLATE),
+    (("<|startoftext|>", "<|extra_4|>", "<|extra_0|>", "<|eos|>"), OLD_TEMPLATE),
+)
+# The end of turn of each format, and the hy_ end of sentence a model may emit instead
+END_TOKENS = ("<｜hy_place▁holder▁no▁2｜>", "<｜hy_end▁of▁sentence｜>", "<|eos|>")
+# A control token of each vocabulary: a model that has one was trained on THINK_SWITCH
+VOCAB_MARKERS = ("<｜hy_User｜>", "<|extra_0|>")
+# Prefixes of a user message that switch thinking on and off (Tencent's model cards), for templates that do not
+# read enable_thinking
+THINK_SWITCH = ("/think", "/no_think")
 
 
 @dataclass(frozen=True)
@@ -42,6 +90,9 @@ class Config(llama.Config):
                 raise f.error(f"rope alpha={alpha!r}: expected a positive number")
             return float(p["rope_theta"]) * float(alpha) ** (head_dim / (head_dim - 2))
         raise f.error(f"rope type {kind!r} is not supported (supported: default, dynamic with alpha)")
+
+
+decoder_layer = llama.decoder_layer   # the same block order
 
 
 def checkpoint_shapes(cfg):

@@ -17,9 +17,12 @@ from ..kernels.linear import F32, as_linear
 from ..kernels.moe import stack_linears
 from ..structs import DenseMLP, MoEMLP
 from . import hunyuan_v1_dense
-from .llama import decoder_layer, read_dense_mlp  # noqa: F401  (the same block order; blocks.mlp picks the MoE block)
+from .llama import read_dense_mlp
 
 MODEL_TYPE = "hunyuan_v1_moe"
+# Hunyuan-A13B speaks the dense family's tiktoken vocabulary
+CHAT_TEMPLATES, END_TOKENS = hunyuan_v1_dense.CHAT_TEMPLATES, hunyuan_v1_dense.END_TOKENS
+VOCAB_MARKERS, THINK_SWITCH = hunyuan_v1_dense.VOCAB_MARKERS, hunyuan_v1_dense.THINK_SWITCH
 FLOAT_MATRICES = ("mlp.gate.wg.weight",)   # the router stays fp32 in a quantized checkpoint, as transformers keeps it
 
 
@@ -29,6 +32,10 @@ class Config(hunyuan_v1_dense.Config):
     moe_topk: tuple = ()                # k of each layer
     moe_intermediate_size: tuple = ()   # Ie of each layer
     num_shared_expert: tuple = ()       # shared MLPs of each layer: 0 or 1 (width intermediate_size)
+
+    @property
+    def has_experts(self):
+        return bool(self.num_experts)
 
     @staticmethod
     def check(f):
@@ -60,6 +67,9 @@ class Config(hunyuan_v1_dense.Config):
                 raise f.error(f"layer {i}: num_shared_expert {n} is not supported (expected 0 or 1)")
         return dataclasses.replace(cfg, num_experts=experts, moe_topk=topk, moe_intermediate_size=width,
                                    num_shared_expert=shared)
+
+
+decoder_layer = hunyuan_v1_dense.decoder_layer   # the same block order; blocks.mlp picks the MoE block
 
 
 def checkpoint_shapes(cfg):

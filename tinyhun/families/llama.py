@@ -13,6 +13,16 @@ from ..structs import Attention, DenseMLP, Layer, Weights
 
 MODEL_TYPE = "llama"
 
+# GGUF (llama.cpp's format, tinyhun/gguf_import.py): the general.architecture this family imports, and llama.cpp's
+# tensor names -> the checkpoint names of checkpoint_shapes (per-layer ones under blk.N. / model.layers.N.)
+GGUF_ARCH = "llama"
+GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                    "attn_output": "self_attn.o_proj",
+                    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -44,6 +54,12 @@ class Config:
     def context_limit(self):
         """The most positions a cache may hold: what the RoPE configuration was trained for."""
         return self.max_position_embeddings
+
+    @property
+    def has_experts(self):
+        """Whether the layers' MLPs are mixtures of experts (structs.MoEScratch is then sized from the family's
+        num_experts, moe_topk and moe_intermediate_size)."""
+        return False
 
     @classmethod
     def from_dict(cls, d, source="config.json"):

@@ -130,7 +130,8 @@ Ids = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
 class CompletionRequest(_Sampling):
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None   # 0: with echo, score the prompt only
-    prompt: StrictStr | Ids | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[list[Ids], Field(min_length=1)]
+    prompt: (StrictStr | Ids | Annotated[list[StrictStr], Field(min_length=1)]
+             | Annotated[list[Ids], Field(min_length=1)])
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None   # legacy API: the top n (0 = the token's own)
     echo: StrictBool = False
 
