@@ -43,7 +43,7 @@ def test_every_backend_implements_the_contract(cls):
         want = getattr(contract.Backend, name, None)
         if callable(want):
             assert params(getattr(cls, name)) == params(want), f"{cls.__name__}.{name}'s arguments"
-    assert isinstance(cls.name, str) and select.__module__ == "tinyhun.backends"
+    assert isinstance(cls.name, str)
 
 
 @pytest.mark.parametrize("name", ["numpy", "numba"])
