@@ -75,7 +75,7 @@ def compare_logits(path, cpu_kernels, rel, n, exact=False):
     if exact:
         cpu = Model(cpu.config, device_view(cpu.weights), backend=NumpyBackend(), max_context=n, kv_dtype="fp16",
                     kv_memory=memory)
-    gpu = tinyhun.load(path, device="cuda", max_context=n, kv_dtype="fp16", kv_memory=memory)
+    gpu = tinyhun.load(path, kernels="cuda", max_context=n, kv_dtype="fp16", kv_memory=memory)
     ids = np.random.default_rng(0).integers(0, cpu.config.vocab_size, n)
     a, b = cpu.logits(ids), gpu.logits(ids)
     err = float(np.abs(a - b).max() / np.abs(a).max())
@@ -122,8 +122,8 @@ def tinyhun_speed(shape, fmt, prompt, gen, reps, launched_too=False, lora_rank=0
     decode steps replayed as CUDA graphs; launched_too: the same again on the same model with every kernel launched
     from the host, and whether the graphs' logits equal those (the same tokens from a fresh cache); lora_rank: the
     model with an adapter (random_model)."""
-    from tinyhun.bench import bench
     from tinyhun.backends.cuda import CudaBackend
+    from tinyhun.bench import bench
     backend = CudaBackend()
     model = random_model(shape, fmt, backend, prompt + gen + 2, lora_rank)
 
