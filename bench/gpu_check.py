@@ -65,8 +65,8 @@ def compare_logits(path, cpu_kernels, rel, n, exact=False):
     (NumPy reference, the device's fp16 KV storage) runs the weights as the device sees them, for a model whose
     routing the CPU's int8 activation rounding would change (an INT4 mixture of experts). Both fp16 KV."""
     import tinyhun
-    from tinyhun.backend import NumpyBackend
-    from tinyhun.cuda_memory import device_view
+    from tinyhun.backends import NumpyBackend
+    from tinyhun.backends.cuda_memory import device_view
     from tinyhun.model import Model
 
     memory = 64 << 20   # n tokens of a small model's KV, many times over
@@ -75,7 +75,7 @@ def compare_logits(path, cpu_kernels, rel, n, exact=False):
     if exact:
         cpu = Model(cpu.config, device_view(cpu.weights), backend=NumpyBackend(), max_context=n, kv_dtype="fp16",
                     kv_memory=memory)
-    gpu = tinyhun.load(path, device="cuda", max_context=n, kv_dtype="fp16", kv_memory=memory)
+    gpu = tinyhun.load(path, kernels="cuda", max_context=n, kv_dtype="fp16", kv_memory=memory)
     ids = np.random.default_rng(0).integers(0, cpu.config.vocab_size, n)
     a, b = cpu.logits(ids), gpu.logits(ids)
     err = float(np.abs(a - b).max() / np.abs(a).max())
@@ -89,7 +89,7 @@ def depth_speeds(shape, depths, kinds, gen):
     and the GB/s that is of what a token reads. A cache takes its blocks and length without a prefill (its keys and
     values are the pool's zeros): a decode step reads every cached byte whatever it holds, and a 16K prefill would
     cost the device session more than the decode it sets up."""
-    from tinyhun.cuda_backend import CudaBackend
+    from tinyhun.backends.cuda import CudaBackend
     from tinyhun.model import Model
     base = random_model(shape, "int4", CudaBackend(), max(depths) + gen + 4, kv_dtype=kinds[0], caches=1)
     res = {}
@@ -122,8 +122,8 @@ def tinyhun_speed(shape, fmt, prompt, gen, reps, launched_too=False, lora_rank=0
     decode steps replayed as CUDA graphs; launched_too: the same again on the same model with every kernel launched
     from the host, and whether the graphs' logits equal those (the same tokens from a fresh cache); lora_rank: the
     model with an adapter (random_model)."""
+    from tinyhun.backends.cuda import CudaBackend
     from tinyhun.bench import bench
-    from tinyhun.cuda_backend import CudaBackend
     backend = CudaBackend()
     model = random_model(shape, fmt, backend, prompt + gen + 2, lora_rank)
 

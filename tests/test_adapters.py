@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 import tinyhun
 from oracle import assert_logits_close, build_hunyuan, build_llama, oracle_logits
 from tinyhun import TinyhunError
-from tinyhun.adapters import TARGETS, AdapterWarning, read_adapter, with_adapter
+from tinyhun.adapters import TARGETS, AdapterWarning, read_adapter
+from tinyhun.model import with_adapter
 from tinyhun.kernels import cpu_linear, q4, q8
 from tinyhun.kernels.linear import F32, LoRA, Q4, act_scratch, as_linear, linear, side_path
 from tinyhun.quantize import quantize_model

@@ -109,8 +109,8 @@ def test_attention_rows(T, group, d, bs, split, kind, shared, seed):
 def test_copy_block_and_zeros_on_the_device():
     """The CUDA backend's pool allocator (fp16 bits as float16 on the device, int8 with fp32 scales, nothing on the
     device for an empty array) and its copy-on-write copy equal the NumPy backend's."""
-    from tinyhun.backend import NumpyBackend
-    from tinyhun.cuda_backend import CudaBackend
+    from tinyhun.backends import NumpyBackend
+    from tinyhun.backends.cuda import CudaBackend
     backend, rng = CudaBackend(), np.random.default_rng(6)
     for kind in ("fp16", "int8"):
         layers = kv.allocate(backend.zeros, 2, 5, 2, 8, kind)

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from tinyhun.backend import NumpyBackend
+from tinyhun.backends import NumpyBackend
 from tinyhun.families import hunyuan_v1_moe, llama
 from tinyhun.kernels import q4
 from tinyhun.kernels.linear import as_linear
@@ -123,8 +123,8 @@ def test_cuda_model_equals_cpu(family, fmts, split, kind, monkeypatch):
     more than 4 positions splits its attention along the sequence, one block per split (two splits and their
     merge). The mixture of experts counts its routing (tinyhun.moe_stats) on both paths: the same experts are
     picked. (fp32 KV: test_lora_side_paths_on_the_device.)"""
-    from tinyhun.cuda_backend import CudaBackend
-    from tinyhun.cuda_memory import device_view
+    from tinyhun.backends.cuda import CudaBackend
+    from tinyhun.backends.cuda_memory import device_view
     from tinyhun.kernels import cuda_attention
     small_blocks(monkeypatch, 4)
     if split:
@@ -158,7 +158,7 @@ def test_repeated_steps_replay_as_graphs(monkeypatch):
     the graph reads from device memory); greedy tokens picked on the device (forward argmax=True) equal the argmax
     of the launched steps' logits. One INT4 mixture-of-experts layer with QK-norm (top-1 of 4, the shared MLP
     stacked), int8 KV: every decode kernel kind."""
-    from tinyhun.cuda_backend import CudaBackend, graphs_wanted
+    from tinyhun.backends.cuda import CudaBackend, graphs_wanted
     from tinyhun.errors import TinyhunError
     small_blocks(monkeypatch, 2)
     cfg = config(hunyuan_v1_moe, 1)
@@ -211,7 +211,7 @@ def test_prompt_cache_files_cross_backends(kind, tmp_path, monkeypatch):
     """A prompt cache written from the device loads on the host and back (the file holds fp16 as the host's bits),
     and the blocks read back give the logits the writer's cache gives."""
     from tinyhun import prompt_cache
-    from tinyhun.cuda_backend import CudaBackend
+    from tinyhun.backends.cuda import CudaBackend
     small_blocks(monkeypatch, 4)
     cfg, rng = config(llama, 1), np.random.default_rng(5)
     w = weights(rng, False, ("f32",))
@@ -258,14 +258,15 @@ def test_lora_side_paths_on_the_device(tmp_path, monkeypatch):
     (q 4, k 2, v none; o 3; gate 4, up 1, down 2), layer 1 q and v only, fp32 KV. The device equals the NumPy
     reference of the same merged fp16 weights (max |Δlogit| <= 1e-4 x max |logit|), the adapter moves the logits far
     more than that, and each adapted linear costs one launch (its A product). An adapter added to a model already on the
-    device (adapters.with_adapter, as `tinyhun serve --adapter` does) shares the base's device arrays and gives the
+    device (model.with_adapter, as `tinyhun serve --adapter` does) shares the base's device arrays and gives the
     same logits, bit for bit, as the adapter attached before loading; one clear error each for merging there, for
     a second adapter, and for an MLP adapter over a mixture of experts."""
-    from tinyhun.adapters import attach, read_adapter, with_adapter
-    from tinyhun.cuda_backend import CudaBackend
-    from tinyhun.cuda_memory import device_view
+    from tinyhun.adapters import attach, read_adapter
+    from tinyhun.backends.cuda import CudaBackend
+    from tinyhun.backends.cuda_memory import device_view
     from tinyhun.errors import TinyhunError
     from tinyhun.kernels.linear import LoRA
+    from tinyhun.model import with_adapter
     small_blocks(monkeypatch, 4)
     rng = np.random.default_rng(4)
     cfg = config(llama, 2)

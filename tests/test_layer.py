@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tinyhun.backend import NumbaBackend
+from tinyhun.backends import NumbaBackend
 from tinyhun.families import hunyuan_v1_dense, llama
 from tinyhun.kernels import q4, q8
 from tinyhun.kernels.linear import as_linear

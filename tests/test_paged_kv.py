@@ -6,7 +6,7 @@ import pytest
 import tinyhun
 from oracle import ROOT
 from tinyhun import prompt_cache
-from tinyhun.adapters import with_adapter
+from tinyhun.model import with_adapter
 from tinyhun.errors import TinyhunError
 from tinyhun.kernels.kv import BLOCK
 from tinyhun.kv_cache import KVMemoryFull

@@ -1,10 +1,10 @@
 """tinyhun: a from-scratch NumPy/Numba inference engine for Tencent's Hunyuan small language models."""
 import os
+import warnings
 
-# Before numpy loads OpenBLAS, which reads it then (a process that imported numpy first keeps OpenBLAS's default):
-# after a BLAS call its threads spin 2^28 cycles (~0.1 s) by default, starving the Numba kernels that run next on
-# the same cores. 2^16 (~20 us) keeps back-to-back BLAS calls warm; on 2 cores a 512-token fp32 prefill of the
-# 0.5B shape (4 layers) took 680-688 ms with the default and 519-554 ms with 2^4..2^20
+# Before numpy loads OpenBLAS, which reads it only then (a process that imported numpy first keeps OpenBLAS's
+# default): after a BLAS call OpenBLAS's threads spin for a long while by default, taking the cores from the Numba
+# kernels that run next; a short spin keeps back-to-back BLAS calls warm and gives the cores back soon after.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 
 from pathlib import Path  # noqa: E402
@@ -18,31 +18,29 @@ DEVICES = ("cpu", "cuda")
 __all__ = ["KVCache", "Model", "TinyhunError", "load", "generate", "stream_generate"]
 
 
-def load(path, device="cpu", max_context=None, progress=False, kernels=None, adapter=None, adapter_mode=None,
+def load(path, device=None, max_context=None, progress=False, kernels=None, adapter=None, adapter_mode=None,
          kv_dtype=None, kv_memory=None):
-    """Load a model folder (config.json + safetensors [+ tokenizer]) -> Model. device: "cpu" or "cuda" (an NVIDIA
-    GPU through numba-cuda, the `cuda` extra); kernels (cpu only): "numba" (default) or "numpy" (the references;
-    also TINYHUN_KERNELS). adapter: a peft LoRA adapter folder, merged into the weights (adapter_mode="merge", the
-    default for a float base) or run as a side path beside them ("side", the default for a quantized base:
-    tinyhun.adapters). max_context: the most tokens a cache holds (default the checkpoint's
-    max_position_embeddings); kv_dtype: the KV cache's storage, "fp16" (default), "int8" or "fp32" (also
-    TINYHUN_KV_DTYPE); kv_memory: bytes its pool may hold (default half the memory available), used as tokens
-    arrive."""
-    from .backend import select
+    """Load a model folder (config.json + safetensors [+ tokenizer]) -> Model. kernels: the backend that runs it,
+    "numba" (the default), "numpy" (the references) or "cuda" (an NVIDIA GPU through numba-cuda, the `cuda`
+    extra); also TINYHUN_KERNELS. device: a deprecated spelling of the same choice ("cuda" is kernels="cuda",
+    "cpu" a CPU backend); given with kernels, the two must agree. adapter: a peft LoRA adapter folder, merged into
+    the weights (adapter_mode="merge", the default for a float base) or run as a side path beside them ("side",
+    the default for a quantized base: tinyhun.adapters). max_context: the most tokens a cache holds (default the
+    checkpoint's max_position_embeddings); kv_dtype: the KV cache's storage, "fp16" (default), "int8" or "fp32"
+    (also TINYHUN_KV_DTYPE); kv_memory: bytes its pool may hold (default half the memory available), used as
+    tokens arrive."""
+    from .backends import select
     from .families import load_config
     from .weights import load_weights
 
-    if device not in DEVICES:
-        raise TinyhunError(f"device {device!r} is not supported (expected one of {', '.join(DEVICES)})")
-    if device == "cuda" and kernels not in (None, "cuda"):
-        raise TinyhunError(f"kernels {kernels!r}: device 'cuda' runs its own kernels (leave kernels unset)")
+    kernels = backend_name(device, kernels)
     path = Path(path)
     if not path.is_dir():
         raise TinyhunError(f"{path}: not a model folder")
     if not (path / "config.json").exists():
         raise TinyhunError(f"{path / 'config.json'}: not found (a model folder needs a config.json)")
     config = load_config(path / "config.json")
-    backend = select("cuda" if device == "cuda" else kernels)   # before the weights: a missing GPU fails fast
+    backend = select(kernels)   # before the weights: a missing GPU fails fast
     weights = load_weights(path, config, progress=progress)
     if adapter is not None:
         from . import adapters
@@ -58,6 +56,23 @@ def load(path, device="cpu", max_context=None, progress=False, kernels=None, ada
         tokenizer = Tokenizer.from_dir(path)
     return Model(config, weights, tokenizer=tokenizer, backend=backend, max_context=max_context, kv_dtype=kv_dtype,
                  kv_memory=kv_memory)
+
+
+def backend_name(device, kernels):
+    """The backend load's arguments name: kernels, or what the deprecated `device` says (None: the default, or
+    TINYHUN_KERNELS); a device that contradicts kernels is a TinyhunError."""
+    if device is None:
+        return kernels
+    warnings.warn("tinyhun.load(device=...) is deprecated: name the backend with kernels= (\"cuda\" for the GPU)",
+                  DeprecationWarning, stacklevel=3)
+    if device not in DEVICES:
+        raise TinyhunError(f"device {device!r} is not supported (expected one of {', '.join(DEVICES)})")
+    if kernels is None:
+        return "cuda" if device == "cuda" else None
+    if (device == "cuda") != (kernels == "cuda"):
+        raise TinyhunError(f"device={device!r} contradicts kernels={kernels!r}: give kernels alone (\"numba\", "
+                           "\"numpy\" or \"cuda\")")
+    return kernels
 
 
 def generate(model, prompt, **kwargs):

@@ -8,7 +8,6 @@ use_rslora; rank_pattern / alpha_pattern override r / alpha per module, matched 
 a regex for the module name's tail). Anything else peft can train (embeddings, lm_head, DoRA magnitudes,
 modules_to_save, biases) is refused by name rather than silently dropped.
 """
-import hashlib
 import math
 import re
 import warnings
@@ -233,16 +232,3 @@ def attach(weights, cfg, adapter, mode=None):
         layers[layer] = layers[layer]._replace(**{sub: block})
     return weights._replace(layers=tuple(layers))
 
-
-def with_adapter(model, adapter_dir, mode=None, base_name=None):
-    """A new Model: `model`'s weights with an adapter attached, sharing every base array (an adapter costs only
-    its own matrices in side mode, so several can be held over one base and chosen per request)."""
-    from .model import Model
-    adapter = read_adapter(adapter_dir)
-    weights = model.backend.attach(model.weights, model.config, adapter, mode)
-    if base_name:
-        check_base(adapter, base_name)
-    # one KV pool with the base: an adapter's keys differ from the base's, so its prefixes are hashed apart
-    salt = hashlib.blake2b(str(Path(adapter_dir).resolve()).encode(), digest_size=16).digest()
-    return Model(model.config, weights, tokenizer=model.tokenizer, backend=model.backend,
-                 max_context=model.max_context, kv_pool=model.kv_pool, kv_salt=salt)

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from . import cli_kv, cli_serve
-from .cli_args import content_filter_of, json_file, text_arg, text_file
+from .cli_args import backend_of, content_filter_of, json_file, text_arg, text_file
 from .cli_kv import kv_args
 from .errors import TinyhunError
 
@@ -21,7 +21,7 @@ def load_model(args):
     import tinyhun
     from .hub import resolve_model
     adapter = getattr(args, "adapter", None)
-    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), device=args.device,
+    return tinyhun.load(resolve_model(args.model, progress=not args.quiet), kernels=backend_of(args),
                         progress=not args.quiet, adapter=adapter,
                         adapter_mode=getattr(args, "adapter_mode", None) if adapter else None, **kv_args(args))
 

@@ -50,3 +50,8 @@ def content_filter_of(args):
         raise TinyhunError("--replace-blocklist needs --blocklist FILE")
     from .content_filter import ContentFilter
     return ContentFilter.load(args.blocklist, extend=not args.replace_blocklist)
+
+
+def backend_of(args):
+    """--device as tinyhun.load's backend: the GPU's, or None for the CPU default (TINYHUN_KERNELS may pick)."""
+    return "cuda" if args.device == "cuda" else None

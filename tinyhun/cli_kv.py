@@ -4,7 +4,6 @@ import re
 import sys
 import time
 
-from .cli_args import text_arg
 from .errors import TinyhunError
 
 
@@ -45,9 +44,9 @@ def pin_prompt_cache(model, args):
 
 def cmd_cache_prompt(args, load_model):
     from . import prompt_cache
-    try:
+    try:   # strict UTF-8: the text holds no lone surrogates, as the command line's may
         with open(args.file, encoding="utf-8") as f:
-            text = text_arg(f.read(), args.file)
+            text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise TinyhunError(f"{args.file}: cannot read it as UTF-8 text ({e})") from None
     model = load_model(args)

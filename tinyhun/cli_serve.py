@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from . import cli_kv
-from .cli_args import content_filter_of
+from .cli_args import backend_of, content_filter_of
 from .cli_kv import kv_args
 from .errors import TinyhunError
 
@@ -67,14 +67,14 @@ def cmd_serve(args):
     # a named model folder is checked now (a typo exits at once); the default model is fetched in the background
     named = resolve_model(args.model) if args.model or os.environ.get("MODEL_PATH") else None
     if args.device == "cuda":   # and so is the GPU
-        from .cuda_backend import require_cuda
+        from .backends.cuda import require_cuda
         require_cuda()
 
     kv, held = kv_args(args), []
 
     def load():
         path = named or resolve_model(None, progress=not args.quiet)
-        model = tinyhun.load(path, device=args.device, progress=not args.quiet, adapter=adapter,
+        model = tinyhun.load(path, kernels=backend_of(args), progress=not args.quiet, adapter=adapter,
                              adapter_mode=args.adapter_mode if adapter else None, **kv)
         held.append(cli_kv.pin_prompt_cache(model, args))   # its blocks stay while the server runs
         pool = model.kv_pool

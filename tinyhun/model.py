@@ -8,11 +8,15 @@ token for each of several caches in a single pass over the weights, each row at 
 The caches of a model are block tables over its one KV pool (tinyhun.kv_cache), created on first use: its
 memory is held only as tokens arrive, and equal prompt prefixes are stored once.
 """
+import hashlib
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 
+from .adapters import check_base, read_adapter
+from .backends import select
 from .errors import TinyhunError
 from .families import family_of
 from .kernels.kv import BLOCK, KINDS
@@ -57,7 +61,6 @@ class Model:
     def __init__(self, config, weights, tokenizer=None, backend=None, max_context=None, kv_dtype=None,
                  kv_memory=None, kv_pool=None, kv_salt=b""):
         """kv_pool: another Model's pool to share (an adapter over its base: kv_salt keeps their prefixes apart)."""
-        from .backend import select
         backend = backend or select()
         cfg = config
         set_ = object.__setattr__
@@ -217,3 +220,16 @@ def context_of(cfg, asked):
         raise TinyhunError(f"max_context={asked!r}: expected 1..{limit} (what this model's RoPE configuration "
                            "supports)")
     return asked
+
+
+def with_adapter(model, adapter_dir, mode=None, base_name=None):
+    """A new Model: `model`'s weights with an adapter attached, sharing every base array (an adapter costs only
+    its own matrices in side mode, so several can be held over one base and chosen per request)."""
+    adapter = read_adapter(adapter_dir)
+    weights = model.backend.attach(model.weights, model.config, adapter, mode)
+    if base_name:
+        check_base(adapter, base_name)
+    # one KV pool with the base: an adapter's keys differ from the base's, so its prefixes are hashed apart
+    salt = hashlib.blake2b(str(Path(adapter_dir).resolve()).encode(), digest_size=16).digest()
+    return Model(model.config, weights, tokenizer=model.tokenizer, backend=model.backend,
+                 max_context=model.max_context, kv_pool=model.kv_pool, kv_salt=salt)

@@ -19,9 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..adapters import with_adapter
 from ..content_filter import ContentFilter
 from ..errors import TinyhunError
+from ..model import with_adapter
 from . import completions_api, openai_api, ui
 from .metrics import Metrics
 from .scheduler import Engine

@@ -20,7 +20,7 @@ preempted (its blocks go back, its full blocks stay as cached prefixes) and wait
 prefilled again (mostly from those cached blocks) and go on with the same Sequence: its stream continues as if
 nothing happened.
 
-A job may name its own Model: an adapter over the engine's (adapters.with_adapter: the same base arrays and KV
+A job may name its own Model: an adapter over the engine's (model.with_adapter: the same base arrays and KV
 pool, its prefixes hashed apart). A step runs one forward_batch per distinct model among the active slots.
 
 A group whose every job samples greedily and asks for no logprobs has its tokens picked where the logits are

@@ -4,8 +4,8 @@ At load (`prepare`) the weights go to the device once: float and INT8 matrices a
 row layout of kernels.cuda_ref.R4; q, k and v become one matrix (one GEMV), gate and up one matrix with their rows
 interleaved (the GEMV writes silu(gate) * up). The KV pool's blocks (kernels/kv.py's layout, fp16, int8 or fp32 as
 the model's kv_dtype), the activation buffers, the block tables and the RoPE tables live on the device
-(tinyhun.cuda_memory); per forward only the token ids, slots and positions go up, with the block-table entries that
-changed, and the logits rows (or, picking greedily, the picked ids) come down.
+(tinyhun.backends.cuda_memory); per forward only the token ids, slots and positions go up, with the block-table
+entries that changed, and the logits rows (or, picking greedily, the picked ids) come down.
 
 A decoder layer is six launches (seven when the context is longer than one split of attention along the sequence):
   1 RMSNorm + QKV GEMV   2 RoPE + QK-norm + KV store   3 attention   4 o_proj GEMV + residual add
@@ -30,11 +30,12 @@ import warnings
 
 import numpy as np
 
-from .backend import NumpyBackend, _Quiet
+from ..adapters import attach
+from ..errors import TinyhunError
+from ..structs import Attention, DenseMLP, Layer, MoEMLP, Weights
 from .cuda_memory import (CudaDense, CudaMoE, CudaLayer, CudaWeights, DeviceScratch, Shaped, device_zeros,
                           kv_memory)
-from .errors import TinyhunError
-from .structs import Attention, DenseMLP, Layer, MoEMLP, Weights
+from .host import NumpyBackend, _Quiet, rope_table
 
 
 def graphs_wanted():
@@ -62,7 +63,7 @@ class CudaBackend(NumpyBackend):
 
     def __init__(self):
         self.cuda = require_cuda()
-        from .kernels import cuda_attention, cuda_common, cuda_linear, cuda_moe, cuda_ref
+        from ..kernels import cuda_attention, cuda_common, cuda_linear, cuda_moe, cuda_ref
         self.k_attn, self.k_common, self.k_linear, self.k_ref = cuda_attention, cuda_common, cuda_linear, cuda_ref
         self.k_moe = cuda_moe
         self.graphs = graphs_wanted()
@@ -167,10 +168,9 @@ class CudaBackend(NumpyBackend):
 
     def attach(self, weights, cfg, adapter, mode=None):
         """CudaWeights with an adapter's LoRA side paths beside their device bases, which are shared, not copied
-        (adapters.with_adapter): adapters.attach checks the adapter against the layers' shapes and builds each
+        (model.with_adapter): adapters.attach checks the adapter against the layers' shapes and builds each
         part's side path; each layer's QKV, o_proj, gate/up and down gets the Side of its adapted parts."""
-        from .adapters import attach
-        from .kernels.linear import LoRA
+        from ..kernels.linear import LoRA
         if mode == "merge":
             raise TinyhunError("device 'cuda': an adapter added to a model already on the GPU runs as a side path "
                                "(adapter_mode='side'); to merge it, load with tinyhun.load(path, device='cuda', "
@@ -221,13 +221,13 @@ class CudaBackend(NumpyBackend):
         return CudaWeights(embed, tuple(layers), self._put(weights.norm), head)
 
     def rope_tables(self, cfg, n):
-        return tuple(self._put(t) for t in super().rope_table(cfg, n))
+        return tuple(self._put(t) for t in rope_table(cfg, n))
 
     def embed(self, out, table, ids):
         self.k_linear.embed_rows(out, table, ids)   # ids: on the device already (DeviceScratch.rows)
 
     def layer(self, family):
-        from .families import llama
+        from ..families import llama
         if family.decoder_layer is not llama.decoder_layer:
             raise TinyhunError(f"device 'cuda': model family {family.MODEL_TYPE!r} is not supported on the GPU yet "
                                "(supported: llama, hunyuan_v1_dense, hunyuan_v1_moe)")

@@ -1,19 +1,17 @@
-"""Backends own memory and run the layers: they allocate the KV cache and buffers, prepare the weights, hold the
-RoPE tables, embed tokens and run a family's decoder layer and the lm_head.
+"""The host backends (tinyhun.backends.contract's Backend in host memory) and their scratch.
 
 The NumPy backend runs the family's blocks as Python over the reference ops; the Numba backend compiles the same
 functions (tinyhun.blocks, families/*.decoder_layer) into one call per layer, where every op name becomes its
 Numba kernel. `TINYHUN_KERNELS=numpy` selects the reference.
 """
-import os
 import sys
 import threading
 
 import numpy as np
 
-from . import blocks
-from .errors import TinyhunError
-from .structs import Buffers, Rows
+from .. import blocks
+from ..adapters import attach
+from ..structs import Buffers, Rows
 
 BACKENDS = ("numba", "numpy", "cuda")
 
@@ -69,6 +67,12 @@ def inv_freq(cfg):
     return np.float32(1.0) / (np.float32(cfg.rope_base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
 
 
+def rope_table(cfg, n):
+    """cos/sin [n, d/2] of positions 0..n-1 in float32, as transformers computes them (fp32 angles)."""
+    angles = np.arange(n, dtype=np.float32)[:, None] * inv_freq(cfg)[None, :]
+    return np.cos(angles), np.sin(angles)
+
+
 class NumpyBackend:
     name = "numpy"
 
@@ -107,18 +111,12 @@ class NumpyBackend:
 
     def attach(self, weights, cfg, adapter, mode=None):
         """Prepared weights with a peft adapter attached (tinyhun.adapters.attach), sharing every base array."""
-        from .adapters import attach
         return attach(weights, cfg, adapter, mode)
 
     def rope_tables(self, cfg, n):
         """What the scratch's `rows` turns positions into RoPE angles with: the inverse frequencies [d/2] (fp32,
         as transformers computes them); a row's angles are its position times them, computed per forward."""
         return inv_freq(cfg)
-
-    def rope_table(self, cfg, n):
-        """cos/sin [n, d/2] of positions 0..n-1 in float32, as transformers computes them (fp32 angles)."""
-        angles = np.arange(n, dtype=np.float32)[:, None] * inv_freq(cfg)[None, :]
-        return np.cos(angles), np.sin(angles)
 
     def embed(self, out, table, ids):
         table.rows(out, ids)
@@ -152,7 +150,7 @@ class _CompileNotice:
 
     def __enter__(self):
         def say():
-            from .kernels.numba_env import cache_dir
+            from ..kernels.numba_env import cache_dir
             _CompileNotice.shown = True
             print(f"tinyhun: compiling kernels, first run only (cached in {cache_dir()})...", file=sys.stderr,
                   flush=True)
@@ -173,12 +171,12 @@ class NumbaBackend(NumpyBackend):
     _warm = False
 
     def __init__(self):
-        from .kernels import cpu  # noqa: F401  (registers the Numba kernels of every op name)
+        from ..kernels import cpu  # noqa: F401  (registers the Numba kernels of every op name)
 
     def _jit(self, fn):
         from numba import njit
 
-        from .kernels.cpu_math import JIT
+        from ..kernels.cpu_math import JIT
         with self._lock:
             if fn not in self._compiled:
                 self._compiled[fn] = njit(**JIT)(fn)
@@ -190,7 +188,7 @@ class NumbaBackend(NumpyBackend):
     def logits(self):
         # from Python, as blocks.logits composes it: called once per forward, and a kernel compiled only when a call
         # needs it (a decode step never compiles the lm_head's prefill GEMM)
-        from .kernels import cpu, cpu_linear
+        from ..kernels import cpu, cpu_linear
 
         def logits(out, x, norm, lm_head, xn, acts, eps):
             cpu.rmsnorm(xn, x, norm, eps)
@@ -208,7 +206,7 @@ class _ResolvedLayer:
     """A compiled decoder layer called without Numba's per-call type dispatch.
 
     Numba's dispatcher types every argument on each call, and a nested NamedTuple of weights has no fast (C-level)
-    fingerprint: typing one layer's weights cost ~12 µs a call, 5 % of a SmolLM2 INT4 decode step over 30 layers.
+    fingerprint: typing one layer's weights on every call is a visible share of a decode step.
     A layer's argument types never change after load (its own weights; the model's buffers, cache and rows, always
     the same kinds of arrays), so each layer's compiled entry point is looked up once, on its first call, and called
     directly after that. One object per Model: it keeps only that model's layers alive.
@@ -229,12 +227,3 @@ class _ResolvedLayer:
         self.entries[id(lw)] = (lw, self.dispatcher.get_overload(sig))
         return result
 
-
-def select(name=None):
-    name = name or os.environ.get("TINYHUN_KERNELS") or "numba"
-    if name not in BACKENDS:
-        raise TinyhunError(f"kernels {name!r}: expected one of {', '.join(BACKENDS)} (TINYHUN_KERNELS)")
-    if name == "cuda":
-        from .cuda_backend import CudaBackend   # imports numba.cuda: only when asked for
-        return CudaBackend()
-    return NumbaBackend() if name == "numba" else NumpyBackend()

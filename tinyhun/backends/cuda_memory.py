@@ -1,4 +1,4 @@
-"""What the CUDA backend keeps on the device: its weight formats (prepared once at load, tinyhun.cuda_backend), one
+"""What the CUDA backend keeps on the device: its weight formats (prepared once at load, tinyhun.backends.cuda), one
 thread's scratch (activation buffers, the rows' indices and block tables, the stream and the CUDA graphs of its
 steps), the KV pool's blocks, and `device_view`, the host weights as the device multiplies by them (the NumPy
 reference of what the device computes)."""
@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import config
 
-from .structs import MoEMLP, Rows, weight_arrays
+from ..structs import MoEMLP, Rows, weight_arrays
 
 # the device type of each host storage type of the KV pool (kernels/kv.py): fp16 is held as its bits on the host,
 # where Numba has no float16, and as float16 on the device
@@ -104,15 +104,15 @@ class DeviceScratch:
     the CUDA graphs of its steps."""
 
     def __init__(self, cuda, cfg, rows, max_blocks):
-        from .kernels.cuda_attention import MAX_SPLITS   # numba.cuda: imported once a GPU was found
+        from ..kernels.cuda_attention import MAX_SPLITS   # numba.cuda: imported once a GPU was found
 
         def dev(*shape):
             return cuda.device_array(shape, np.float32)
         nh, d = cfg.num_heads, cfg.head_dim
         x, attn = dev(rows, cfg.hidden_size), dev(rows, nh, d)
         moe = None
-        if getattr(cfg, "num_experts", None):
-            from .kernels.cuda_moe import MoEScratch
+        if cfg.has_experts:
+            from ..kernels.cuda_moe import MoEScratch
             k = max(cfg.moe_topk)
             moe = MoEScratch(cuda, rows, cfg.hidden_size, k, k + 1, max(cfg.moe_intermediate_size),
                              max(cfg.num_experts) + 1)
@@ -133,7 +133,7 @@ class DeviceScratch:
         self._host_logits = cuda.pinned_array((rows, cfg.vocab_size), np.float32)
         self._picks = cuda.device_array(rows, np.int64)
         self._host_picks = cuda.pinned_array(rows, np.int64)
-        from .kernels.cuda_linear import argmax_rows
+        from ..kernels.cuda_linear import argmax_rows
         self._argmax = argmax_rows
         # KV pool -> {(rows, logits rows, argmax): None (seen once) or its graph}
         self.graphs = weakref.WeakKeyDictionary()
@@ -191,8 +191,8 @@ def device_view(w):
     rounded to fp16, INT4 dequantized, stacked experts one by one, a LoRA side path merged (in fp16, as the device
     holds it); the router stays fp32. Run by the NumPy backend with the KV storage of the device's model (kv_dtype),
     the reference of exactly what the device computes (tests and bench/gpu_check.py compare the two)."""
-    from .kernels import cuda_ref, moe
-    from .kernels.linear import F32, Q4, Q8, LoRA
+    from ..kernels import cuda_ref, moe
+    from ..kernels.linear import F32, Q4, Q8, LoRA
 
     def seen(lin):
         return F32(cuda_ref.dense(cuda_ref.device_format(lin)))
