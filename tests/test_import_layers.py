@@ -24,13 +24,12 @@ LAYERS = [
     ("engine", ["tinyhun.model", "tinyhun.kv_cache", "tinyhun.prompt_cache", "tinyhun.generation",
                 "tinyhun.sampling", "tinyhun.constrain", "tinyhun.thinking", "tinyhun.tool_calls", "tinyhun.styles",
                 "tinyhun.content_filter", "tinyhun.moe_stats"]),
-    ("faces", ["tinyhun", "tinyhun.cli", "tinyhun.cli_kv", "tinyhun.chat", "tinyhun.evaluate", "tinyhun.bench",
+    ("faces", ["tinyhun", "tinyhun.cli", "tinyhun.cli_args", "tinyhun.cli_serve", "tinyhun.cli_kv",
+               "tinyhun.chat", "tinyhun.evaluate", "tinyhun.bench",
                "tinyhun.server"]),
 ]
 
-# thinking.py takes generation.held_back while generation's constrained path reaches thinking.thinking_switch
-# through constrain.py: one of the two helpers belongs lower (it is being edited elsewhere)
-KNOWN_CYCLES = [{"tinyhun.generation", "tinyhun.constrain", "tinyhun.thinking"}]
+KNOWN_CYCLES = []
 
 
 def modules():

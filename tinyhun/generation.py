@@ -10,6 +10,7 @@ import numpy as np
 
 from .errors import TinyhunError
 from .sampling import make_sampler
+from .tokenizer import held_back
 
 
 @dataclass(frozen=True)
@@ -220,14 +221,3 @@ def generate(model, prompt, **kwargs):
 def first_stop(text, stops):
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
-
-
-def held_back(text, stops):
-    """Length of the longest suffix of text that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

@@ -10,7 +10,7 @@ that does not open with a think (or answer) block is all content, passed through
 """
 from .errors import TinyhunError
 from .families import vocabulary_family
-from .generation import held_back
+from .tokenizer import held_back
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"

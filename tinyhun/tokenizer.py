@@ -221,3 +221,14 @@ class StreamDecoder:
         done, text = self._new_text()
         self._prefix = self._read = len(self._ids)
         return text[len(done):]
+
+
+def held_back(text, stops):
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

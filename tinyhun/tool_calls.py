@@ -22,7 +22,7 @@ import uuid
 from .constrain import lark_json, lark_literal
 from .errors import TinyhunError
 from .families.hunyuan_v1_dense import VOCAB_MARKERS as HUNYUAN_MARKERS
-from .generation import held_back
+from .tokenizer import held_back
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for a function name
 CHOICES = ("none", "auto", "required")
