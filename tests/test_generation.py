@@ -6,7 +6,7 @@ import tinyhun
 from oracle import ROOT
 from tinyhun.errors import TinyhunError
 from tinyhun.generation import generate_step, held_back, token_steps
-from tinyhun.sampling import make_sampler
+from tinyhun.sampling import SamplingParams, make_sampler
 
 TINY = ROOT / "weights" / "tiny-hunyuan"
 
@@ -119,3 +119,14 @@ def test_top_logprobs_rank_the_distribution(model):
         assert [i for i, _ in s.top_logprobs] == want
         np.testing.assert_allclose([lp for _, lp in s.top_logprobs], ref[want], atol=1e-4)
         assert s.logprob == pytest.approx(ref[s.token], abs=1e-4) and s.token == want[0]   # greedy
+
+
+def test_sampling_params_in_place_of_the_keywords(model):
+    """generate takes one SamplingParams (what chat, the CLI and the server pass) or its fields as keywords."""
+    kw = dict(temperature=0.8, top_k=5, seed=3, max_tokens=12)
+    params = SamplingParams(temperature=0.8, top_k=5, seed=3)
+    assert full_text(model, sampling=params, max_tokens=12) == full_text(model, **kw)
+    with pytest.raises(TinyhunError, match="not both"):
+        full_text(model, sampling=params, temperature=0.5)
+    with pytest.raises(TinyhunError, match="^sampling=.*: expected a tinyhun.sampling.SamplingParams$"):
+        full_text(model, sampling={"temperature": 0.5})

@@ -1,5 +1,6 @@
 """Sampler vs transformers' logits processors (the oracle), plus draws, seeding and parameter validation."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from transformers import (
 )
 
 from tinyhun.errors import TinyhunError
-from tinyhun.sampling import Sampler, make_sampler
+from tinyhun.sampling import Sampler, SamplingParams, make_sampler
 
 BIG_VOCAB = 120_000
 
@@ -229,6 +230,18 @@ def test_error_message_names_value_and_range():
     with pytest.raises(TinyhunError) as err:
         make_sampler(top_p=1.5)
     assert str(err.value) == "top_p=1.5: expected a number in (0, 1]"
+
+
+def test_sampling_params_validated_once_and_frozen():
+    """SamplingParams checks its fields as the sampler's keywords do; the sampler built from it holds them."""
+    with pytest.raises(TinyhunError, match=r"^top_p=1.5: expected a number in \(0, 1\]$"):
+        SamplingParams(top_p=1.5)
+    p = SamplingParams(temperature=1, top_k=np.int64(5), seed=np.uint32(7))
+    assert (p.temperature, p.top_k, p.seed) == (1.0, 5, 7) and type(p.temperature) is float
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.top_k = 3
+    s = Sampler(p)
+    assert (s.temperature, s.top_k, s.top_p, s.seed, s.params) == (1.0, 5, 1.0, 7, p)
 
 
 @given(st.lists(st.integers(0, 63), max_size=40), st.floats(-2, 2), st.floats(-2, 2), st.floats(0.2, 2))

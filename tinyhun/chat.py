@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from . import tool_calls
 from .errors import TinyhunError
 from .generation import stream_generate
+from .sampling import SamplingParams
 from .styles import DEFAULT_TEMPERATURE, STYLES, check_temperature, style_prompt, system_prompt
 from .thinking import ThinkSplitter, think_prompt_args, thinking_switch
 
@@ -51,6 +52,10 @@ class Conversation:
         self.tools = tool_calls.check_tools(tools) if tools else None
         self.fmt = tool_calls.format_for(model.tokenizer, "moe" in getattr(model.config, "model_type", ""))
         self.calls = []
+
+    def sampling(self):
+        """The next reply's SamplingParams: the conversation's temperature and seed."""
+        return SamplingParams(temperature=self.temperature, seed=self.seed)
 
     def reset(self):
         self.messages.clear()
@@ -94,7 +99,7 @@ class Conversation:
         self.calls = []
         try:
             for step in stream_generate(self.model, prompt, max_tokens=self.max_tokens,
-                                        temperature=self.temperature, seed=self.seed, cache=self.cache,
+                                        sampling=self.sampling(), cache=self.cache,
                                         chat_template_kwargs=kwargs):
                 raw.append(step.text)
                 yield from shown.push(step.text)

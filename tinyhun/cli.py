@@ -29,6 +29,7 @@ def load_model(args):
 def cmd_generate(args):
     import tinyhun
     from . import moe_stats
+    from .sampling import SamplingParams
     prompt = text_arg(args.prompt, "the prompt")
     system = None if args.system is None else text_arg(args.system, "--system")
     stop = [text_arg(s, "--stop") for s in args.stop or ()]
@@ -36,9 +37,9 @@ def cmd_generate(args):
     grammar = None if args.grammar is None else text_file(args.grammar, "--grammar")
     model = load_model(args)
     pinned = cli_kv.pin_prompt_cache(model, args)   # noqa: F841  (held: its blocks stay shared while we run)
-    pieces = tinyhun.generate(model, prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repetition_penalty=args.repetition_penalty, seed=args.seed, chat=args.chat,
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    pieces = tinyhun.generate(model, prompt, max_tokens=args.max_tokens, sampling=sampling, chat=args.chat,
                               stop=stop, system=system, json_schema=schema, grammar=grammar, regex=args.regex)
     with (moe_stats.collect(model) if args.moe_stats else contextlib.nullcontext()) as stats:
         for piece in pieces:

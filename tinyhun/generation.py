@@ -4,13 +4,15 @@
 The CLI, the benchmarks, a server and an evaluator all consume these. A KV cache passed in is reused: the prompt's
 longest prefix already in it is not computed again (a chat's next turn, a request continuing a conversation).
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .errors import TinyhunError
-from .sampling import make_sampler
+from .sampling import SAMPLING_FIELDS, SamplingParams, make_sampler
 from .tokenizer import held_back
+
+_DEFAULT = SamplingParams()
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def encode_prompt(tok, prompt, chat, system=None, chat_template_kwargs=None):
     return tok.encode(prompt)
 
 
-class _LogProb:
+class LogProb:
     """log softmax at one id (and the n most likely ids), in a buffer allocated once per stream."""
 
     def __init__(self, vocab):
@@ -132,7 +134,7 @@ class Sequence:
         self.history = [int(i) for i in prompt_ids]
         self.stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
         self.top_logprobs = top_logprobs
-        self.logprob = _LogProb(vocab) if logprobs or top_logprobs else None
+        self.logprob = LogProb(vocab) if logprobs or top_logprobs else None
         self.stream = tok.stream()
         self.pending = ""   # text held back because it may be the start of a stop string
         self.n = 0
@@ -171,7 +173,7 @@ class Sequence:
 def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                     repetition_penalty=1.0, seed=None, chat=None, stop=(), system=None, cache=None, logprobs=False,
                     top_logprobs=0, presence_penalty=0.0, frequency_penalty=0.0, chat_template_kwargs=None,
-                    json_schema=None, grammar=None, regex=None, choice=None, logit_bias=None):
+                    json_schema=None, grammar=None, regex=None, choice=None, logit_bias=None, sampling=None):
     """Yield a Step per sampled token of the completion of `prompt` (a string, or a list of chat messages).
 
     chat=None uses the chat template when the tokenizer has one; chat_template_kwargs are extra template variables
@@ -183,6 +185,9 @@ def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top
     Constraints (tinyhun.constrain, at most one): json_schema (a dict or its JSON text), grammar (Lark or GBNF),
     regex, choice (a list of strings); logit_bias {token id: -100..100} (-100 bans the token). A thinking model's
     reasoning is left free: the constraint applies to the answer after `</think>`.
+
+    sampling: a SamplingParams in place of its fields (temperature, top_k, top_p, min_p, repetition_penalty, seed,
+    presence_penalty, frequency_penalty), which are then left at their defaults.
     """
     tok = model.tokenizer
     if tok is None:
@@ -191,9 +196,16 @@ def stream_generate(model, prompt, max_tokens=256, temperature=0.0, top_k=0, top
         raise TinyhunError(f"max_tokens={max_tokens!r}: expected an integer >= 1")
     if chat is None:
         chat = tok.has_chat_template
-    sampler = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
-                           frequency_penalty=frequency_penalty)
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                 repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
+                 frequency_penalty=frequency_penalty)
+    if sampling is None:
+        sampling = SamplingParams(**given)
+    elif not isinstance(sampling, SamplingParams):
+        raise TinyhunError(f"sampling={sampling!r}: expected a tinyhun.sampling.SamplingParams")
+    elif any(given[k] != getattr(_DEFAULT, k) for k in SAMPLING_FIELDS):
+        raise TinyhunError("pass either sampling= or its fields (temperature=, top_p=, ...), not both")
+    sampler = make_sampler(**asdict(sampling))
     ids = encode_prompt(tok, prompt, chat, system, chat_template_kwargs)
     if json_schema is not None or grammar is not None or regex is not None or choice is not None or logit_bias:
         from .constrain import request_sampler

@@ -13,6 +13,7 @@ full-vocabulary cumulative sum. Full-vocabulary work goes into scratch buffers a
 """
 
 import numbers
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -60,20 +61,43 @@ def _draw(rng: np.random.Generator, w: np.ndarray) -> int:
     return int(starts[b] + np.searchsorted(cdf, r, side="right"))
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is picked: what the library, chat, the command line and the server all pass down.
+    Validated here, once; temperature 0 is greedy, top_k 0 / top_p 1 / min_p 0 / penalties 1, 0, 0 are off."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self):
+        put = object.__setattr__   # frozen: the checked values replace the given ones (ints -> floats)
+        put(self, "temperature", _real("temperature", self.temperature, 0.0, 100.0, False, False))
+        put(self, "top_k", _integer("top_k", self.top_k, 0, None, ">= 0 (0 = off)"))
+        put(self, "top_p", _real("top_p", self.top_p, 0.0, 1.0, True, False))
+        put(self, "min_p", _real("min_p", self.min_p, 0.0, 1.0, False, True))
+        put(self, "repetition_penalty",
+            _real("repetition_penalty", self.repetition_penalty, 0.0, 10.0, True, False))
+        put(self, "presence_penalty", _real("presence_penalty", self.presence_penalty, -2.0, 2.0, False, False))
+        put(self, "frequency_penalty", _real("frequency_penalty", self.frequency_penalty, -2.0, 2.0, False, False))
+        if self.seed is not None:
+            put(self, "seed", _integer("seed", self.seed, 0, 2**63, "in [0, 2**63)"))
+
+
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+
+
 class Sampler:
     """Picks the next token from float32[V] logits; holds its RNG and per-vocabulary scratch buffers."""
 
-    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0):
-        self.temperature = _real("temperature", temperature, 0.0, 100.0, False, False)
-        self.top_k = _integer("top_k", top_k, 0, None, ">= 0 (0 = off)")
-        self.top_p = _real("top_p", top_p, 0.0, 1.0, True, False)
-        self.min_p = _real("min_p", min_p, 0.0, 1.0, False, True)
-        self.repetition_penalty = _real("repetition_penalty", repetition_penalty, 0.0, 10.0, True, False)
-        self.presence_penalty = _real("presence_penalty", presence_penalty, -2.0, 2.0, False, False)
-        self.frequency_penalty = _real("frequency_penalty", frequency_penalty, -2.0, 2.0, False, False)
-        self.seed = None if seed is None else _integer("seed", seed, 0, 2**63, "in [0, 2**63)")
+    def __init__(self, params: SamplingParams | None = None):
+        self.params = params = params if params is not None else SamplingParams()
+        for name in SAMPLING_FIELDS:
+            setattr(self, name, getattr(params, name))
         self.rng = np.random.default_rng(self.seed)
         self._x = np.empty(0, np.float32)  # [V] processed logits
         self._y = np.empty(0, np.float32)  # [V] partition copy / exp(x - max)
@@ -186,5 +210,6 @@ class Sampler:
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0) -> Sampler:
-    """Validated sampler; temperature 0 is greedy, top_k 0 / top_p 1 / min_p 0 / penalties 1, 0, 0 are off."""
-    return Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty, frequency_penalty)
+    """Validated sampler (SamplingParams' fields as keywords)."""
+    return Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty,
+                                  frequency_penalty))

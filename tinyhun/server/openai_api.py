@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import asdict
 
 from ..errors import TinyhunError
 from ..generation import Step
@@ -56,11 +57,7 @@ class Run:
         self.first_token_at = None
         self.events = Events(asyncio.get_running_loop())
         try:
-            sampler = make_sampler(temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-                                   top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
-                                   repetition_penalty=req.repetition_penalty,
-                                   seed=None if req.seed is None else (req.seed + index) % 2**63,
-                                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+            sampler = make_sampler(**asdict(req.sampling(DEFAULT_TEMPERATURE, index)))
         except TinyhunError as e:
             raise ApiError(400, str(e)) from None
         if wrap is not None:

@@ -33,7 +33,7 @@ from collections import deque
 import numpy as np
 
 from ..errors import TinyhunError
-from ..generation import Sequence, _LogProb, reuse_prompt
+from ..generation import LogProb, Sequence, reuse_prompt
 from ..kernels.kv import BLOCK
 from ..kv_cache import KVMemoryFull, common_prefix
 from ..model import CHUNK
@@ -264,7 +264,7 @@ class Engine:
         position's logits. Chunk by chunk: all positions' logits at once would be [T, V]."""
         cache.reset()
         ids, V = np.asarray(job.ids, np.int64), self.model.config.vocab_size
-        out, lp = np.empty((CHUNK, V), np.float32), _LogProb(V)
+        out, lp = np.empty((CHUNK, V), np.float32), LogProb(V)
         n_top = max(job.prompt_logprobs, 1)
         logprobs, top = [], []
         for c in range(0, len(ids), CHUNK):

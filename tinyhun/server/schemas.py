@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from ..sampling import SamplingParams
+
 MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16   # choices per request (each a sequence of its own in the engine)
@@ -95,6 +97,15 @@ class _Sampling(_Strict):
 
     def stops(self):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+
+    def sampling(self, default_temperature, index=0):
+        """The SamplingParams of the request's choice `index` (its seed is the request's + index); a
+        TinyhunError for values the sampler refuses."""
+        return SamplingParams(temperature=default_temperature if self.temperature is None else self.temperature,
+                              top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty,
+                              seed=None if self.seed is None else (self.seed + index) % 2**63,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
 
 class JsonSchemaFormat(_Strict):
