@@ -117,7 +117,7 @@ def test_a_prompt_gives_the_same_bits_whole_or_after_a_cached_prefix(tmp_path):
     want = m.forward(alone, [7])[0].copy()
     others = m.new_caches(3)
     for i, c in enumerate(others):
-        m.forward(c, ids_of(300 + 50 * i, seed=i))   # longer contexts beside it (one split along the keys)
+        m.forward(c, ids_of(300 + 50 * i, seed=i))   # longer contexts beside it, each split along the keys
     batch = m.new_cache()
     m.forward(batch, prompt[:40])
     np.testing.assert_array_equal(m.forward_batch([others[0], batch, *others[1:]], [1, 7, 2, 3])[1], want)

@@ -13,9 +13,6 @@ from .. import blocks
 from ..adapters import attach
 from ..structs import Buffers, Rows
 
-BACKENDS = ("numba", "numpy", "cuda")
-
-
 class HostScratch:
     """One thread's activation buffers in host memory: a forward allocates nothing large."""
 
