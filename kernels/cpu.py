@@ -16,7 +16,7 @@ from numba import njit, prange
 from . import cpu_linear, moe_cpu, ref  # noqa: F401  (they register the Numba `linear` and MoE ops)
 from .cpu_attention import attention_kernel
 from .cpu_kv import check_rows, store_kv_kernel
-from .cpu_math import CHUNK, JIT, _bounds, _n_chunks, compiles_to, exp_inplace
+from .cpu_math import CHUNK, JIT, ZERO, _bounds, _n_chunks, compiles_to, exp_inplace
 from .cpu_matmul import BLAS_T, matmul  # noqa: F401  (BLAS_T: tests; matmul: public)
 
 
@@ -49,7 +49,7 @@ def _rmsnorm(out, x, w, eps):
     e = np.float32(eps)
     nc = _n_chunks(rows, x.size)
     if nc == 1:
-        _rmsnorm_rows(o2, x2, w, e, 0, rows)
+        _rmsnorm_rows(o2, x2, w, e, ZERO, rows)
         return
     for c in prange(nc):
         _rmsnorm_rows(o2, x2, w, e, c * rows // nc, (c + 1) * rows // nc)
@@ -78,7 +78,7 @@ def _add_rmsnorm(out, resid, x, w, eps):
     e = np.float32(eps)
     nc = _n_chunks(rows, resid.size)
     if nc == 1:
-        _add_rmsnorm_rows(out, resid, x, w, e, 0, rows)
+        _add_rmsnorm_rows(out, resid, x, w, e, ZERO, rows)
         return
     for c in prange(nc):
         _add_rmsnorm_rows(out, resid, x, w, e, c * rows // nc, (c + 1) * rows // nc)
@@ -116,7 +116,7 @@ def _rope(x, cos, sin):
     rows = x.shape[0] * x.shape[1]
     nc = _n_chunks(rows, x.size)
     if nc == 1:
-        _rope_rows(x, cos, sin, 0, rows)
+        _rope_rows(x, cos, sin, ZERO, rows)
         return
     for c in prange(nc):
         _rope_rows(x, cos, sin, c * rows // nc, (c + 1) * rows // nc)
@@ -178,10 +178,10 @@ def _silu_mul(out, gate, up):
     o, g, u = out.reshape(n), gate.reshape(n), up.reshape(n)
     nc = _n_chunks(n // SPAN, 4 * n)  # an exp costs several multiply-adds: share from 8K elements
     if nc == 1:
-        _silu_mul_span(o, g, u, 0, n)
+        _silu_mul_span(o, g, u, ZERO, n)
         return
     for c in prange(nc):
-        lo, hi = _bounds(c, nc, n, SPAN)
+        lo, hi = _bounds(np.int64(c), nc, n, SPAN)
         _silu_mul_span(o, g, u, lo, hi)
 
 

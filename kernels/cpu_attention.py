@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_kv import kv_rows
-from .cpu_math import JIT, exp_inplace
+from .cpu_math import JIT, ONE, ZERO, exp_inplace
 
 MAXQ = 64        # query vectors per item: their accumulators and scores ([M, d] + [M, BLOCK] fp32) stay in L2
 TARGET = 16      # units a call aims for (so that several cores stay busy to the end)
@@ -276,7 +276,32 @@ def _plan(blocks, positions, nkv, bs):
                 si += 1
             parts += nkv * nsplit
         u += (nkv - 1) * nsplit
-    return units[np.argsort(-cost, kind="mergesort")], splits, parts, total
+    return units[_by_falling_cost(cost)], splits, parts, total
+
+
+@njit(**JIT)
+def _by_falling_cost(cost):
+    # the indices of cost, largest first, ties in index order (np.argsort(-cost, kind="mergesort")): a bottom-up
+    # merge sort, written out because Numba's argsort took ~3 s of a cold start to compile
+    n = cost.shape[0]
+    idx, tmp = np.empty(n, np.int64), np.empty(n, np.int64)
+    for i in range(n):
+        idx[i] = i
+    width = 1
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid, hi = min(lo + width, n), min(lo + 2 * width, n)
+            i, j = lo, mid
+            for k in range(lo, hi):
+                if i < mid and (j >= hi or cost[idx[i]] >= cost[idx[j]]):
+                    tmp[k] = idx[i]
+                    i += 1
+                else:
+                    tmp[k] = idx[j]
+                    j += 1
+        idx, tmp = tmp, idx
+        width *= 2
+    return idx
 
 
 @njit(**JIT)
@@ -317,7 +342,7 @@ def attention_kernel(out, q, kv, tables, slots, positions):
     group = nh // nkv
     blocks = _query_blocks(slots, positions, group, kv.k.shape[2])
     units, splits, parts, cost = _plan(blocks, positions, nkv, kv.k.shape[2])
-    mq = 1
+    mq = np.int64(1)
     for i in range(blocks.shape[0]):
         mq = max(mq, blocks[i, 1] * group)
     pm, pl = np.empty((parts, mq), np.float32), np.empty((parts, mq), np.float32)
@@ -326,8 +351,8 @@ def attention_kernel(out, q, kv, tables, slots, positions):
     # a chunk per two units or more: a static split of the chunks between threads stays balanced
     nc = max(1, min(max(16, nu // 4), nu // 2, MAX_CHUNKS, cost * group * d // CHUNK))
     if nc == 1:
-        _units(out, q, kv, tables, slots, positions, blocks, units, mq, 0, 1, pm, pl, po)
+        _units(out, q, kv, tables, slots, positions, blocks, units, mq, ZERO, ONE, pm, pl, po)
     else:
         for c in prange(nc):
-            _units(out, q, kv, tables, slots, positions, blocks, units, mq, c, nc, pm, pl, po)
+            _units(out, q, kv, tables, slots, positions, blocks, units, mq, np.int64(c), nc, pm, pl, po)
     _merge(out, blocks, splits, group, pm, pl, po)

@@ -6,7 +6,7 @@ from numba.core.errors import TypingError
 from numba.extending import overload
 
 from . import cpu_matmul, q4_cpu, q8_cpu
-from .cpu_math import JIT, _n_chunks
+from .cpu_math import JIT, ZERO, _n_chunks
 from .cpu_matmul import BLAS_T, _matmul
 from .cpu_simd import _fma, _lane, _load_f, _load_h, _reduce_f, _splat_f, _store_f
 from .linear import F32, LoRA, Q4, Q8, linear, rank_scratch
@@ -115,7 +115,7 @@ def _rank_out(out, t, b):
     tiles = b.shape[0]
     nc = _n_chunks(tiles, out.shape[0] * b.size)
     if nc == 1:
-        _rank_out_tiles(out, t, b, 0, tiles)
+        _rank_out_tiles(out, t, b, ZERO, tiles)
         return
     for c in prange(nc):
         _rank_out_tiles(out, t, b, c * tiles // nc, (c + 1) * tiles // nc)

@@ -8,6 +8,7 @@ n = round(x / ln2), r = x - n ln2 (ln2 split in two so r stays exact), p a degre
 """
 import inspect
 import math
+import types
 
 import numpy as np
 from numba import njit
@@ -46,6 +47,10 @@ def exp_inplace(x, n_scratch, count):
         bits[i] += n_scratch[i] << 23
 
 
+# Integer arguments of the kernels' serial paths: a bare 0 or 1 types as Literal[int](0) in Numba, which compiles
+# the callee once more for that literal beside the int64 of its parallel path (seconds of a cold start)
+ZERO, ONE = np.int64(0), np.int64(1)
+
 CHUNK = 1 << 14  # elements per parallel chunk (~64 KB of fp32): below 2 chunks a kernel runs serially
 
 
@@ -54,7 +59,7 @@ def _n_chunks(units, size):
     return max(1, min(units, size // CHUNK))
 
 
-@njit(**JIT)
+@njit(inline="always")   # typed in its caller: a constant unit would compile a copy per value
 def _bounds(c, nc, n, unit):
     # chunk c of nc over 0..n-1 in whole units; the last chunk takes the remainder
     units = n // unit
@@ -64,9 +69,21 @@ def _bounds(c, nc, n, unit):
 def compiles_to(ref_op, kernel):
     """Inside Numba code, `ref_op` becomes `kernel`'s own body (same argument names), not a call through a wrapper:
     Numba re-optimizes everything below a function at each level of calls, so a wrapper level per op made the
-    cold compile of a layer several seconds longer."""
+    cold compile of a layer several seconds longer.
+
+    The body compiles with the kernel's options and is cached on disk, so a fused layer of another weight format
+    (or a new process) loads the ops it shares with one compiled before instead of compiling them again. It is
+    cached under a name of its own (`<kernel>.in_layer`): Numba keys a cached function by its bytecode and
+    argument types only, and this body has no Python entry point, so sharing the kernel's entries would hand the
+    kernel one without. The kernel must set `fastmath` (unset, Numba takes the caller's, and the two would differ)."""
+    if "fastmath" not in kernel.targetoptions:
+        raise TypeError(f"{kernel.py_func.__qualname__}: compiles_to needs a kernel that sets fastmath")
+    py = kernel.py_func
+    body = types.FunctionType(py.__code__, py.__globals__, py.__name__, py.__defaults__, py.__closure__)
+    body.__qualname__ = f"{py.__qualname__}.in_layer"
+
     def typer(*args):
-        return kernel.py_func
+        return body
     typer.__signature__ = inspect.signature(ref_op)
     options = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath", "error_model")}
-    overload(ref_op, jit_options=options)(typer)
+    overload(ref_op, jit_options={**options, "cache": True})(typer)

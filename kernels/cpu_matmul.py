@@ -2,7 +2,7 @@
 import numpy as np
 from numba import njit, prange
 
-from .cpu_math import JIT, _bounds, _n_chunks
+from .cpu_math import JIT, ZERO, _bounds, _n_chunks
 
 # Below BLAS_T tokens the Numba kernel wins; from there OpenBLAS's cache-blocked sgemm does. Figures on this
 # machine (2-core Xeon, AVX-512, 2 threads), µs, Numba vs np.matmul, weight [N, K]:
@@ -83,10 +83,10 @@ def _matmul(out, x, w):
     N = w.shape[0]
     nc = _n_chunks(N // 4, x.shape[0] * w.size)
     if nc == 1:
-        _matmul_rows(out, x, w, 0, N)
+        _matmul_rows(out, x, w, ZERO, N)
         return
     for c in prange(nc):
-        lo, hi = _bounds(c, nc, N, 4)
+        lo, hi = _bounds(np.int64(c), nc, N, 4)
         _matmul_rows(out, x, w, lo, hi)
 
 

@@ -119,3 +119,50 @@ def test_openblas_threads_stop_spinning_soon_unless_told_otherwise():
         run_env = env if given is None else {**env, "OPENBLAS_THREAD_TIMEOUT": given}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == want, r.stderr[-2000:]
+
+
+# a first generate in a new process: prints the module, qualified name and argument types of every function Numba
+# compiled
+COMPILED = """
+import sys
+from numba.core import event
+import tinyhun
+seen = []
+class Seen(event.Listener):
+    def on_start(self, ev):
+        seen.append((getattr(ev.data["dispatcher"], "py_func", None), ev.data["args"]))
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Seen())
+model = tinyhun.load(sys.argv[1])
+"".join(tinyhun.generate(model, "Hello world", max_tokens=3))
+for f, args in seen:
+    print(getattr(f, "__module__", ""), getattr(f, "__qualname__", f), "|", args)
+"""
+
+
+def compiled(model, cache):
+    """(module, qualified name, argument types as text) of each function a first generate on `model` compiled in a
+    new process with the Numba cache `cache`."""
+    r = subprocess.run([sys.executable, "-c", COMPILED, str(model)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "NUMBA_CACHE_DIR": str(cache)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [(*line.split(" | ", 1)[0].split(" ", 1), line.split(" | ", 1)[1]) for line in r.stdout.splitlines()
+            if " | " in line]
+
+
+@pytest.mark.slow
+def test_a_second_weight_format_compiles_only_what_it_does_not_share(tmp_path, tiny_q4):
+    """The ops a fused layer compiles its kernels' bodies into (kernels.cpu_math.compiles_to) are cached on their
+    own: a layer of another weight format in a later process loads them instead of compiling them again. And no
+    kernel is compiled for a literal argument (a bare 0 types as Literal[int](0): a second copy of the kernel)."""
+    cache = tmp_path / "numba"
+    first, second = compiled(TINY, cache), compiled(tiny_q4, cache)
+    ops = {"_rmsnorm.in_layer", "_add_rmsnorm.in_layer", "_rope.in_layer", "store_kv_kernel.in_layer",
+           "attention_kernel.in_layer", "_silu_mul.in_layer", "_add.in_layer"}
+    assert ops <= {name for _, name, _ in first}
+    assert not ops & {name for _, name, _ in second}, "ops compiled again for the INT4 layer"
+    assert any(name == "decoder_layer" for _, name, _ in second)   # its own layer, and its own GEMMs
+    literal = [(name, args) for module, name, args in first + second
+               if module.startswith("tinyhun") and "Literal[" in args]
+    assert not literal, literal

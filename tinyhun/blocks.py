@@ -1,7 +1,8 @@
 """The blocks decoder layers are built from, written once on the op names of tinyhun.kernels.ref / .linear.
 
-Called from Python they run the NumPy references; compiled by Numba (they are `register_jitable`) every op name
-resolves to its Numba kernel, so a family's whole layer becomes one Numba call. Each block reads its normed
+Called from Python they run the NumPy references; compiled by Numba every op name resolves to its Numba kernel, so a
+family's whole layer becomes one Numba call (the Numba backend inlines copies of these blocks into it:
+backends/host.py `fused_layer`; as `register_jitable` they also compile where something else calls them). Each block reads its normed
 input in s.xn and leaves its output in s.proj (s: structs.Buffers viewed for T rows).
 """
 from numba.core.errors import TypingError

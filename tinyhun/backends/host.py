@@ -6,12 +6,13 @@ Numba kernel. `TINYHUN_KERNELS=numpy` selects the reference.
 """
 import sys
 import threading
+import types
 
 import numpy as np
 
 from .. import blocks
 from ..adapters import attach
-from ..structs import Buffers, Rows
+from ..structs import Buffers, DenseMLP, MoEMLP, Rows
 
 class HostScratch:
     """One thread's activation buffers in host memory: a forward allocates nothing large."""
@@ -170,17 +171,15 @@ class NumbaBackend(NumpyBackend):
     def __init__(self):
         from ..kernels import cpu  # noqa: F401  (registers the Numba kernels of every op name)
 
-    def _jit(self, fn):
-        from numba import njit
-
-        from ..kernels.cpu_math import JIT
+    def _jit(self, fn, mlp_type):
         with self._lock:
-            if fn not in self._compiled:
-                self._compiled[fn] = njit(**JIT)(fn)
-            return self._compiled[fn]
+            key = (fn, mlp_type)
+            if key not in self._compiled:
+                self._compiled[key] = fused_layer(fn, mlp_type)
+            return self._compiled[key]
 
     def layer(self, family):
-        return _ResolvedLayer(self._jit(family.decoder_layer))
+        return _ResolvedLayer(lambda mlp_type: self._jit(family.decoder_layer, mlp_type))
 
     def logits(self):
         # from Python, as blocks.logits composes it: called once per forward, and a kernel compiled only when a call
@@ -199,6 +198,36 @@ class NumbaBackend(NumpyBackend):
         return _CompileNotice()
 
 
+def _with_globals(fn, names):
+    """A copy of fn whose globals have `names` (name -> value) replaced."""
+    copy = types.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__, copy.__module__ = fn.__qualname__, fn.__module__
+    return copy
+
+
+def fused_layer(decoder_layer, mlp_type):
+    """A family's decoder_layer compiled into one Numba function, with tinyhun.blocks' functions inlined into it.
+
+    Why inlined: Numba compiles a called function (a `register_jitable` block, an overload) as a library of its own
+    and links it into each caller, where LLVM optimizes and emits all of it again, so every level of calls above a
+    kernel costs a pass over the kernel's code (blocks.attention alone cost ~5 s of a cold start). Numba's
+    untyped inlining (`njit(inline="always")`) puts a block's code into the layer's before typing, so it is never a
+    library of its own. Copies of the functions are inlined (their globals rebound: the layer's `mlp` to the block
+    of this model's MLP type, structs.DenseMLP or MoEMLP), so the blocks stay plain Python for the NumPy backend.
+    A name the family binds to something else is left alone: it compiles as before."""
+    from numba import njit
+
+    from ..kernels.cpu_math import JIT
+
+    def inline(fn, names=None):
+        return njit(inline="always")(_with_globals(fn, names or {}))
+    dense = inline(blocks.dense_mlp)
+    mlps = {DenseMLP: dense, MoEMLP: inline(blocks.moe_mlp, {"dense_mlp": dense})}
+    swap = {id(blocks.attention): inline(blocks.attention), id(blocks.mlp): mlps[mlp_type], id(blocks.dense_mlp): dense}
+    names = {name: swap[id(value)] for name, value in decoder_layer.__globals__.items() if id(value) in swap}
+    return njit(**JIT)(_with_globals(decoder_layer, names))
+
+
 class _ResolvedLayer:
     """A compiled decoder layer called without Numba's per-call type dispatch.
 
@@ -209,8 +238,8 @@ class _ResolvedLayer:
     directly after that. One object per Model: it keeps only that model's layers alive.
     """
 
-    def __init__(self, dispatcher):
-        self.dispatcher = dispatcher
+    def __init__(self, compiled):
+        self.compiled = compiled   # MLP type -> the layer's dispatcher (fused_layer)
         self.entries = {}   # id(layer weights) -> (the weights, kept alive so the id stays theirs; entry point)
 
     def __call__(self, lw, *args):
@@ -219,8 +248,9 @@ class _ResolvedLayer:
             return hit[1](lw, *args)
         from numba import typeof
         from numba.core.typing.typeof import Purpose
-        result = self.dispatcher(lw, *args)   # compiles or loads from the cache
+        dispatcher = self.compiled(type(lw.mlp))
+        result = dispatcher(lw, *args)   # compiles or loads from the cache
         sig = tuple(typeof(a, Purpose.argument) for a in (lw, *args))
-        self.entries[id(lw)] = (lw, self.dispatcher.get_overload(sig))
+        self.entries[id(lw)] = (lw, dispatcher.get_overload(sig))
         return result
 

@@ -133,6 +133,7 @@ def sanitize(cfg, read, norms=None, make_mlp=read_dense_mlp):
     checkpoint_shapes (a matrix as a float array, Q4Weight or Q8Weight); norms(prefix) the QK-norm weights;
     make_mlp(cfg, read, i, prefix) layer i's MLP block (another family's, a mixture of experts, goes there)."""
     none = np.zeros(0, np.float32)
+    none.flags.writeable = False   # the type of a loaded norm (read-only): one compiled rmsnorm for both
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
