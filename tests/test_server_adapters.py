@@ -10,7 +10,7 @@ from live_server import LiveServer
 from test_adapters import ALL, make_adapter
 from test_server import TINY
 from tinyhun import TinyhunError
-from tinyhun.cli_serve import adapter_specs
+from tinyhun.server.options import adapter_specs
 
 PROMPT = "The capital of"
 

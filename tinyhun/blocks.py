@@ -2,8 +2,8 @@
 
 Called from Python they run the NumPy references; compiled by Numba every op name resolves to its Numba kernel, so a
 family's whole layer becomes one Numba call (the Numba backend inlines copies of these blocks into it:
-backends/host.py `fused_layer`; as `register_jitable` they also compile where something else calls them). Each block reads its normed
-input in s.xn and leaves its output in s.proj (s: structs.Buffers viewed for T rows).
+backends/host.py `fused_layer`; as `register_jitable` they also compile where something else calls them). Each block
+reads its normed input in s.xn and leaves its output in s.proj (s: structs.Buffers viewed for T rows).
 """
 from numba.core.errors import TypingError
 from numba.extending import overload, register_jitable

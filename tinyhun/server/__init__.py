@@ -3,15 +3,26 @@ continuous batching across a bounded set of sequence slots (scheduler.py)."""
 import threading
 
 from ..errors import TinyhunError
-from .app import Settings, create_app
+from .options import Settings
 
 __all__ = ["Settings", "create_app", "serve"]
+
+
+def __getattr__(name):
+    # the app (starlette, the scheduler, the engine) only when asked for: the command line imports this package for
+    # serve's options on every command
+    if name == "create_app":
+        from .app import create_app
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def serve(load, settings, host="127.0.0.1", port=8080, log_level="info"):
     """Run until interrupted. The HTTP server runs in a thread; this (main) thread loads the model (load() ->
     (Model, name); /health says 503 meanwhile) and then runs the engine, whose Numba kernels are fastest here."""
     import uvicorn
+
+    from .app import create_app
     app = create_app(load, settings, background=False)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=5))

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,6 +23,7 @@ from ..errors import TinyhunError
 from ..model import with_adapter
 from . import completions_api, openai_api, ui
 from .metrics import Metrics
+from .options import Settings
 from .scheduler import Engine
 from .schemas import ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse
 
@@ -31,19 +31,6 @@ OPEN_PATHS = ("/health", "/metrics", "/")   # no API key: what a load balancer a
 # page (static: it asks for the key, and sends it with its own API calls)
 
 
-@dataclass
-class Settings:
-    model_name: str | None = None  # the id clients name (default: the model folder's name)
-    max_tokens: int = 512          # MAX_TOKENS: the most a request may ask for
-    slots: int = 4
-    queue: int = 16
-    max_context: int | None = None # per slot; None = the model's
-    api_key: str | None = None     # TINYHUN_API_KEY
-    max_body: int = 1 << 20        # bytes
-    content_filter: object = True  # on the chat endpoint (True: the default list, a ContentFilter, or False)
-    adapters: dict = field(default_factory=dict)   # name -> peft adapter folder: a model id of its own over the base
-    cors: tuple = ()               # origins allowed to call the API from a browser page of theirs ("*": any)
-    ui: bool = True                # the chat page at GET /
 
 
 class Server:
