@@ -59,7 +59,7 @@ def _n_chunks(units, size):
     return max(1, min(units, size // CHUNK))
 
 
-@njit(inline="always")   # typed in its caller: a constant unit would compile a copy per value
+@njit(inline="always", cache=True)   # typed in its caller: a constant unit would compile a copy per value
 def _bounds(c, nc, n, unit):
     # chunk c of nc over 0..n-1 in whole units; the last chunk takes the remainder
     units = n // unit
