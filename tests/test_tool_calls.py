@@ -23,6 +23,7 @@ TOOLS = tc.check_tools([
         "type": "object", "properties": {"order_id": {"type": "integer"}}, "required": ["order_id"]}}},
 ])
 HY = tc.Hunyuan()
+LL = tc.LlamaJson()
 
 # (reply as the model writes it, content expected, [(name, arguments)] expected)
 REPLIES = [
@@ -46,6 +47,19 @@ REPLIES = [
      [("get_weather", {"city": "Oslo"}), ("lookup_order", {"order_id": 3})]),
     (tc.Generic(), '<tool_call>{"name": "get_weather", "arguments": "Oslo"}</tool_call>',
      '<tool_call>{"name": "get_weather", "arguments": "Oslo"}</tool_call>', []),
+    # Llama 3.1-3.3: the reply is the calls, bare JSON, after an optional <|python_tag|>
+    (LL, '{"name": "get_weather", "parameters": {"city": "Oslo"}}', "", [("get_weather", {"city": "Oslo"})]),
+    (LL, '<|python_tag|>{"name": "lookup_order", "parameters": {"order_id": 3}}; '
+         '{"name": "get_weather", "parameters": {"city": "Rome", "unit": "c"}}\n', "",
+     [("lookup_order", {"order_id": 3}), ("get_weather", {"city": "Rome", "unit": "c"})]),
+    (LL, 'Here: {"name": "get_weather", "parameters": {"city": "Oslo"}}',
+     'Here: {"name": "get_weather", "parameters": {"city": "Oslo"}}', []),   # text first: an answer, not a call
+    (LL, '{"city": "Oslo", "temperature": 3}', '{"city": "Oslo", "temperature": 3}', []),   # JSON, not a call
+    (LL, '{"name": "get_weather", "parameters": {"city": "Oslo"}} and more',
+     '{"name": "get_weather", "parameters": {"city": "Oslo"}} and more', []),
+    (LL, '{"name": "get_weather", "parameters": {"city": "Os', '{"name": "get_weather", "parameters": {"city": "Os',
+     []),   # cut by max_tokens
+    (LL, "<|python", "<|python", []),
 ]
 
 
@@ -126,8 +140,8 @@ def test_hunyuan_conversation_renders_calls_and_results(hy_tok):
     assert "<｜hy_User｜><tool_response>\nsunny\n</tool_response>\n<tool_response>\nwindy\n</tool_response>" in text
 
 
-@pytest.mark.parametrize("fmt", [tc.Hunyuan(), tc.Hunyuan(list_form=True), tc.Generic()],
-                         ids=["hunyuan", "a13b", "generic"])
+@pytest.mark.parametrize("fmt", [tc.Hunyuan(), tc.Hunyuan(list_form=True), tc.Generic(), tc.LlamaJson()],
+                         ids=["hunyuan", "a13b", "generic", "llama3"])
 @pytest.mark.parametrize("parallel", [True, False])
 def test_forcing_grammar_accepts_what_the_parser_reads(hy_tok, fmt, parallel):
     calls = [("get_weather", {"city": "Oslo", "unit": "f"}), ("lookup_order", {"order_id": 9})][:2 if parallel else 1]
@@ -141,6 +155,22 @@ def test_forcing_grammar_accepts_what_the_parser_reads(hy_tok, fmt, parallel):
     assert not (m.consume_tokens(hy_tok.encode(bad, add_special_tokens=False)) and m.is_accepting())
     for name, args in calls:
         jsonschema.validate(args, next(t["parameters"] for t in TOOLS if t["name"] == name))
+
+
+class _Vocab:
+    """A tokenizer's encode as format_for asks it: one token for each of `specials`, a token per character else."""
+
+    def __init__(self, *specials):
+        self.specials = specials
+
+    def encode(self, text, add_special_tokens=False):
+        return [0] if text in self.specials else list(text)
+
+
+def test_format_follows_the_vocabulary():
+    assert isinstance(tc.format_for(_Vocab("<|python_tag|>", "<|eot_id|>")), tc.LlamaJson)   # Llama 3.x
+    assert isinstance(tc.format_for(_Vocab("<|im_end|>")), tc.Generic)                        # SmolLM2, Qwen, ...
+    assert isinstance(tc.format_for(_Vocab(*tc.HUNYUAN_MARKERS)), tc.Hunyuan)
 
 
 def test_chat_tries_tools_by_hand():

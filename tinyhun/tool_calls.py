@@ -5,8 +5,12 @@ Formats:
 - Hunyuan dense (0.5B-7B): `<tool_calls><tool_call>NAME\\n```json\\nARGS\\n```</tool_call>...</tool_calls>`;
   Hunyuan-A13B writes a JSON list inside the same tags, `<tool_calls>[{"name": ..., "arguments": {...}}]
   </tool_calls>`. The parser reads both bodies; a forced call is written in the model's own one.
-- Generic, for the Llama family and any other vocabulary: `<tool_call>{"name": ..., "arguments": {...}}
-  </tool_call>`, one block per call (the Hermes/Qwen form, so templates that render tools that way are read too).
+- Llama 3.1-3.3 (a vocabulary with <|python_tag|>, whose templates render tools themselves): the reply is the
+  call, a bare JSON object `{"name": ..., "parameters": {...}}` (several joined by ";"), after an optional
+  <|python_tag|>; text before it makes the reply plain text, as vLLM's llama3_json parser reads it.
+- Generic, for the other Llama-family models and any other vocabulary: `<tool_call>{"name": ..., "arguments":
+  {...}}</tool_call>`, one block per call (the Hermes/Qwen form, so templates that render tools that way are read
+  too).
 
 A template that renders `tools` itself (its output changes with them) gets them as transformers passes them, with
 assistant `tool_calls` (arguments as objects) and `role: "tool"` messages; for one that does not (SmolLM2's, the
@@ -88,6 +92,47 @@ class Generic:
                 "Otherwise answer the user directly.")
 
 
+class LlamaJson:
+    """Llama 3.1-3.3's form: the whole reply is the calls (open is None: ToolParser reads it so)."""
+    name, open, close = "llama3", None, None
+    TAG = "<|python_tag|>"
+
+    def render(self, calls):
+        return "; ".join(json.dumps({"name": n, "parameters": a}, ensure_ascii=False) for n, a in calls)
+
+    def parse(self, inner):
+        text, calls, pos, decoder = inner.strip().removeprefix(self.TAG).strip(), [], 0, json.JSONDecoder()
+        while True:
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError:
+                return None
+            if not isinstance(obj, dict) or set(obj) - {"name", "parameters", "arguments"}:
+                return None
+            calls.append((obj.get("name"), obj.get("parameters", obj.get("arguments", {}))))
+            rest = text[pos:].lstrip()
+            if not rest:
+                return calls
+            if not rest.startswith(";"):
+                return None
+            pos = len(text) - len(rest[1:].lstrip())
+
+    def may_start(self, text):
+        """Whether a reply beginning with `text` may still be calls (ToolParser holds it meanwhile)."""
+        s = text.lstrip()
+        rest = s.removeprefix(self.TAG).lstrip()
+        return s == "" or self.TAG.startswith(s) or rest == "" or rest.startswith("{")
+
+    def grammar(self, tools, parallel):
+        calls = _alternatives(tools, lambda n: f'{{"name": {json.dumps(n)}, "parameters": ', "}")
+        return ('start: call ("; " call)*\n' if parallel else "start: call\n") + calls
+
+    def instructions(self, tools):
+        return ("You can call these functions:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools) +
+                '\nTo call a function, reply with only {"name": "FUNCTION", "parameters": {...}} (several calls '
+                'joined by "; "). Otherwise answer the user directly.')
+
+
 class Hunyuan:
     """The dense models' form when rendering and forcing calls (list=True: A13B's JSON list); reads both."""
     name, open, close = "hunyuan", "<tool_calls>", "</tool_calls>"
@@ -149,9 +194,11 @@ def _json(text):
 
 def format_for(tok, moe=False):
     """The tool-call format of a model: Hunyuan's for a Hunyuan vocabulary (A13B's list form for a MoE model),
-    else the generic one."""
+    Llama 3's bare JSON for a vocabulary with <|python_tag|>, else the generic one."""
     if any(len(tok.encode(m, add_special_tokens=False)) == 1 for m in HUNYUAN_MARKERS):
         return Hunyuan(list_form=moe)
+    if len(tok.encode(LlamaJson.TAG, add_special_tokens=False)) == 1:
+        return LlamaJson()
     return Generic()
 
 
@@ -203,9 +250,15 @@ class ToolParser:
     def __init__(self, fmt, tools, parallel=True):
         self.fmt, self.names, self.parallel = fmt, {t["name"] for t in tools}, parallel
         self.buf, self.inside, self.calls = "", False, 0
+        self.text = False   # a whole-reply format (open is None) whose reply turned out to be text
 
     def push(self, text):
         self.buf += text
+        if self.fmt.open is None:   # the reply is the calls: held while it may be, else released as text
+            if self.text or not self.fmt.may_start(self.buf):
+                out, self.buf, self.text = self.buf, "", True
+                return out, []
+            return "", []
         out, calls = [], []
         while True:
             if not self.inside:
@@ -229,12 +282,17 @@ class ToolParser:
         return "".join(out), calls
 
     def flush(self):
+        if self.fmt.open is None:
+            block, self.buf = self.buf, ""
+            parsed = None if self.text or not block.strip() else self._parse(block)
+            return ("", parsed) if parsed is not None else (block, [])
         text, calls = self.push("")
         text, self.buf, self.inside = text + self.buf, "", False
         return text, calls
 
     def _parse(self, block):
-        parsed = self.fmt.parse(block[len(self.fmt.open):len(block) - len(self.fmt.close)])
+        inner = block if self.fmt.open is None else block[len(self.fmt.open):len(block) - len(self.fmt.close)]
+        parsed = self.fmt.parse(inner)
         if not parsed or any(n not in self.names or not isinstance(a, dict) for n, a in parsed):
             return None
         if not self.parallel:
