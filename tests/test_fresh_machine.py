@@ -1,4 +1,4 @@
-"""What a new user's machine sees: the public CLI in new processes, from an empty Numba cache.
+"""What a new user's machine sees: the public CLI and library in new processes, from an empty Numba cache.
 
 Each run here is a separate process with its own NUMBA_CACHE_DIR, so the cache state is exactly what the runs
 before it in the same test left, whatever this session compiled in-process.
@@ -35,18 +35,59 @@ def tiny_q4(tmp_path_factory):
     return tmp / "model"
 
 
+# a first generate in a new process: prints its text, then the module, qualified name and argument types of every
+# function Numba compiled meanwhile
+GENERATE = """
+import sys
+from numba.core import event
+import tinyhun
+seen = []
+class Seen(event.Listener):
+    def on_start(self, ev):
+        seen.append((getattr(ev.data["dispatcher"], "py_func", None), ev.data["args"]))
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Seen())
+model = tinyhun.load(sys.argv[1])
+print(repr("".join(tinyhun.generate(model, "Hello world", max_tokens=4))))
+for f, args in seen:
+    print(getattr(f, "__module__", ""), getattr(f, "__qualname__", f), "|", args)
+"""
+OPS = {"_rmsnorm.in_layer", "_add_rmsnorm.in_layer", "_rope.in_layer", "store_kv_kernel.in_layer",
+       "attention_kernel.in_layer", "_silu_mul.in_layer", "_add.in_layer"}   # kernels.cpu_math.compiles_to's
+
+
+def first_generate(model, cache):
+    """(text, [(module, qualified name, argument types as text)] of each function compiled) of a first generate on
+    `model` in a new process with the Numba cache `cache`."""
+    r = subprocess.run([sys.executable, "-c", GENERATE, str(model)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "NUMBA_CACHE_DIR": str(cache)})
+    died = f" (killed by {signal.Signals(-r.returncode).name})" if r.returncode < 0 else ""
+    assert r.returncode == 0, f"generate on {model}: exit {r.returncode}{died}\n{r.stderr[-3000:]}"
+    text, *lines = r.stdout.splitlines()
+    return text, [(*line.split(" | ", 1)[0].split(" ", 1), line.split(" | ", 1)[1]) for line in lines]
+
+
 @pytest.mark.slow
 def test_compile_then_cached_runs_match_and_do_not_crash(tmp_path, smollm2_q4_dir, tiny_q4):
     """fp32 and INT4 runs from one cache, each compiling first and then loading what it cached: the same output.
-    The order is the one that made every later INT4 Hunyuan run die with SIGSEGV: a fused layer compiled while
-    all its parallel callees were cache hits was cached without the hook that starts Numba's thread pool.
-    SmolLM2 INT4 caches the INT4 kernels, tiny-hunyuan fp32 the rest, so the INT4 Hunyuan run compiles only the
-    fused layer; its second run loads that layer from the cache and calls it first."""
+    The order is the one that made later runs die with SIGSEGV: a fused layer compiled while all its parallel
+    callees were cache hits was cached without the hook that starts Numba's thread pool. SmolLM2 INT4 (`tinyhun
+    bench`) caches the INT4 kernels and the ops, so the tiny-hunyuan fp32 run compiles its layer over cached ops,
+    and the INT4 tiny-hunyuan, whose layer has SmolLM2's types, compiles nothing; the second round loads them all.
+    And the ops a layer compiles are cached on their own (the fp32 layer compiles its layer and GEMMs, not them
+    again), and no tinyhun function is compiled for a literal argument (a bare 0 types as Literal[int](0): a second
+    copy of the kernel)."""
     cache = tmp_path / "numba"
     cli("bench", "--model", smollm2_q4_dir, *BENCH, cache=cache)
-    gen = ["generate", "Hello world", "--max-tokens", "4", "--quiet"]
-    runs = [[cli(*gen, "--model", model, cache=cache) for model in (TINY, tiny_q4)] for _ in ("compile", "cached")]
-    assert runs[0] == runs[1]
+    runs = [[first_generate(model, cache) for model in (TINY, tiny_q4)] for _ in ("compile", "cached")]
+    assert [text for text, _ in runs[0]] == [text for text, _ in runs[1]]
+    assert not any(compiled for _, compiled in runs[1]), runs[1]
+    fp32 = {name for _, name, _ in runs[0][0][1]}
+    assert "decoder_layer" in fp32 and not OPS & fp32, sorted(fp32)
+    literal = [(name, args) for _, compiled in runs[0] for module, name, args in compiled
+               if module.startswith("tinyhun") and "Literal[" in args]
+    assert not literal, literal
     cli("bench", "--model", tiny_q4, *BENCH, cache=cache)
 
 
@@ -120,49 +161,3 @@ def test_openblas_threads_stop_spinning_soon_unless_told_otherwise():
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == want, r.stderr[-2000:]
 
-
-# a first generate in a new process: prints the module, qualified name and argument types of every function Numba
-# compiled
-COMPILED = """
-import sys
-from numba.core import event
-import tinyhun
-seen = []
-class Seen(event.Listener):
-    def on_start(self, ev):
-        seen.append((getattr(ev.data["dispatcher"], "py_func", None), ev.data["args"]))
-    def on_end(self, ev):
-        pass
-event.register("numba:compile", Seen())
-model = tinyhun.load(sys.argv[1])
-"".join(tinyhun.generate(model, "Hello world", max_tokens=3))
-for f, args in seen:
-    print(getattr(f, "__module__", ""), getattr(f, "__qualname__", f), "|", args)
-"""
-
-
-def compiled(model, cache):
-    """(module, qualified name, argument types as text) of each function a first generate on `model` compiled in a
-    new process with the Numba cache `cache`."""
-    r = subprocess.run([sys.executable, "-c", COMPILED, str(model)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "NUMBA_CACHE_DIR": str(cache)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return [(*line.split(" | ", 1)[0].split(" ", 1), line.split(" | ", 1)[1]) for line in r.stdout.splitlines()
-            if " | " in line]
-
-
-@pytest.mark.slow
-def test_a_second_weight_format_compiles_only_what_it_does_not_share(tmp_path, tiny_q4):
-    """The ops a fused layer compiles its kernels' bodies into (kernels.cpu_math.compiles_to) are cached on their
-    own: a layer of another weight format in a later process loads them instead of compiling them again. And no
-    kernel is compiled for a literal argument (a bare 0 types as Literal[int](0): a second copy of the kernel)."""
-    cache = tmp_path / "numba"
-    first, second = compiled(TINY, cache), compiled(tiny_q4, cache)
-    ops = {"_rmsnorm.in_layer", "_add_rmsnorm.in_layer", "_rope.in_layer", "store_kv_kernel.in_layer",
-           "attention_kernel.in_layer", "_silu_mul.in_layer", "_add.in_layer"}
-    assert ops <= {name for _, name, _ in first}
-    assert not ops & {name for _, name, _ in second}, "ops compiled again for the INT4 layer"
-    assert any(name == "decoder_layer" for _, name, _ in second)   # its own layer, and its own GEMMs
-    literal = [(name, args) for module, name, args in first + second
-               if module.startswith("tinyhun") and "Literal[" in args]
-    assert not literal, literal
