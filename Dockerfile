@@ -37,10 +37,10 @@ USER 10001
 #   Llama (SmolLM2's layer)   fp32; INT4 asymmetric with an INT8 head = a GGUF import's Q4_1 + Q8_0, as the
 #                             default model has
 #   Hunyuan MoE               fp32; `tinyhun quantize`
-# Measured (fresh cache, counting Numba's cache files): with the Hunyuan ones alone warmed, the default model still
-# compiled its Llama layer and three kernels; once the tiny Llama's INT4 ran, it compiled nothing. --asym and
-# --head q4 compile nothing new today (the same kernels as the default INT4): kept, so that a kernel change cannot
-# quietly leave them cold.
+# A Llama layer and a Hunyuan dense one of the same weight formats are one compiled layer (Llama's empty QK-norm has
+# a loaded norm's type), and the ops inside a layer are cached on their own, so most of these runs load what an
+# earlier one compiled; the tiny Llama's, --asym and --head q4 are kept so that a change that splits them again
+# cannot quietly leave the default model cold.
 # The cache is keyed by the CPU: an image run on another CPU model compiles once at its first start.
 RUN tinyhun quantize weights/tiny-hunyuan /tmp/warm/q4-sym --quiet \
  && tinyhun quantize weights/tiny-hunyuan /tmp/warm/q4-asym --asym --quiet \
