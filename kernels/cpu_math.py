@@ -66,6 +66,15 @@ def _bounds(c, nc, n, unit):
     return c * units // nc * unit, (n if c == nc - 1 else (c + 1) * units // nc * unit)
 
 
+def function_copy(fn, qualname=None, names=None):
+    """A copy of the Python function fn for Numba to compile apart from fn: its own qualified name (Numba's cache
+    files are named by it) and/or some of its globals rebound (names: name -> value)."""
+    copy = types.FunctionType(fn.__code__, {**fn.__globals__, **(names or {})}, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    copy.__qualname__, copy.__module__ = qualname or fn.__qualname__, fn.__module__
+    return copy
+
+
 def compiles_to(ref_op, kernel):
     """Inside Numba code, `ref_op` becomes `kernel`'s own body (same argument names), not a call through a wrapper:
     Numba re-optimizes everything below a function at each level of calls, so a wrapper level per op made the
@@ -78,9 +87,7 @@ def compiles_to(ref_op, kernel):
     kernel one without. The kernel must set `fastmath` (unset, Numba takes the caller's, and the two would differ)."""
     if "fastmath" not in kernel.targetoptions:
         raise TypeError(f"{kernel.py_func.__qualname__}: compiles_to needs a kernel that sets fastmath")
-    py = kernel.py_func
-    body = types.FunctionType(py.__code__, py.__globals__, py.__name__, py.__defaults__, py.__closure__)
-    body.__qualname__ = f"{py.__qualname__}.in_layer"
+    body = function_copy(kernel.py_func, qualname=f"{kernel.py_func.__qualname__}.in_layer")
 
     def typer(*args):
         return body

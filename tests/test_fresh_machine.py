@@ -160,4 +160,3 @@ def test_openblas_threads_stop_spinning_soon_unless_told_otherwise():
         run_env = env if given is None else {**env, "OPENBLAS_THREAD_TIMEOUT": given}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == want, r.stderr[-2000:]
-

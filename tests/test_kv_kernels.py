@@ -216,3 +216,13 @@ def test_bad_rows_are_one_line_errors():
         cpu.attention_rows(np.empty_like(c.q[:, :3]), c.q[:, :3], c.pool, c.tables, c.slots, c.positions)
     with pytest.raises(ValueError, match="^k, v"):
         cpu.store_kv(copy(c.pool), c.k[:, :1], c.v[:, :1], c.tables, c.slots, c.positions)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=300))
+def test_units_by_falling_cost_equal_numpys_stable_argsort(costs):
+    """The attention planner's order of work units (a hand-written merge sort: Numba's argsort compiles slowly):
+    largest cost first, ties in index order, as NumPy's stable argsort of -cost."""
+    from tinyhun.kernels.cpu_attention import _by_falling_cost
+    cost = np.array(costs, np.int64)
+    np.testing.assert_array_equal(_by_falling_cost(cost), np.argsort(-cost, kind="mergesort"))

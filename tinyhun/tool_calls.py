@@ -121,7 +121,7 @@ class LlamaJson:
         """Whether a reply beginning with `text` may still be calls (ToolParser holds it meanwhile)."""
         s = text.lstrip()
         rest = s.removeprefix(self.TAG).lstrip()
-        return s == "" or self.TAG.startswith(s) or rest == "" or rest.startswith("{")
+        return self.TAG.startswith(s) or rest == "" or rest.startswith("{")
 
     def grammar(self, tools, parallel):
         calls = _alternatives(tools, lambda n: f'{{"name": {json.dumps(n)}, "parameters": ', "}")

@@ -6,13 +6,13 @@ Numba kernel. `TINYHUN_KERNELS=numpy` selects the reference.
 """
 import sys
 import threading
-import types
 
 import numpy as np
 
 from .. import blocks
 from ..adapters import attach
 from ..structs import Buffers, DenseMLP, MoEMLP, Rows
+
 
 class HostScratch:
     """One thread's activation buffers in host memory: a forward allocates nothing large."""
@@ -198,13 +198,6 @@ class NumbaBackend(NumpyBackend):
         return _CompileNotice()
 
 
-def _with_globals(fn, names):
-    """A copy of fn whose globals have `names` (name -> value) replaced."""
-    copy = types.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__qualname__, copy.__module__ = fn.__qualname__, fn.__module__
-    return copy
-
-
 def fused_layer(decoder_layer, mlp_type):
     """A family's decoder_layer compiled into one Numba function, with tinyhun.blocks' functions inlined into it.
 
@@ -217,15 +210,15 @@ def fused_layer(decoder_layer, mlp_type):
     A name the family binds to something else is left alone: it compiles as before."""
     from numba import njit
 
-    from ..kernels.cpu_math import JIT
+    from ..kernels.cpu_math import JIT, function_copy
 
     def inline(fn, names=None):
-        return njit(inline="always")(_with_globals(fn, names or {}))
+        return njit(inline="always")(function_copy(fn, names=names))
     dense = inline(blocks.dense_mlp)
     mlps = {DenseMLP: dense, MoEMLP: inline(blocks.moe_mlp, {"dense_mlp": dense})}
     swap = {id(blocks.attention): inline(blocks.attention), id(blocks.mlp): mlps[mlp_type], id(blocks.dense_mlp): dense}
     names = {name: swap[id(value)] for name, value in decoder_layer.__globals__.items() if id(value) in swap}
-    return njit(**JIT)(_with_globals(decoder_layer, names))
+    return njit(**JIT)(function_copy(decoder_layer, names=names))
 
 
 class _ResolvedLayer:
